@@ -1,0 +1,440 @@
+"""
+A Llama-style decoder (the dense model that gets upcycled) and its MoE variants.
+
+    GPT
+    ├── tok_emb            (vocab, d)
+    ├── blocks[l]
+    │   ├── attn_norm      RMSNorm
+    │   ├── attn           causal self-attention, RoPE, optional grouped-query (n_kv_head)
+    │   ├── ffn_norm       RMSNorm
+    │   └── ffn            make_ffn(config, l): SwiGLU | MoEFFN | LoryFFN
+    ├── norm               RMSNorm
+    └── lm_head            (vocab, d), optionally tied to tok_emb
+
+Names follow Hugging Face `LlamaForCausalLM` / `MixtralForCausalLM` so weights map
+one-to-one: gate_proj = W1, up_proj = W3, down_proj = W2 in FFN(x) = W2(silu(W1 x) * W3 x).
+An MoE layer stores its experts as stacked tensors: gate_proj (E, h, d),
+up_proj (E, h, d), down_proj (E, d, h), so expert e of a dense FFN is one index away.
+
+`model(idx, targets)` returns (logits, loss, routings): loss is the plain
+cross-entropy; routings has one entry per MoE layer (router.Routing for routed
+layers, a dict of merge weights/stats for Lory layers) with the unweighted
+auxiliary losses and statistics. train.py weights and logs them.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import merged_ffn, moe_ffn, swiglu
+from router import DROP_POLICIES, ROUTERS, Router, SegmentRouter
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256
+    vocab_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0            # 0 -> n_head (plain multi-head attention)
+    n_embd: int = 128
+    ffn_hidden: int = 0           # 0 -> 8/3 * n_embd rounded up to a multiple of 32 (Llama)
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    # ---- MoE (a dense model is moe_layers="none") ----
+    moe_layers: str = "none"      # "none" | "all" | "every_other" (layers 1,3,5..) | "0,2,5"
+    n_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int = 0        # 0 -> ffn_hidden; smaller for fine-grained experts
+    n_shared_experts: int = 0     # always-on experts of width expert_hidden (DeepSeekMoE)
+    router: str = "topk_softmax"  # one of router.ROUTERS
+    capacity_factor: float = 0.0  # training; <= 0 means dropless
+    eval_capacity_factor: float = 0.0
+    drop_policy: str = "probs"    # "probs" | "position"
+    gate_norm_lambda: float = None  # Skywork gating logit normalisation; None = off
+    router_noise: bool = False    # noisy top-k (Shazeer et al. 2017)
+    router_init_std: float = 0.02 # 0 -> zeros
+    expert_impl: str = "auto"     # kernels.moe_ffn impl
+    segment_len: int = 32         # Lory: tokens per routing segment
+    lory_first_segment: str = "self"  # "self" (Lory) | "uniform" (fully causal)
+
+    def __post_init__(self):
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.ffn_hidden == 0:
+            self.ffn_hidden = 32 * math.ceil(8 * self.n_embd / 3 / 32)
+        if self.expert_hidden == 0:
+            self.expert_hidden = self.ffn_hidden
+        self.validate()
+
+    def validate(self):
+        """Reject impossible shapes before anything is built (one-line errors)."""
+        def bad(msg):
+            raise ValueError(msg)
+        if self.n_embd % self.n_head:
+            bad(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            bad(f"head size n_embd/n_head={self.n_embd // self.n_head} must be even for rotary embeddings")
+        if self.n_head % self.n_kv_head:
+            bad(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        for name in ("block_size", "vocab_size", "n_layer", "n_embd", "ffn_hidden"):
+            if getattr(self, name) <= 0:
+                bad(f"{name}={getattr(self, name)} must be positive")
+        layers = self.moe_layer_ids()   # validates the spec
+        if not layers:
+            return
+        if self.router not in ROUTERS:
+            bad(f"unknown router {self.router!r}; valid: {', '.join(ROUTERS)}")
+        if self.n_experts < 1:
+            bad(f"n_experts={self.n_experts} must be >= 1")
+        if self.expert_hidden <= 0:
+            bad(f"expert_hidden={self.expert_hidden} must be positive")
+        if self.n_shared_experts < 0:
+            bad(f"n_shared_experts={self.n_shared_experts} must be >= 0")
+        if self.gate_norm_lambda is not None and self.gate_norm_lambda <= 0:
+            bad(f"gate_norm_lambda={self.gate_norm_lambda} must be > 0 (use None to turn it off)")
+        if self.router == "lory":
+            if self.segment_len <= 0 or self.block_size % self.segment_len:
+                bad(f"segment_len={self.segment_len} must divide block_size={self.block_size} for router='lory'")
+            if self.capacity_factor > 0 or self.eval_capacity_factor > 0:
+                bad("router='lory' merges experts and drops nothing: set capacity_factor=0 and eval_capacity_factor=0")
+            if self.lory_first_segment not in ("self", "uniform"):
+                bad(f"lory_first_segment={self.lory_first_segment!r} must be 'self' or 'uniform'")
+            if self.n_shared_experts or self.router_noise or self.gate_norm_lambda is not None:
+                bad("router='lory' does not take n_shared_experts, router_noise or gate_norm_lambda")
+            return
+        if not 1 <= self.top_k <= self.n_experts:
+            bad(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}")
+        if self.drop_policy not in DROP_POLICIES:
+            bad(f"unknown drop_policy {self.drop_policy!r}; valid: {', '.join(DROP_POLICIES)}")
+        if self.router == "expert_choice" and self.capacity_factor <= 0:
+            bad("router='expert_choice' needs capacity_factor > 0 (each expert takes "
+                "C = T*capacity_factor/E tokens); it has no dropless mode")
+
+    def moe_layer_ids(self):
+        spec = str(self.moe_layers).strip()
+        if spec in ("none", ""):
+            return []
+        if spec == "all":
+            return list(range(self.n_layer))
+        if spec == "every_other":
+            return list(range(1, self.n_layer, 2))
+        try:
+            ids = sorted({int(s) for s in spec.split(",") if s.strip()})
+        except ValueError:
+            raise ValueError(f"moe_layers={spec!r} must be 'none', 'all', 'every_other' or a list like '1,3'") from None
+        if any(not 0 <= i < self.n_layer for i in ids):
+            raise ValueError(f"moe_layers={spec!r} names a layer outside 0..{self.n_layer - 1}")
+        return ids
+
+    @property
+    def is_moe(self):
+        return bool(self.moe_layer_ids())
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a dict, rejecting unknown keys with a clear message."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown model config key(s) {unknown}")
+        return cls(**d)
+
+
+# -----------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_cache(seq_len, head_dim, theta, device=None):
+    """cos/sin tables (T, head_dim/2) for rotary embeddings (Su et al. 2021)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x (B, H, T, hd): rotate pairs (first half, second half) as HF Llama does."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[: x.shape[2]], sin[: x.shape[2]]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_head != self.n_head:   # grouped-query attention: share each kv head
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    """Dense FFN(x) = W2 (silu(W1 x) * W3 x); W1 = gate_proj, W3 = up_proj, W2 = down_proj."""
+
+    def __init__(self, n_embd, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(n_embd, hidden, bias=False)
+        self.up_proj = nn.Linear(n_embd, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, n_embd, bias=False)
+
+    def forward(self, x):
+        return swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight), None
+
+
+class MoEFFN(nn.Module):
+    """Token-choice (or expert-choice) MoE: y = sum_{i in TopK(x)} g_i(x) Expert_i(x)
+    (+ shared experts). Experts are stacked SwiGLUs."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, h, d = cfg.n_experts, cfg.expert_hidden, cfg.n_embd
+        self.router = Router(d, E, cfg.top_k, cfg.router, cfg.capacity_factor, cfg.eval_capacity_factor,
+                             cfg.drop_policy, cfg.gate_norm_lambda, cfg.router_noise, cfg.router_init_std)
+        self.gate_proj = nn.Parameter(torch.empty(E, h, d))   # W1 of every expert
+        self.up_proj = nn.Parameter(torch.empty(E, h, d))     # W3
+        self.down_proj = nn.Parameter(torch.empty(E, d, h))   # W2
+        self.shared = SwiGLU(d, cfg.n_shared_experts * h) if cfg.n_shared_experts else None
+        self.impl = cfg.expert_impl
+
+    def forward(self, x):
+        B, T, d = x.shape
+        flat = x.reshape(B * T, d)                                      # (N, d)
+        r = self.router(flat)
+        y = moe_ffn(flat, r.token_idx, r.expert_idx, r.gates,
+                    self.gate_proj, self.up_proj, self.down_proj, impl=self.impl)
+        if self.shared is not None:
+            y = y + self.shared(flat)[0]
+        return y.view(B, T, d), r
+
+
+class LoryFFN(nn.Module):
+    """Lory fully differentiable MoE (arXiv 2405.03133): experts are merged in
+    parameter space per segment, theta_bar = sum_i e_i theta_i, and one SwiGLU with
+    the merged weights runs on the segment. Every expert gets gradient through the
+    soft weights, and the cost does not depend on which experts are "chosen", so
+    there is no load to balance and no auxiliary loss (Lory section 3)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, h, d = cfg.n_experts, cfg.expert_hidden, cfg.n_embd
+        self.router = SegmentRouter(d, E, cfg.segment_len, cfg.lory_first_segment, cfg.router_init_std)
+        self.gate_proj = nn.Parameter(torch.empty(E, h, d))
+        self.up_proj = nn.Parameter(torch.empty(E, h, d))
+        self.down_proj = nn.Parameter(torch.empty(E, d, h))
+        self.segment_len = cfg.segment_len
+
+    def forward(self, x, prompt_weights=None):
+        B, T, d = x.shape
+        if prompt_weights is not None:   # inference: one merge for the whole sequence
+            weights = prompt_weights[:, None, :]                        # (B, 1, E)
+            xs = x[:, None]                                             # (B, 1, T, d)
+        else:
+            if T % self.segment_len:
+                raise ValueError(f"Lory needs a sequence length that is a multiple of segment_len="
+                                 f"{self.segment_len}, got {T}; generation uses prompt-only routing")
+            weights = self.router(x)                                    # (B, S, E)
+            xs = x.view(B, T // self.segment_len, self.segment_len, d)  # (B, S, L, d)
+        y = merged_ffn(xs, weights, self.gate_proj, self.up_proj, self.down_proj)
+        return y.reshape(B, T, d), {"merge_weights": weights, "stats": self.router.stats(weights)}
+
+
+def make_ffn(cfg, layer_idx):
+    """The one place that decides what FFN a block gets."""
+    if layer_idx not in cfg.moe_layer_ids():
+        return SwiGLU(cfg.n_embd, cfg.ffn_hidden)
+    return LoryFFN(cfg) if cfg.router == "lory" else MoEFFN(cfg)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.ffn = make_ffn(cfg, layer_idx)
+
+    def forward(self, x, cos, sin, prompt_weights=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        h = self.ffn_norm(x)
+        if prompt_weights is not None:
+            out, routing = self.ffn(h, prompt_weights=prompt_weights)
+        else:
+            out, routing = self.ffn(h)
+        return x + out, routing
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg, l) for l in range(cfg.n_layer)])
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_cache(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 scaled init of the projections that write into the residual stream
+        std_out = 0.02 / math.sqrt(2 * cfg.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("o_proj.weight") or name.endswith("down_proj.weight") or name.endswith("down_proj"):
+                nn.init.normal_(p, mean=0.0, std=std_out)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+        elif isinstance(m, (MoEFFN, LoryFFN)):
+            for p in (m.gate_proj, m.up_proj, m.down_proj):
+                nn.init.normal_(p, std=0.02)
+        elif isinstance(m, (Router, SegmentRouter)):
+            m.reset_parameters()
+
+    def moe_layers(self):
+        """(layer index, ffn module) of every MoE layer."""
+        return [(l, b.ffn) for l, b in enumerate(self.blocks) if isinstance(b.ffn, (MoEFFN, LoryFFN))]
+
+    def forward(self, idx, targets=None, prompt_weights=None):
+        """idx (B, T) -> logits (B, T, V), loss (CE or None), routings (one per MoE layer)."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        x = self.drop(self.tok_emb(idx))                                # (B, T, d)
+        routings, moe_i = [], 0
+        for block in self.blocks:
+            pw = None
+            if prompt_weights is not None and isinstance(block.ffn, LoryFFN):
+                pw, moe_i = prompt_weights[moe_i], moe_i + 1
+            x, r = block(x, self.rope_cos, self.rope_sin, pw)
+            if r is not None:
+                routings.append(r)
+        logits = self.lm_head(self.norm(x))                             # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss, routings
+
+    # ------------------------------------------------------------------ counting
+    def num_params(self, active=False, non_embedding=False):
+        """Total parameters, or active ones (what one token touches: k of E experts,
+        or one merged expert for Lory). non_embedding drops the embedding table
+        (the lm_head stays when untied)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+        if active:
+            cfg = self.config
+            for _, ffn in self.moe_layers():
+                per_expert = ffn.gate_proj[0].numel() + ffn.up_proj[0].numel() + ffn.down_proj[0].numel()
+                used = 1 if isinstance(ffn, LoryFFN) else cfg.top_k
+                if isinstance(ffn, MoEFFN) and cfg.router == "expert_choice":
+                    used = cfg.capacity_factor   # tokens per expert * E / T on average
+                n -= int(per_expert * (cfg.n_experts - used))
+        return n
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6 * N_active + 12 * L * d * T (PaLM appendix B;
+        the attention term with T = block_size). Embedding lookups are free."""
+        cfg = self.config
+        n_active = self.num_params(active=True, non_embedding=True)
+        if cfg.tie_embeddings:   # the tied lm_head matmul is still a matmul
+            n_active += self.tok_emb.weight.numel()
+        return 6 * n_active + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    def estimate_mfu(self, tokens_per_iter, dt, device_name=None):
+        """Model FLOPs utilisation on a known GPU, else None (report tokens/s instead)."""
+        peak = peak_flops(device_name)
+        if peak is None or dt <= 0:
+            return None
+        return self.flops_per_token() * tokens_per_iter / dt / peak
+
+    # ---------------------------------------------------------------- generation
+    @torch.no_grad()
+    def lory_prompt_weights(self, idx):
+        """Lory inference: one set of merge weights per Lory layer from the mean
+        hidden state of the prompt (Lory section 3.4). Returns a list of (B, E)."""
+        B, T = idx.shape
+        x = self.tok_emb(idx)
+        weights = []
+        for block in self.blocks:
+            if isinstance(block.ffn, LoryFFN):
+                h = block.ffn_norm(x + block.attn(block.attn_norm(x), self.rope_cos, self.rope_sin))
+                weights.append(block.ffn.router.prompt_weights(h))
+                pw = weights[-1]
+            else:
+                pw = None
+            x, _ = block(x, self.rope_cos, self.rope_sin, pw)
+        return weights
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Sample max_new_tokens after idx (B, T). Routed MoE layers use token-choice
+        routing in eval mode; Lory layers merge once from the prompt and reuse it."""
+        prompt_weights = None
+        if any(isinstance(f, LoryFFN) for _, f in self.moe_layers()):
+            prompt_weights = self.lory_prompt_weights(idx[:, -self.config.block_size:])
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size:]
+            logits, _, _ = self(idx_cond, prompt_weights=prompt_weights)
+            logits = logits[:, -1, :] / max(temperature, 1e-6)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+
+# peak dense bf16 FLOP/s by GPU name (substring match, most specific first)
+PEAK_BF16_FLOPS = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),        # SXM / HBM3
+    ("A100", 312e12),
+]
+
+
+def peak_flops(device_name):
+    """Peak bf16 FLOP/s for a GPU name, None when unknown (never a wrong number)."""
+    if not device_name:
+        return None
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in device_name:
+            return flops
+    return None

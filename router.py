@@ -1,0 +1,335 @@
+"""
+Routers: who decides which experts see which tokens (or, for Lory, which
+merge weights each segment uses).
+
+A router looks at hidden states and returns a `Routing`: a flat list of
+(token, expert, gate) assignments that survived capacity, its *unweighted*
+auxiliary losses, and detached statistics. It writes nothing to globals and
+keeps no counters; the only state is the DeepSeek-V3 selection bias, which
+train.py updates explicitly after each optimizer step. The expert computation
+itself lives in kernels.py.
+
+Router types (see ../shared/docs/METHODS.md sections 2, 3, 5, 6):
+    topk_softmax   Mixtral: g = softmax(z[topk])  (= softmax -> topk -> renormalise,
+                   Skywork-MoE eq. 2). With identical experts the layer equals the dense FFN.
+    softmax_topk   GShard/Switch: g = softmax(z)[topk], no renormalisation (sum < 1).
+    sigmoid        DeepSeek-V3: s = sigmoid(z); select top-k of s + b; g = s[topk]/sum.
+    expert_choice  Zhou et al. 2022: each expert takes its top-C tokens. NOT causal:
+                   the choice for token t depends on tokens after t in the batch, so
+                   generation uses token-choice top-k on the same logits instead.
+    lory           Lory (arXiv 2405.03133): causal segment routing -> merge weights.
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROUTERS = ("topk_softmax", "softmax_topk", "sigmoid", "expert_choice", "lory")
+DROP_POLICIES = ("probs", "position")
+
+
+@dataclass
+class Routing:
+    """One MoE layer's routing decision for a flat batch of T tokens.
+
+    token_idx, expert_idx, gates: (A,) the A kept assignments (dropped ones are
+    simply absent). gates carry gradient back to the router logits.
+    aux_losses: unweighted scalar losses {'switch', 'skywork', 'z'}.
+    stats: detached diagnostics (tokens_per_expert (E,), drop_rate, ...).
+    """
+    token_idx: torch.Tensor
+    expert_idx: torch.Tensor
+    gates: torch.Tensor
+    aux_losses: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+
+
+# -----------------------------------------------------------------------------
+# losses (METHODS.md section 3). All take fp32 tensors.
+
+def switch_loss(probs, tokens_per_expert_demand, k):
+    """Switch Transformer load-balancing loss, arXiv 2101.03961 eq. 4:
+    L = E * sum_i f_i * P_i with f_i the fraction of the k*T assignments sent to
+    expert i (counted before dropping) and P_i the mean router probability.
+    Equals 1 at perfectly uniform routing, grows with imbalance."""
+    T, E = probs.shape
+    f = tokens_per_expert_demand / (k * T)          # (E,) no gradient
+    P = probs.mean(dim=0)                           # (E,)
+    return E * torch.sum(f * P)
+
+
+def skywork_loss(probs):
+    """Skywork-MoE eq. 4: L = sum_i (1/E - mean_t g_ti)^2."""
+    E = probs.shape[1]
+    return torch.sum((1.0 / E - probs.mean(dim=0)) ** 2)
+
+
+def z_loss(logits):
+    """ST-MoE router z-loss (arXiv 2202.08906 eq. 5): mean_t (logsumexp_i z_ti)^2."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def expert_capacity(n_tokens, n_experts, top_k, capacity_factor):
+    """C = ceil(k * T / E * capacity_factor); None means dropless (factor <= 0)."""
+    if capacity_factor <= 0:
+        return None
+    return math.ceil(top_k * n_tokens / n_experts * capacity_factor)
+
+
+def capacity_keep_mask(expert_idx, priority, n_experts, capacity):
+    """Which of the flat assignments fit in their expert's capacity.
+
+    expert_idx: (A,) expert of each assignment, in token order (t-major).
+    priority:   (A,) higher is kept first, or None for 'by position' (earlier first).
+    Returns a bool mask (A,). Vectorised: sort by (expert, -priority), rank within
+    expert, keep rank < capacity.
+    """
+    A = expert_idx.numel()
+    if priority is None:
+        order = torch.arange(A, device=expert_idx.device)
+    else:
+        order = torch.argsort(priority, descending=True, stable=True)
+    order = order[torch.argsort(expert_idx[order], stable=True)]   # grouped by expert
+    counts = torch.bincount(expert_idx, minlength=n_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(A, device=expert_idx.device) - starts[expert_idx[order]]
+    keep = torch.zeros(A, dtype=torch.bool, device=expert_idx.device)
+    keep[order] = rank < capacity
+    return keep
+
+
+@torch.no_grad()
+def routing_stats(logits, probs, tokens_per_expert, n_dropped, n_assign):
+    """Detached diagnostics of one layer (METHODS.md section 5).
+
+    probs: (T, E) the gate distribution over all experts (after any logit
+    normalisation). tokens_per_expert: (E,) kept assignments per expert.
+    """
+    E = probs.shape[1]
+    load = tokens_per_expert.float()
+    entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).mean()
+    stats = {
+        "tokens_per_expert": load,
+        "drop_rate": torch.tensor(n_dropped / max(n_assign, 1)),
+        "gate_entropy": entropy,
+        "load_cv": load.std(unbiased=False) / load.mean().clamp_min(1e-9),
+        "logit_abs": logits.abs().mean(),
+    }
+    if E >= 2:
+        top = probs.topk(min(3, E), dim=-1).values.clamp_min(1e-20)  # (T, 3) sorted
+        stats["max1_max2"] = (top[:, 0] / top[:, 1]).mean()
+        if E >= 3:
+            stats["max2_max3"] = (top[:, 1] / top[:, 2]).mean()
+    return stats
+
+
+# -----------------------------------------------------------------------------
+
+class Router(nn.Module):
+    """Token-level router for the routed MoE layer (all types but 'lory').
+
+    weight (E, d) is kept in fp32 and the logits are computed with autocast
+    disabled, whatever the model's compute dtype (router precision matters:
+    Llama 3 meets MoE and Megatron both keep it in fp32).
+    """
+
+    def __init__(self, n_embd, n_experts, top_k, router_type="topk_softmax",
+                 capacity_factor=0.0, eval_capacity_factor=0.0, drop_policy="probs",
+                 gate_norm_lambda=None, noisy=False, init_std=0.02):
+        super().__init__()
+        assert router_type in ROUTERS and router_type != "lory", router_type
+        self.n_experts, self.top_k, self.router_type = n_experts, top_k, router_type
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.drop_policy, self.gate_norm_lambda, self.noisy = drop_policy, gate_norm_lambda, noisy
+        self.weight = nn.Parameter(torch.empty(n_experts, n_embd))
+        self.init_std = init_std
+        if noisy:   # Shazeer et al. 2017 eq. 4: H = z + N(0,1) * softplus(W_noise x)
+            self.noise_weight = nn.Parameter(torch.zeros(n_experts, n_embd))
+        if router_type == "sigmoid":
+            # selection-only bias (DeepSeek-V3 aux-loss-free balancing): a buffer,
+            # never trained by gradient, updated by update_expert_bias().
+            self.register_buffer("expert_bias", torch.zeros(n_experts))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.init_std > 0:
+            nn.init.normal_(self.weight, std=self.init_std)
+        else:
+            nn.init.zeros_(self.weight)
+
+    def gate_logits(self, x):
+        """x: (T, d) -> raw router logits z (T, E) in fp32."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())
+
+    def normalise(self, z):
+        """Skywork-MoE eq. 6 gating logit normalisation:
+        z~ = lambda * (z - mean(z)) / std(z), per token over the E logits."""
+        if self.gate_norm_lambda is None:
+            return z
+        mu = z.mean(dim=-1, keepdim=True)
+        sd = z.std(dim=-1, keepdim=True)
+        return self.gate_norm_lambda * (z - mu) / (sd + 1e-6)
+
+    def forward(self, x):
+        """x: (T, d) -> Routing."""
+        T, E, k = x.shape[0], self.n_experts, self.top_k
+        logits = self.gate_logits(x)                                    # (T, E) raw
+        z = logits
+        if self.noisy and self.training:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                noise_std = F.softplus(F.linear(x.float(), self.noise_weight.float()))
+            z = z + torch.randn_like(z) * noise_std
+        z = self.normalise(z)
+        cf = self.capacity_factor if self.training else self.eval_capacity_factor
+
+        if self.router_type == "expert_choice" and self.training:
+            return self._expert_choice(logits, z, cf)
+        # (expert choice at eval/generation falls through to token-choice top-k on
+        # the same logits, with softmax-then-topk gates, as Lory's baseline does.)
+
+        if self.router_type == "sigmoid":
+            scores = torch.sigmoid(z)                                   # (T, E)
+            topi = (scores + self.expert_bias).topk(k, dim=-1).indices  # bias: selection only
+            topv = scores.gather(-1, topi)
+            gates = topv / topv.sum(-1, keepdim=True).clamp_min(1e-20)
+            probs = scores / scores.sum(-1, keepdim=True)               # for losses/stats
+        else:
+            probs = F.softmax(z, dim=-1)                                # (T, E)
+            if self.router_type == "topk_softmax":
+                topv, topi = z.topk(k, dim=-1)
+                gates = F.softmax(topv, dim=-1)                         # sums to 1
+            else:  # softmax_topk (and expert choice at eval)
+                gates, topi = probs.topk(k, dim=-1)                     # sums to < 1
+        # flat assignments in token order: a = t * k + j
+        token_idx = torch.arange(T, device=x.device).repeat_interleave(k)   # (T*k,)
+        expert_idx = topi.reshape(-1)
+        flat_gates = gates.reshape(-1)
+        demand = torch.bincount(expert_idx, minlength=E)                # before dropping
+        C = expert_capacity(T, E, k, cf)
+        if C is not None and C < T * k:
+            priority = None if self.drop_policy == "position" else probs.gather(-1, topi).reshape(-1).detach()
+            keep = capacity_keep_mask(expert_idx, priority, E, C)
+            token_idx, expert_idx, flat_gates = token_idx[keep], expert_idx[keep], flat_gates[keep]
+        tokens_per_expert = torch.bincount(expert_idx, minlength=E)
+        aux = {
+            "switch": switch_loss(probs, demand.float(), k),
+            "skywork": skywork_loss(probs),
+            "z": z_loss(logits),
+        }
+        stats = routing_stats(logits, probs, tokens_per_expert, T * k - expert_idx.numel(), T * k)
+        return Routing(token_idx, expert_idx, flat_gates, aux, stats)
+
+    def _expert_choice(self, logits, z, capacity_factor):
+        """Expert choice (arXiv 2202.09368): S = softmax(z) (T, E); each expert takes
+        its top-C tokens by S (column-wise), C = ceil(T * capacity_factor / E).
+        Balanced by construction, so no auxiliary loss is needed (z-loss kept)."""
+        T, E = z.shape
+        probs = F.softmax(z, dim=-1)                                    # (T, E)
+        C = min(T, math.ceil(T * capacity_factor / E))
+        gates, tok = probs.t().topk(C, dim=-1)                          # (E, C)
+        expert_idx = torch.arange(E, device=z.device).repeat_interleave(C)
+        token_idx = tok.reshape(-1)
+        covered = torch.zeros(T, dtype=torch.bool, device=z.device)
+        covered[token_idx] = True
+        zero = logits.new_zeros(())
+        aux = {"switch": zero, "skywork": zero, "z": z_loss(logits)}
+        stats = routing_stats(logits, probs, torch.full((E,), C, device=z.device), 0, T)
+        stats["drop_rate"] = 1.0 - covered.float().mean()               # tokens no expert took
+        return Routing(token_idx, expert_idx, gates.reshape(-1), aux, stats)
+
+    @torch.no_grad()
+    def update_expert_bias(self, tokens_per_expert, gamma=1e-3):
+        """DeepSeek-V3 aux-loss-free balancing (arXiv 2412.19437 section 2.1.2):
+        b_i += gamma * sign(mean_load - load_i). Call after the optimizer step with
+        the step's training loads only."""
+        load = tokens_per_expert.float().to(self.expert_bias.device)
+        self.expert_bias += gamma * torch.sign(load.mean() - load)
+
+
+class SegmentRouter(nn.Module):
+    """Lory causal segment routing (arXiv 2405.03133 section 3.2, eq. 3).
+
+    Split each sequence into segments of segment_len tokens. The merge weights of
+    segment j are softmax(R(mean h_{S_{j-1}})): they depend only on the previous
+    segment, so segment j never sees its own future. Segment 1 has no previous
+    segment: first_segment="self" uses its own mean with a stop-gradient on the
+    router (Lory's rule; segment 1 then sees its own future at training time),
+    first_segment="uniform" gives it uniform weights (fully causal).
+    """
+
+    def __init__(self, n_embd, n_experts, segment_len, first_segment="self", init_std=0.02):
+        super().__init__()
+        self.n_experts, self.segment_len, self.first_segment = n_experts, segment_len, first_segment
+        self.weight = nn.Parameter(torch.empty(n_experts, n_embd))
+        self.init_std = init_std
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.init_std > 0:
+            nn.init.normal_(self.weight, std=self.init_std)
+        else:
+            nn.init.zeros_(self.weight)
+
+    def _weights(self, h_mean, detach_router=False):
+        w = self.weight.detach() if detach_router else self.weight
+        with torch.autocast(device_type=h_mean.device.type, enabled=False):
+            return F.softmax(F.linear(h_mean.float(), w.float()), dim=-1)
+
+    def forward(self, x):
+        """x: (B, T, d), T a multiple of segment_len -> merge weights (B, S, E)."""
+        B, T, d = x.shape
+        S = T // self.segment_len
+        seg_mean = x.view(B, S, self.segment_len, d).mean(dim=2)       # (B, S, d)
+        w_prev = self._weights(seg_mean[:, :-1])                        # (B, S-1, E) for segments 2..S
+        if self.first_segment == "uniform":
+            w_first = x.new_full((B, 1, self.n_experts), 1.0 / self.n_experts, dtype=torch.float32)
+        else:
+            w_first = self._weights(seg_mean[:, :1], detach_router=True)
+        return torch.cat([w_first, w_prev], dim=1)                      # (B, S, E)
+
+    def prompt_weights(self, x):
+        """Inference (Lory section 3.4): one set of weights from the prompt's mean
+        hidden state, reused for every generated token. x: (B, P, d) -> (B, E)."""
+        return self._weights(x.mean(dim=1))
+
+    @torch.no_grad()
+    def stats(self, weights):
+        """weights (B, S, E) -> detached diagnostics: mean weight per expert,
+        entropy, number of active experts (weight > 2/E, Lory section 5)."""
+        E = weights.shape[-1]
+        w = weights.reshape(-1, E).float()
+        return {
+            "merge_weight_mean": w.mean(0),
+            "merge_entropy": -(w * torch.log(w.clamp_min(1e-20))).sum(-1).mean(),
+            "active_experts": (w > 2.0 / E).float().sum(-1).mean(),
+        }
+
+
+class AdaptiveAuxCoef:
+    """Skywork-MoE section 3.2 adaptive auxiliary-loss coefficients (eq. 5):
+    one alpha per MoE layer, updated every step from that layer's drop rate d_l:
+        target_l = min(xi * d_l, alpha_max)
+        alpha_l <- beta * alpha_l + (1 - beta) * target_l
+    The coefficient saturates once a layer drops more than alpha_max/xi = 5%.
+    Saved in the checkpoint (state_dict) so that resume is exact.
+    """
+
+    def __init__(self, n_layers, xi=0.2, alpha_max=0.01, beta=0.99, alpha_init=0.01):
+        self.xi, self.alpha_max, self.beta = xi, alpha_max, beta
+        self.alpha = [float(alpha_init)] * n_layers
+
+    def update(self, drop_rates):
+        for l, d in enumerate(drop_rates):
+            target = min(self.xi * float(d), self.alpha_max)
+            self.alpha[l] = self.beta * self.alpha[l] + (1 - self.beta) * target
+        return list(self.alpha)
+
+    def state_dict(self):
+        return {"alpha": list(self.alpha), "xi": self.xi, "alpha_max": self.alpha_max, "beta": self.beta}
+
+    def load_state_dict(self, sd):
+        self.alpha = [float(a) for a in sd["alpha"]]
+        self.xi, self.alpha_max, self.beta = sd["xi"], sd["alpha_max"], sd["beta"]
