@@ -75,15 +75,17 @@ class GPTConfig:
         """Reject impossible shapes before anything is built (one-line errors)."""
         def bad(msg):
             raise ValueError(msg)
+        # positivity first: the divisibility checks below would otherwise die with
+        # ZeroDivisionError (n_head=0) or pass a negative n_kv_head through
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden"):
+            if getattr(self, name) <= 0:
+                bad(f"{name}={getattr(self, name)} must be positive")
         if self.n_embd % self.n_head:
             bad(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if (self.n_embd // self.n_head) % 2:
             bad(f"head size n_embd/n_head={self.n_embd // self.n_head} must be even for rotary embeddings")
         if self.n_head % self.n_kv_head:
             bad(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
-        for name in ("block_size", "vocab_size", "n_layer", "n_embd", "ffn_hidden"):
-            if getattr(self, name) <= 0:
-                bad(f"{name}={getattr(self, name)} must be positive")
         layers = self.moe_layer_ids()   # validates the spec
         if not layers:
             return
@@ -97,6 +99,8 @@ class GPTConfig:
             bad(f"n_shared_experts={self.n_shared_experts} must be >= 0")
         if self.gate_norm_lambda is not None and self.gate_norm_lambda <= 0:
             bad(f"gate_norm_lambda={self.gate_norm_lambda} must be > 0 (use None to turn it off)")
+        if self.gate_norm_lambda is not None and self.router != "lory" and self.n_experts < 2:
+            bad(f"gate_norm_lambda needs n_experts >= 2 (the std of {self.n_experts} logit is undefined: NaN gates)")
         if self.router == "lory":
             if self.segment_len <= 0 or self.block_size % self.segment_len:
                 bad(f"segment_len={self.segment_len} must divide block_size={self.block_size} for router='lory'")
