@@ -350,7 +350,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm(x))                             # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss, routings
 
     # ------------------------------------------------------------------ counting

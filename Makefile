@@ -1,0 +1,28 @@
+# Two commands do everything: `make demo` (the main job) and `make test`.
+# Both create .venv and install what they need on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# triton: the CUDA torch wheel brings its own; a CPU torch does not, so on Linux
+# we add the version the tests run under TRITON_INTERPRET=1 with.
+TRITON_PIN := triton==3.9.0
+
+.PHONY: demo test venv clean experiments
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	@if [ "$$(uname -s)" = "Linux" ]; then $(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q $(TRITON_PIN); fi
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) demo.py
+
+test: venv
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf out

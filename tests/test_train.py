@@ -1,0 +1,235 @@
+"""train.py: config errors, training lowers the loss, checkpoints, exact resume,
+corrupt checkpoints, NaN stop, and 2-process DDP (gloo) equal to 1 process."""
+import hashlib
+import os
+
+import pytest
+import torch
+
+from helpers import TINY, make_dataset, read_jsonl, run_train
+from train import ConfigError, parse_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_dataset(str(tmp_path_factory.mktemp("data")))
+
+
+def sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def state(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+
+
+# ---------------------------------------------------------------- configuration
+
+def test_parse_config_overrides_and_types(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("n_layer = 3\nlearning_rate = 1\nrouter = 'sigmoid'\n")
+    cfg = parse_config([str(f), "--n_embd=64", "--gate_norm_lambda=2", "--compile=False"])
+    assert cfg["n_layer"] == 3 and cfg["n_embd"] == 64 and cfg["router"] == "sigmoid"
+    assert cfg["learning_rate"] == 1.0 and isinstance(cfg["learning_rate"], float)   # int -> float is fine
+    assert cfg["gate_norm_lambda"] == 2.0 and cfg["compile"] is False
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--n_layers=3"], "unknown config key 'n_layers'"),
+    (["--n_layer=3.5"], "'n_layer' expects int"),
+    (["--compile=1"], "'compile' expects bool"),
+    (["--router=3"], "'router' expects str"),
+    (["--max_iters"], "must look like --key=value"),
+    (["config/does_not_exist.py"], "not found"),
+])
+def test_parse_config_errors(argv, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        parse_config(argv)
+
+
+def test_unknown_key_exit_status_and_suggestion(tmp_path):
+    p = run_train(["--n_layers=3", f"--out_dir={tmp_path}/o"], check=False)
+    assert p.returncode == 2
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "n_layers" in lines[0] and "n_layer" in lines[0].split("mean")[-1]
+
+
+def test_bad_moe_shape_is_one_line_error(data_dir, tmp_path):
+    p = run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}/o", "--moe_layers=all",
+                          "--n_experts=2", "--top_k=3"], check=False)
+    assert p.returncode == 2 and "top_k=3" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_missing_data_is_clear_error(tmp_path):
+    p = run_train(TINY + [f"--data_dir={tmp_path}/nothing", f"--out_dir={tmp_path}/o"], check=False)
+    assert p.returncode == 2 and "prepare.py" in p.stderr and "Traceback" not in p.stderr
+
+
+# ---------------------------------------------------------------- training
+
+def test_training_lowers_loss_and_writes_metrics(data_dir, tmp_path):
+    out = str(tmp_path / "dense")
+    run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=30", "--eval_interval=10"])
+    recs = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    evals = [r for r in recs if r["split"] == "eval"]
+    trains = [r for r in recs if r["split"] == "train"]
+    assert len(trains) == 30 and [r["iter"] for r in evals] == [0, 10, 20, 30]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3
+    assert {"loss", "lr", "ms_per_iter", "tok_per_s", "tokens"} <= set(trains[0])
+    ck = state(out)
+    assert ck["iter_num"] == 30 and ck["optimizer"] is not None and ck["model_args"]["n_layer"] == 2
+
+
+def test_moe_training_logs_router_statistics(data_dir, tmp_path):
+    out = str(tmp_path / "moe")
+    run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=3",
+                      "--moe_layers=all", "--n_experts=4", "--top_k=2", "--capacity_factor=1.0",
+                      "--adaptive_aux=True"])
+    recs = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    tr = [r for r in recs if r["split"] == "train"][-1]
+    assert len(tr["moe"]) == 2 and len(tr["alpha"]) == 2
+    layer = tr["moe"][0]
+    for k in ("tokens_per_expert", "drop_rate", "gate_entropy", "max1_max2", "max2_max3", "load_cv",
+              "logit_abs", "loss_switch", "loss_z"):
+        assert k in layer, k
+    assert len(layer["tokens_per_expert"]) == 4
+    # capacity 1.0: every expert takes at most C = ceil(2*128/4) = 64 of the 2*128 assignments
+    assert max(layer["tokens_per_expert"]) <= 64 + 1e-6
+    ev = [r for r in recs if r["split"] == "eval"][-1]
+    assert len(ev["domain_usage"]) == 2 and len(ev["domain_usage"][0]) == 3    # layers x domains x experts
+    assert abs(sum(ev["domain_usage"][0][0]) - 1) < 1e-5
+
+
+# ---------------------------------------------------------------- checkpoints
+
+@pytest.mark.parametrize("extra", [[], ["--moe_layers=all", "--n_experts=4", "--router=sigmoid",
+                                        "--capacity_factor=1.0", "--adaptive_aux=True", "--router_noise=True"]])
+def test_kill_and_resume_is_exact(data_dir, tmp_path, extra):
+    common = TINY + [f"--data_dir={data_dir}", "--eval_interval=4", "--lr_decay_iters=8", "--dropout=0.1"] + extra
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run_train(common + [f"--out_dir={full}", "--max_iters=8"])
+    run_train(common + [f"--out_dir={part}", "--max_iters=4"])        # "killed" after its iter-4 checkpoint
+    run_train(common + [f"--out_dir={part}", "--max_iters=8", "--init_from=resume"])
+    a, b = state(full), state(part)
+    assert a["iter_num"] == b["iter_num"] == 8
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    la = [r for r in read_jsonl(os.path.join(full, "metrics.jsonl")) if r["split"] == "train"]
+    lb = [r for r in read_jsonl(os.path.join(part, "metrics.jsonl")) if r["split"] == "train"]
+    assert [r["iter"] for r in lb] == list(range(1, 9))                  # no duplicate records after resume
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    if extra:
+        assert a["aux_coef"]["alpha"] == b["aux_coef"]["alpha"]
+
+
+def test_corrupt_checkpoint_is_clear_error(data_dir, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    before = sha(out / "ckpt.pt")
+    p = run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--init_from=resume"], check=False)
+    assert p.returncode == 2 and "ckpt.pt" in p.stderr and "Traceback" not in p.stderr
+    assert sha(out / "ckpt.pt") == before
+    p = run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}/none", "--init_from=resume"], check=False)
+    assert p.returncode == 2 and "no checkpoint" in p.stderr
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+    out = str(tmp_path / "o")
+    common = TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--eval_interval=2"]
+    run_train(common + ["--max_iters=2"])
+    good = sha(os.path.join(out, "ckpt.pt"))
+    p = run_train(common + ["--max_iters=40", "--init_from=resume", "--learning_rate=1e30", "--min_lr=1e30",
+                            "--warmup_iters=0", "--grad_clip=0.0"], check=False)
+    said = p.stdout + p.stderr
+    assert p.returncode == 1 and ("not finite" in said or "loss is nan" in said), said[-2000:]
+    ck = state(out)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    # either untouched, or re-saved only at a point where the loss was still finite
+    assert sha(os.path.join(out, "ckpt.pt")) == good or ck["iter_num"] > 2
+
+
+# ---------------------------------------------------------------- DDP
+
+def test_ddp_two_processes_match_one(data_dir, tmp_path):
+    common = TINY + [f"--data_dir={data_dir}", "--max_iters=4", "--eval_interval=100", "--backend=gloo",
+                     "--gradient_accumulation_steps=2"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_train(common + [f"--out_dir={one}"])
+    run_train(common + [f"--out_dir={two}"], torchrun_nproc=2)
+    a, b = state(one), state(two)
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+    la = [r["loss"] for r in read_jsonl(os.path.join(one, "metrics.jsonl")) if r["split"] == "train"]
+    lb = [r["loss"] for r in read_jsonl(os.path.join(two, "metrics.jsonl")) if r["split"] == "train"]
+    assert len(la) == len(lb) == 4
+    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- upcycling in train.py
+
+@pytest.fixture(scope="module")
+def dense_run(data_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dense_src"))
+    run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=3"])
+    return out
+
+
+def test_online_upcycling_matches_offline_cli(data_dir, dense_run, tmp_path):
+    import subprocess
+    import sys
+    from helpers import ROOT
+    moe = ["--moe_layers=all", "--n_experts=4", "--top_k=2"]
+    online = str(tmp_path / "online")
+    before = sha(os.path.join(dense_run, "ckpt.pt"))
+    run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={online}", f"--init_from={dense_run}",
+                      "--max_iters=0"] + moe)
+    offline = str(tmp_path / "offline")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "upcycle.py"), f"--ckpt={dense_run}",
+                        f"--out_dir={offline}"] + moe, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    a, b = state(online), state(offline)
+    assert a["iter_num"] == b["iter_num"] == 0
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["upcycled_from"]["sha256"] == b["upcycled_from"]["sha256"] == before
+    assert sha(os.path.join(dense_run, "ckpt.pt")) == before            # the source is never touched
+
+
+def test_upcycled_training_starts_at_dense_loss_and_logs_similarity(data_dir, dense_run, tmp_path):
+    out = str(tmp_path / "up")
+    run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", f"--init_from={dense_run}",
+                      "--max_iters=4", "--eval_interval=2", "--moe_layers=all", "--n_experts=4", "--top_k=2",
+                      "--upcycle_expert_noise=0.01"])
+    dense_eval = [r for r in read_jsonl(os.path.join(dense_run, "metrics.jsonl")) if r["split"] == "eval"][-1]
+    evals = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["split"] == "eval"]
+    assert abs(evals[0]["val_loss"] - dense_eval["val_loss"]) < 0.02   # function (nearly) preserved
+    assert len(evals[0]["expert_similarity"]) == 2 and len(evals[0]["similarity_to_dense"][0]) == 4
+    assert 0.9 < evals[0]["expert_similarity"][0] <= 1.0
+    assert state(out)["upcycled_from"]["path"].endswith("ckpt.pt")
+
+
+def test_dense_warm_start_and_upcycle_errors(data_dir, dense_run, tmp_path):
+    out = str(tmp_path / "cont")
+    run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", f"--init_from={dense_run}", "--max_iters=2"])
+    assert state(out)["iter_num"] == 2 and state(out)["model_args"]["moe_layers"] == "none"
+    p = run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}/x", f"--init_from={tmp_path}/missing",
+                          "--moe_layers=all"], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    p = run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}/y", f"--init_from={dense_run}",
+                          "--moe_layers=all", "--n_embd=64"], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+def test_dense_warmup_then_lory(data_dir, tmp_path):
+    out = str(tmp_path / "lory")
+    run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=2",
+                      "--moe_layers=all", "--router=lory", "--segment_len=8", "--dense_warmup_iters=2"])
+    ck = state(out)
+    assert ck["model_args"]["router"] == "lory" and ck["upcycled_from"]["method"] == "dense warm-up"
+    recs = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    tr = [r for r in recs if r["split"] == "train"]
+    assert "moe" not in tr[0] and "merge_entropy" in tr[-1]["moe"][0]
+    assert len([r for r in recs if r["split"] == "eval"][-1]["domain_usage"]) == 2

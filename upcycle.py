@@ -1,0 +1,639 @@
+"""
+Upcycling: turn a dense Llama-style checkpoint into a Mixture-of-Experts one
+(../shared/docs/METHODS.md section 4), offline (this CLI) or online (train.py
+with init_from=<dense out_dir>; both call the same functions, so the same seed
+gives bit-identical weights).
+
+    python upcycle.py --ckpt=out/dense --out_dir=out/moe8x2 --n_experts=8 --top_k=2
+    python upcycle.py --ckpt=out/dense --out_dir=out/moe_e4g2 --n_experts=8 --top_k=4 --granularity=2
+    python upcycle.py --ckpt=out/dense --out_dir=out/moe_eo --moe_layers=every_other --router_init_std=0
+
+What happens to the weights
+---------------------------
+Everything outside the chosen MoE layers' FFNs is copied. In an MoE layer:
+
+* Sparse upcycling (Komatsuzaki et al., arXiv 2212.05055), granularity G=1:
+  every expert is a copy of the dense SwiGLU FFN (W1=gate_proj, W3=up_proj,
+  W2=down_proj).
+* Fine-grained upcycling / virtual groups (He et al., arXiv 2410.07524;
+  Megatron upcycling_utils.py), G>1: the hidden dimension d_ff is cut into G
+  shards of width d_ff/G (rows of W1 and W3, columns of W2), so that
+  FFN(x) = sum_g FFN_g(x) exactly. Each shard is replicated E' = n_experts/G
+  times: expert e = i*G + g holds shard g. Router rows are shared inside a
+  virtual group (draw E' rows, repeat each G times), so the G experts of a
+  group always have the same logit and top-k with k a multiple of G picks k/G
+  whole groups, i.e. k/G complete copies of the dense FFN.
+* Router: normal(0, router_init_std) rows from a seeded torch.Generator, or
+  zeros when router_init_std=0. noise_weight (router_noise) and expert_bias
+  (sigmoid router) start at zero, as in router.Router.
+* expert_noise (relative std): each expert copy gets independent Gaussian noise
+  of std expert_noise * std(dense matrix) on W1, W3 and W2 to break symmetry
+  (applied before the scalings below).
+* Shared experts (n_shared_experts > 0, width n_shared_experts * d_ff/G): the
+  shared FFN is built from the dense FFN's hidden units (unit j copies dense
+  unit j mod d_ff) and the function is *split* between the shared and the
+  routed path: for every dense hidden unit the shared copies get a fraction
+  `shared_fraction` (default 0.5) of its W2 column and the routed experts the
+  rest (1 - shared_fraction); units the shared expert does not cover stay
+  wholly routed. Shared output + routed output = dense FFN whenever the routed
+  part alone is exact (same conditions as below). shared_fraction=1 with a
+  shared expert at least d_ff wide makes the routed experts start silent
+  (W2 = 0): exact for *every* router, but the router and the routed W1/W3 get
+  no gradient until W2 has moved; 0.5 keeps both paths alive.
+
+Weight scaling (`weight_scaling`)
+---------------------------------
+Let s be the activation scale (Megatron `_get_moe_activation_scale`):
+    s = E' * G^2 / k   softmax-then-topk gates (softmax_topk; expert_choice, whose
+                       eval/generation path is softmax-then-topk)
+    s = G              gates renormalised over the picked experts (topk_softmax, sigmoid)
+    s = 1              lory (merge weights sum to 1; G must be 1)
+* "none":     no scaling.
+* "megatron": Megatron's weight scale s^(1/3) on all three expert matrices
+  (GLU experts). W2 (silu(c W1 x) * c W3 x) c = c^3 W2(silu(W1 x) W3 x) would
+  need silu(c z) = c silu(z), which holds only in silu's linear regime
+  (silu(z) ~ z/2 near 0): APPROXIMATE whenever s != 1.
+* "exact":    scale only W2 by s. EXACT for SwiGLU, because the output is linear
+  in W2.
+* "auto" (default): "exact" when G > 1 or the gates are softmax-then-topk,
+  otherwise "none" (then s = 1 and all three coincide).
+
+Why the gates work out (k = m*G picks m whole groups):
+* topk_softmax: the k picked logits are m group logits each repeated G times,
+  so each shard of picked group j gets gate p_j / G with p = softmax over the m
+  group logits. Output = sum_j sum_g (p_j / G) * s * FFN_g(x) = (s/G) * dense(x)
+  -> s = G is exact, for ANY router weights. sigmoid: likewise with
+  p_j = sigmoid(z_j) / sum sigmoid.
+* softmax_topk: each shard of group i gets q_i / G with q = softmax over the E'
+  group logits, so output = (s/G) * (sum_{picked j} q_j) * dense(x). The factor
+  sum q_j depends on x unless all logits are equal: with router_init_std=0,
+  q_j = 1/E' and s = E' G^2 / k makes it exactly 1. With a random router it is
+  only approximate (the error grows with the logit spread, ~router_init_std *
+  |x|); no weight scaling can fix an input-dependent factor.
+
+Exact vs approximate, in one table (no expert_noise, dropless):
+    router                     weight_scaling      G=1                    G>1
+    topk_softmax / sigmoid     none                exact                  WRONG (output / G)
+                               exact (auto)        exact                  exact
+                               megatron            exact (s=1)            approximate (silu)
+    softmax_topk               exact (auto)        exact iff router zero  exact iff router zero (*)
+                               megatron / none     approximate            approximate
+    lory                       any (s=1)           exact                  not allowed
+    expert_choice              as softmax_topk, in eval mode only (training-mode expert choice
+                               lets a token be taken by any number of experts)
+(*) with a zero router all E'*G logits tie and torch.topk's tie-breaking decides
+which experts run; the result is exact iff it takes k/G copies of every shard
+(the CPU kernel returns a contiguous index window, which does; not guaranteed
+elsewhere). The same caveat applies to topk_softmax/sigmoid with G>1 and a
+zero router. Router noise (training mode only) and capacity dropping can also
+break preservation; upcycle_state_dict() reports all of this in
+info["options"]["function_preserving"] / ["preservation_note"].
+
+Measured max |logit diff| vs the dense model, fp32, 2-layer d=32 models (tests/test_upcycle.py,
+"FFN-active" weights: silu in its nonlinear range, logit std ~1, max |logit| ~4.5; and a tiny
+dense model trained 300 AdamW steps):
+    exact combinations (coarse any router init, E'4 G2 k2/k4, shared, lory)   <= 2e-6 (1e-5 at d=64)
+    megatron, s=2 (E'4 G2 k2 topk_softmax)       0.72 (|dloss| 5e-3); trained 0.27 (|dloss| 0.04)
+    megatron, s=4 (E'2 G4 k4; softmax_topk E8 k2) 1.18 (|dloss| 7e-3); trained 0.49 (|dloss| 0.09)
+    megatron, s=2, GPT's own init (silu ~linear)  6e-4
+    softmax_topk, router std 0.02, exact W2 scale 0.24 (|dloss| 1e-3); trained 0.94 (|dloss| 0.19)
+    none with G=2                                 0.36; trained 3.0 (output halved)
+    expert_noise=0.01                             0.11
+
+Public API
+----------
+    target_config(dense_args, model_args=None, granularity=None, expansion_rate=None) -> (GPTConfig, G)
+    upcycle_state_dict(dense_state, dense_args, options=None, **kw) -> (state_dict, GPTConfig, info)
+    upcycle_model(dense, options=None, **kw) -> GPT                  (dense: GPT | checkpoint dict)
+    upcycle_from_checkpoint(path, options=None, device="cpu", **kw) -> (GPT, upcycled_from)
+    upcycle_checkpoint(path, out_dir, options=None, force=False, **kw) -> (written path, GPTConfig, info)
+    expert_similarity(experts) -> (E, E);  mean_pairwise_similarity(experts) -> float
+    similarity_to_dense(experts, dense) -> (E,);  dense_ffn_weights(state_dict, layer) -> (W1, W3, W2)
+
+`options` (a dict, or keyword arguments; train.py passes its upcycle_options()):
+    model_args       target GPTConfig fields (dict or GPTConfig): MoE fields (n_experts,
+                     top_k, moe_layers, router, router_init_std, n_shared_experts, ...);
+                     dense-shape fields must match the checkpoint. Missing keys come from
+                     the dense checkpoint's model_args.
+    granularity      G (default: inferred from model_args expert_hidden, else 1)
+    expansion_rate   E' (optional; checked against n_experts / G)
+    weight_scaling   "auto" | "none" | "exact" | "megatron"
+    expert_noise     relative std of the noise on the expert copies (0 = none)
+    shared_fraction  share of the dense function given to the shared expert(s) (0.5)
+    seed             torch.Generator seed for router rows and noise (0)
+"""
+import argparse
+import os
+import sys
+from dataclasses import asdict, fields
+
+import torch
+
+from checkpoint import CheckpointError, ckpt_path, file_sha256, load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig
+
+WEIGHT_SCALINGS = ("auto", "none", "exact", "megatron")
+# fields that fix the dense parameter shapes, and ones that change the dense function
+SHAPE_KEYS = ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "ffn_hidden", "tie_embeddings")
+FUNCTION_KEYS = ("rope_theta", "norm_eps")
+OPTION_DEFAULTS = {"model_args": None, "granularity": None, "expansion_rate": None,
+                   "weight_scaling": "auto", "expert_noise": 0.0, "shared_fraction": 0.5, "seed": 0}
+FFN_MATS = ("gate_proj", "up_proj", "down_proj")
+
+
+# ----------------------------------------------------------------------------- config
+
+def _as_dict(args):
+    if args is None:
+        return {}
+    if isinstance(args, GPTConfig):
+        return asdict(args)
+    return dict(args)
+
+
+def _shape(cfg, keys=SHAPE_KEYS + FUNCTION_KEYS):
+    return ", ".join(f"{k}={getattr(cfg, k)}" for k in keys)
+
+
+def target_config(dense_args, model_args=None, granularity=None, expansion_rate=None):
+    """The MoE GPTConfig an upcycle of a dense model with `dense_args` produces.
+
+    model_args: target fields (dict or GPTConfig); keys it lacks come from the
+    dense config (its MoE fields reset to the GPTConfig defaults). Returns
+    (cfg, G) with cfg.expert_hidden = d_ff / G. Raises ValueError (one line) for
+    an MoE source, a target whose dense shape differs from the source, or an
+    impossible fine-grained layout."""
+    dense_args = _as_dict(dense_args)
+    dense = GPTConfig.from_dict(dense_args)
+    if dense.is_moe:
+        raise ValueError(f"the source is already an MoE model (moe_layers={dense.moe_layers!r}); "
+                         f"upcycle a dense checkpoint")
+    moe_names = {f.name for f in fields(GPTConfig)} - set(SHAPE_KEYS + FUNCTION_KEYS) - {"block_size", "dropout"}
+    args = {k: v for k, v in asdict(dense).items() if k not in moe_names}
+    user = _as_dict(model_args)
+    unknown = sorted(set(user) - {f.name for f in fields(GPTConfig)})
+    if unknown:
+        raise ValueError(f"unknown model config key(s) {unknown}")
+    args.update(user)
+    if str(args.get("moe_layers", "none")).strip() in ("none", ""):
+        raise ValueError("the target config has moe_layers='none': nothing to upcycle "
+                         "(use --moe_layers=all, every_other or a list like 1,3)")
+    # the target's dense part, resolved (ffn_hidden=0 -> Llama rule, n_kv_head=0 -> n_head)
+    tgt_dense = GPTConfig(**{**args, "moe_layers": "none", "expert_hidden": 0})
+    if any(getattr(tgt_dense, k) != getattr(dense, k) for k in SHAPE_KEYS + FUNCTION_KEYS):
+        raise ValueError(f"target config ({_shape(tgt_dense)}) differs from the dense checkpoint's "
+                         f"({_shape(dense)}); upcycling keeps the dense shape")
+    d_ff = dense.ffn_hidden
+    eh = int(args.get("expert_hidden") or 0)
+    if granularity in (None, 0):
+        if eh and d_ff % eh:
+            raise ValueError(f"expert_hidden={eh} does not divide the dense ffn_hidden={d_ff}")
+        G = d_ff // eh if eh else 1
+    else:
+        G = int(granularity)
+        if G < 1:
+            raise ValueError(f"granularity={G} must be >= 1")
+        if d_ff % G:
+            raise ValueError(f"the dense ffn_hidden={d_ff} is not divisible by granularity={G}")
+        if eh and eh * G != d_ff:
+            raise ValueError(f"expert_hidden={eh} contradicts granularity={G} (d_ff/G = {d_ff // G})")
+    E = int(args.get("n_experts", GPTConfig.n_experts))
+    k = int(args.get("top_k", GPTConfig.top_k))
+    if expansion_rate not in (None, 0) and int(expansion_rate) * G != E:
+        raise ValueError(f"expansion_rate*granularity = {int(expansion_rate)}*{G} = {int(expansion_rate) * G} "
+                         f"does not match n_experts={E}")
+    if E % G:
+        raise ValueError(f"n_experts={E} is not a multiple of granularity={G} "
+                         f"(fine-grained upcycling makes expansion_rate*granularity experts)")
+    if G > 1 and k % G:
+        raise ValueError(f"top_k={k} must be a multiple of granularity={G} so that top-k picks whole "
+                         f"virtual groups")
+    if G > 1 and args.get("router") == "lory":
+        raise ValueError("router='lory' merges whole experts: fine-grained upcycling (granularity > 1) "
+                         "cannot preserve the dense function there; use granularity=1")
+    args["expert_hidden"] = d_ff // G
+    return GPTConfig(**args), G
+
+
+def resolve_weight_scaling(weight_scaling, router, G):
+    if weight_scaling not in WEIGHT_SCALINGS:
+        raise ValueError(f"unknown weight_scaling {weight_scaling!r}; valid: {', '.join(WEIGHT_SCALINGS)}")
+    if weight_scaling == "auto":
+        return "exact" if G > 1 or router in ("softmax_topk", "expert_choice") else "none"
+    return weight_scaling
+
+
+def activation_scale(router, n_experts, G, top_k):
+    """Megatron `_get_moe_activation_scale`: how much smaller the routed output is
+    than the dense FFN at upcycling time (see the module docstring)."""
+    if router == "lory":
+        return 1.0
+    if router in ("softmax_topk", "expert_choice"):
+        return (n_experts // G) * G * G / top_k
+    return float(G)
+
+
+def _routed_silent(cfg, G, shared_fraction):
+    return cfg.n_shared_experts > 0 and shared_fraction == 1 and cfg.n_shared_experts * cfg.expert_hidden >= cfg.ffn_hidden
+
+
+def preservation(cfg, G, weight_scaling, expert_noise=0.0, shared_fraction=0.5):
+    """('exact' | 'approximate', note): does the upcycled model compute the dense
+    function at step 0, and under which caveats (see the module docstring)."""
+    ws = resolve_weight_scaling(weight_scaling, cfg.router, G)
+    s = activation_scale(cfg.router, cfg.n_experts, G, cfg.top_k)
+    caveats = []
+    if cfg.capacity_factor > 0 or cfg.eval_capacity_factor > 0:
+        caveats.append("only while no assignment is dropped (capacity_factor > 0)")
+    if expert_noise > 0:
+        return "approximate", f"expert_noise={expert_noise} perturbs the expert copies"
+    if _routed_silent(cfg, G, shared_fraction):
+        return "exact", "the shared expert carries the whole dense FFN; routed experts start with down_proj = 0"
+    if ws != "exact" and s != 1:
+        why = "silu is not homogeneous: silu(c z) != c silu(z)" if ws == "megatron" else \
+            f"unscaled routed output is 1/{s:g} of the dense FFN"
+        return "approximate", f"weight_scaling={ws} with activation scale {s:g}: {why}"
+    if cfg.router in ("softmax_topk", "expert_choice"):
+        if cfg.router_init_std > 0 and cfg.n_experts != cfg.top_k:   # (k = E: all probs, sum 1)
+            return "approximate", ("softmax-then-topk gates sum to an input-dependent value unless the router "
+                                   "is zero (router_init_std=0)")
+        if cfg.router == "expert_choice":
+            caveats.append("in eval mode only (training-mode expert choice is not token-wise top-k)")
+    if cfg.router != "lory" and cfg.router_init_std == 0 and G > 1:
+        caveats.append("zero router with granularity > 1: all logits tie, exact iff torch.topk picks k/G "
+                       "copies of every shard (true for the CPU kernel)")
+    if cfg.router_noise and (G > 1 or cfg.router in ("softmax_topk", "expert_choice")):
+        caveats.append("in eval mode only (router noise is independent per expert)")
+    return "exact", "; ".join(caveats)
+
+
+# ----------------------------------------------------------------------------- weights
+
+def _options(options, kw):
+    opts = dict(OPTION_DEFAULTS)
+    for src in (options or {}), kw:
+        unknown = sorted(set(src) - set(OPTION_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown upcycling option(s) {unknown}; valid: {sorted(OPTION_DEFAULTS)}")
+        opts.update({k: v for k, v in src.items() if v is not None})
+    if opts["expert_noise"] < 0:
+        raise ValueError(f"expert_noise={opts['expert_noise']} must be >= 0")
+    if not 0 <= opts["shared_fraction"] <= 1:
+        raise ValueError(f"shared_fraction={opts['shared_fraction']} must be in [0, 1]")
+    return opts
+
+
+def upcycle_ffn(w1, w3, w2, cfg, G, weight_scaling="exact", expert_noise=0.0, shared_fraction=0.5,
+                generator=None):
+    """One dense SwiGLU (w1, w3: (d_ff, d); w2: (d, d_ff)) -> the tensors of one MoE
+    layer, named relative to blocks.{l}.ffn. (router.weight, [router.noise_weight],
+    [router.expert_bias], gate_proj, up_proj, down_proj, [shared.*.weight]).
+    Random draws, in this order: router rows (E', d), then noise on the gate, up and
+    down stacks. Computed in fp32 on the CPU; experts are returned in w1's dtype."""
+    dtype = w1.dtype
+    w1, w3, w2 = (t.detach().to("cpu", torch.float32) for t in (w1, w3, w2))
+    d_ff, d = w1.shape
+    E, k = cfg.n_experts, cfg.top_k
+    Ep, h = E // G, d_ff // G
+    ws = resolve_weight_scaling(weight_scaling, cfg.router, G)
+    out = {}
+    # router: E' rows, each repeated G times (virtual groups)
+    if cfg.router_init_std > 0:
+        rows = torch.randn(Ep, d, generator=generator) * cfg.router_init_std
+    else:
+        rows = torch.zeros(Ep, d)
+    out["router.weight"] = rows.repeat_interleave(G, dim=0)                 # (E, d) fp32
+    if cfg.router_noise and cfg.router != "lory":
+        out["router.noise_weight"] = torch.zeros(E, d)
+    if cfg.router == "sigmoid":
+        out["router.expert_bias"] = torch.zeros(E)
+    # shared expert(s): hidden unit j copies dense unit j mod d_ff; the dense function
+    # is split per unit: shared alpha_u, routed 1 - alpha_u
+    routed_col = torch.ones(d_ff)
+    if cfg.n_shared_experts:
+        S = cfg.n_shared_experts * h
+        src = torch.arange(S) % d_ff
+        count = torch.bincount(src, minlength=d_ff).float()
+        alpha = shared_fraction * (count > 0).float()                      # (d_ff,)
+        out["shared.gate_proj.weight"] = w1[src].to(dtype)
+        out["shared.up_proj.weight"] = w3[src].to(dtype)
+        out["shared.down_proj.weight"] = (w2[:, src] * (alpha[src] / count[src])).to(dtype)
+        routed_col = 1.0 - alpha
+    # routed experts: expert i*G + g holds shard g
+    g1 = w1.view(G, h, d).repeat(Ep, 1, 1)                                  # (E, h, d)
+    g3 = w3.view(G, h, d).repeat(Ep, 1, 1)
+    g2 = w2.view(d, G, h).permute(1, 0, 2).repeat(Ep, 1, 1)                 # (E, d, h)
+    if expert_noise > 0:
+        g1 = g1 + expert_noise * w1.std() * torch.randn(g1.shape, generator=generator)
+        g3 = g3 + expert_noise * w3.std() * torch.randn(g3.shape, generator=generator)
+        g2 = g2 + expert_noise * w2.std() * torch.randn(g2.shape, generator=generator)
+    g2 = g2 * routed_col.view(G, h).repeat(Ep, 1)[:, None, :]
+    s = activation_scale(cfg.router, E, G, k)
+    if ws == "exact":
+        g2 = g2 * s
+    elif ws == "megatron":
+        c = s ** (1.0 / 3.0)
+        g1, g3, g2 = g1 * c, g3 * c, g2 * c
+    out["gate_proj"], out["up_proj"], out["down_proj"] = (t.to(dtype).contiguous() for t in (g1, g3, g2))
+    return out
+
+
+def _reference_shapes(cfg):
+    """Parameter/buffer names and shapes of GPT(cfg), built on the meta device (no memory)."""
+    with torch.device("meta"):
+        m = GPT(cfg)
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+def _check_keys(state, cfg, what):
+    ref = _reference_shapes(cfg)
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing, extra = sorted(set(ref) - set(got)), sorted(set(got) - set(ref))
+    bad = [f"{k} {got[k]} vs {ref[k]}" for k in sorted(set(ref) & set(got)) if got[k] != ref[k]]
+    if missing or extra or bad:
+        parts = [f"missing {missing[:4]}" if missing else "", f"unexpected {extra[:4]}" if extra else "",
+                 f"shape {bad[:4]}" if bad else ""]
+        raise ValueError(f"{what} does not match its model_args: " + "; ".join(p for p in parts if p))
+
+
+def upcycle_state_dict(dense_state, dense_args, options=None, **kw):
+    """Dense state dict + target MoE config -> MoE state dict.
+
+    dense_state: the dense GPT's state_dict; dense_args: its GPTConfig (or dict).
+    options / kw: see the module docstring (model_args, granularity, expansion_rate,
+    weight_scaling, expert_noise, shared_fraction, seed).
+    Returns (state_dict, cfg, info): cfg the MoE GPTConfig, info = {"method", "options"}
+    with the resolved options, activation scale and function-preservation verdict.
+    Deterministic: same inputs and seed -> identical tensors. Raises ValueError."""
+    opts = _options(options, kw)
+    dense_cfg = GPTConfig.from_dict(_as_dict(dense_args))
+    cfg, G = target_config(dense_cfg, opts["model_args"], opts["granularity"], opts["expansion_rate"])
+    _check_keys(dense_state, dense_cfg, "the dense state dict")
+    ws = resolve_weight_scaling(opts["weight_scaling"], cfg.router, G)
+    gen = torch.Generator().manual_seed(int(opts["seed"]))
+    moe_ids = cfg.moe_layer_ids()
+    prefixes = tuple(f"blocks.{l}.ffn." for l in moe_ids)
+    state = {k: v for k, v in dense_state.items() if not k.startswith(prefixes)}
+    for l in moe_ids:
+        p = f"blocks.{l}.ffn."
+        w1, w3, w2 = (dense_state[p + m + ".weight"] for m in FFN_MATS)
+        layer = upcycle_ffn(w1, w3, w2, cfg, G, ws, opts["expert_noise"], opts["shared_fraction"], gen)
+        state.update({p + name: t for name, t in layer.items()})
+    _check_keys(state, cfg, "the upcycled state dict")   # guards against model.py drifting
+    verdict, note = preservation(cfg, G, ws, opts["expert_noise"], opts["shared_fraction"])
+    info = {
+        "method": "sparse_upcycling" if G == 1 else "fine_grained_virtual_groups",
+        "options": {
+            "n_experts": cfg.n_experts, "top_k": cfg.top_k, "granularity": G, "expansion_rate": cfg.n_experts // G,
+            "expert_hidden": cfg.expert_hidden, "moe_layers": cfg.moe_layers, "router": cfg.router,
+            "router_init_std": cfg.router_init_std, "n_shared_experts": cfg.n_shared_experts,
+            "shared_fraction": float(opts["shared_fraction"]) if cfg.n_shared_experts else None,
+            "weight_scaling": ws, "activation_scale": activation_scale(cfg.router, cfg.n_experts, G, cfg.top_k),
+            "expert_noise": float(opts["expert_noise"]), "seed": int(opts["seed"]),
+            "function_preserving": verdict, "preservation_note": note,
+        },
+    }
+    return state, cfg, info
+
+
+def upcycle_model(dense, options=None, **kw):
+    """Upcycle a dense GPT (or a loaded dense checkpoint dict) in memory.
+    Returns a new MoE GPT on the CPU (fp32 parameters), in train mode.
+    Used by train.py's dense warm-up (Lory) and by upcycle_from_checkpoint."""
+    if isinstance(dense, GPT):
+        state, args = {k: v.detach().cpu() for k, v in dense.state_dict().items()}, dense.config
+    elif isinstance(dense, dict) and "model" in dense and "model_args" in dense:
+        state, args = dense["model"], dense["model_args"]
+    else:
+        raise ValueError(f"upcycle_model needs a dense GPT or a checkpoint dict, got {type(dense).__name__}")
+    moe_state, cfg, info = upcycle_state_dict(state, args, options, **kw)
+    model = GPT(cfg)
+    model.load_state_dict(moe_state)
+    model.upcycle_info = info
+    return model
+
+
+def _load_dense(path):
+    try:
+        ckpt = load_checkpoint(path, map_location="cpu")
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None
+    if not isinstance(ckpt.get("model_args"), dict):
+        raise ValueError(f"{ckpt_path(path)} has no model_args: not a model checkpoint of this project")
+    return ckpt
+
+
+def upcycle_from_checkpoint(path, options=None, device="cpu", **kw):
+    """Online upcycling: dense checkpoint (out_dir or .pt) -> (MoE GPT on `device`,
+    upcycled_from). upcycled_from = {"path", "sha256", "method", "options"} as
+    stored in the checkpoint (checkpoint.py). Raises ValueError for a missing,
+    corrupt or MoE checkpoint and for every bad option."""
+    dense = _load_dense(path)
+    model = upcycle_model(dense, options, **kw)
+    src = os.path.abspath(ckpt_path(path))
+    upcycled_from = {"path": src, "sha256": file_sha256(src), **model.upcycle_info}
+    return model.to(device), upcycled_from
+
+
+def upcycle_checkpoint(path, out_dir, options=None, force=False, **kw):
+    """Offline upcycling (the CLI): write out_dir/ckpt.pt, an MoE checkpoint that
+    train.py can resume (--init_from=resume) and eval.py can read. iter_num 0,
+    optimizer None, best_val_loss 1e9, aux_coef None, rng None; the dense
+    checkpoint's "config" is kept. Refuses to overwrite out_dir/ckpt.pt unless
+    force, and never overwrites the source. Returns (path written, cfg, info)."""
+    src = os.path.abspath(ckpt_path(path))
+    dst = os.path.abspath(os.path.join(out_dir, "ckpt.pt"))
+    if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
+        raise ValueError(f"--out_dir={out_dir} holds the source checkpoint {src}; choose another out_dir")
+    if os.path.exists(dst) and not force:
+        raise ValueError(f"{dst} already exists; pass --force to overwrite it")
+    dense = _load_dense(path)
+    moe_state, cfg, info = upcycle_state_dict(dense["model"], dense["model_args"], options, **kw)
+    ckpt = {
+        "model_args": asdict(cfg),
+        "model": moe_state,
+        "optimizer": None,
+        "iter_num": 0,
+        "best_val_loss": 1e9,
+        "config": dense.get("config"),
+        "rng": None,
+        "aux_coef": None,
+        "upcycled_from": {"path": src, "sha256": file_sha256(src), **info},
+    }
+    return save_checkpoint(ckpt, out_dir), cfg, info
+
+
+# ----------------------------------------------------------------------------- similarity monitor
+
+def _stacks(experts):
+    """An MoEFFN/LoryFFN module, a tuple/list of (E, ...) stacks, or one stack -> list of stacks."""
+    if isinstance(experts, torch.Tensor):
+        return [experts.detach()]
+    if isinstance(experts, (tuple, list)):
+        return [t.detach() for t in experts]
+    if all(hasattr(experts, m) for m in FFN_MATS):
+        return [getattr(experts, m).detach() for m in FFN_MATS]
+    raise ValueError(f"expected an MoE FFN module or (E, ...) weight stacks, got {type(experts).__name__}")
+
+
+def _cos(a, b):
+    """Row-wise cosine of (E, n) and (E or 1, n); 0 where a vector is zero."""
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-30)
+
+
+def expert_similarity(experts):
+    """(E, E) cosine similarity of the experts' flattened weights (gate, up and down
+    of each expert concatenated into one vector), computed in fp32.
+    experts: an MoEFFN/LoryFFN module or a tuple of (E, ...) stacks."""
+    stacks = _stacks(experts)
+    E = stacks[0].shape[0]
+    v = torch.cat([s.reshape(E, -1).float() for s in stacks], dim=1)
+    v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return v @ v.t()
+
+
+def mean_pairwise_similarity(experts):
+    """Mean off-diagonal cosine similarity of the experts (He et al.; Skywork):
+    1.0 right after a noiseless upcycle, falls as experts specialise. A float
+    (1.0 for a single expert)."""
+    S = expert_similarity(experts)
+    E = S.shape[0]
+    if E < 2:
+        return 1.0
+    return float((S.sum() - S.diagonal().sum()) / (E * (E - 1)))
+
+
+def dense_ffn_weights(state, layer):
+    """(W1, W3, W2) of a dense state dict's layer (gate_proj, up_proj, down_proj)."""
+    p = f"blocks.{layer}.ffn."
+    return tuple(state[p + m + ".weight"] for m in FFN_MATS)
+
+
+def similarity_to_dense(experts, dense):
+    """(E,) similarity of each expert to the dense FFN it was upcycled from.
+    experts: MoE FFN module or (gate (E,h,d), up (E,h,d), down (E,d,h)) stacks;
+    dense: a SwiGLU module or (W1 (d_ff,d), W3 (d_ff,d), W2 (d,d_ff)).
+    Fine-grained experts (h = d_ff/G) are compared with their shard g = e mod G.
+    The cosine is taken per matrix and averaged over the three, so the upcycling
+    scalings (exact: W2 only; megatron: all three) leave it at 1."""
+    g1, g3, g2 = (s.float() for s in _stacks(experts))
+    if isinstance(dense, (tuple, list)):
+        w1, w3, w2 = (t.detach().float() for t in dense)
+    else:
+        w1, w3, w2 = (getattr(dense, m).weight.detach().float() for m in FFN_MATS)
+    E, h, d = g1.shape
+    d_ff = w1.shape[0]
+    if d_ff % h:
+        raise ValueError(f"expert width {h} does not divide the dense ffn_hidden={d_ff}")
+    G = d_ff // h
+    shard = torch.arange(E) % G
+    d1 = w1.view(G, h, d)[shard].reshape(E, -1)
+    d3 = w3.view(G, h, d)[shard].reshape(E, -1)
+    d2 = w2.view(d, G, h).permute(1, 0, 2)[shard].reshape(E, -1)
+    sims = [_cos(g1.reshape(E, -1), d1), _cos(g3.reshape(E, -1), d3), _cos(g2.reshape(E, -1), d2)]
+    return torch.stack(sims).mean(0)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _bool(s):
+    v = str(s).strip().lower()
+    if v in ("1", "true", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
+
+
+def _opt_float(s):
+    return None if str(s).strip().lower() in ("none", "") else float(s)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser():
+    p = _Parser(description="Upcycle a dense checkpoint into an MoE checkpoint (METHODS.md section 4).")
+    a = p.add_argument
+    a("--ckpt", required=True, help="dense out_dir or .pt file")
+    a("--out_dir", required=True, help="where ckpt.pt is written")
+    a("--n_experts", type=int, default=8, help="E = expansion_rate * granularity")
+    a("--top_k", type=int, default=2)
+    a("--granularity", type=int, default=1, help="G: shards per dense FFN (fine-grained upcycling)")
+    a("--expansion_rate", type=int, default=0, help="E' (0: n_experts / granularity)")
+    a("--moe_layers", default="all", help="all | every_other | list like 1,3")
+    a("--router", default="topk_softmax")
+    a("--router_init_std", type=float, default=0.02, help="0 = zeros")
+    a("--router_noise", type=_bool, default=False)
+    a("--gate_norm_lambda", type=_opt_float, default=None)
+    a("--expert_noise", type=float, default=0.0, help="relative std of noise on the expert copies")
+    a("--weight_scaling", default="auto", choices=WEIGHT_SCALINGS)
+    a("--n_shared_experts", type=int, default=0)
+    a("--shared_fraction", type=float, default=0.5, help="share of the dense FFN given to the shared expert")
+    a("--capacity_factor", type=float, default=0.0)
+    a("--eval_capacity_factor", type=float, default=0.0)
+    a("--drop_policy", default="probs")
+    a("--expert_impl", default="auto")
+    a("--segment_len", type=int, default=32)
+    a("--lory_first_segment", default="self")
+    a("--seed", type=int, default=0)
+    a("--force", type=_bool, nargs="?", const=True, default=False, help="overwrite out_dir/ckpt.pt")
+    a("--verify", type=_bool, nargs="?", const=True, default=True,
+      help="compare dense and upcycled logits on a random batch (default on)")
+    return p
+
+
+MODEL_FLAGS = ("n_experts", "top_k", "moe_layers", "router", "router_init_std", "router_noise", "gate_norm_lambda",
+               "n_shared_experts", "capacity_factor", "eval_capacity_factor", "drop_policy", "expert_impl",
+               "segment_len", "lory_first_segment")
+
+
+@torch.no_grad()
+def logit_difference(dense_model, moe_model, n_tokens=64, seed=0):
+    """Max |logits_moe - logits_dense| on a random batch (both in eval mode, fp32)."""
+    cfg = dense_model.config
+    T = min(n_tokens, moe_model.config.block_size, cfg.block_size)
+    if moe_model.config.router == "lory":
+        T = T // moe_model.config.segment_len * moe_model.config.segment_len or moe_model.config.segment_len
+    idx = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(seed))
+    was = dense_model.training, moe_model.training
+    dense_model.eval(), moe_model.eval()
+    a = dense_model(idx)[0].float()
+    b = moe_model(idx)[0].float()
+    dense_model.train(was[0]), moe_model.train(was[1])
+    return float((a - b).abs().max())
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    model_args = {k: getattr(args, k) for k in MODEL_FLAGS}
+    options = {"model_args": model_args, "granularity": args.granularity, "expansion_rate": args.expansion_rate,
+               "weight_scaling": args.weight_scaling, "expert_noise": args.expert_noise,
+               "shared_fraction": args.shared_fraction, "seed": args.seed}
+    try:
+        path, cfg, info = upcycle_checkpoint(args.ckpt, args.out_dir, options, force=args.force)
+    except (ValueError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    o = info["options"]
+    print(f"upcycled {os.path.abspath(ckpt_path(args.ckpt))} -> {path}")
+    print(f"  {info['method']}: layers {cfg.moe_layer_ids()}, {cfg.n_experts} experts "
+          f"(E'={o['expansion_rate']} x G={o['granularity']}, width {cfg.expert_hidden}) top-{cfg.top_k}, "
+          f"router {cfg.router} (init std {cfg.router_init_std}), shared {cfg.n_shared_experts}")
+    print(f"  weight scaling {o['weight_scaling']} (activation scale {o['activation_scale']:g}); "
+          f"function preserving: {o['function_preserving']}"
+          + (f" ({o['preservation_note']})" if o["preservation_note"] else ""))
+    if args.verify:
+        from checkpoint import load_model
+        moe, _ = load_model(path)
+        dense, _ = load_model(args.ckpt)
+        print(f"  {moe.num_params() / 1e6:.2f}M parameters ({moe.num_params(active=True) / 1e6:.2f}M active); "
+              f"max |logit diff| vs dense on a random batch: {logit_difference(dense, moe):.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
