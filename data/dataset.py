@@ -1,0 +1,147 @@
+"""
+Reading a prepared dataset (data/<name>/ made by data/<name>/prepare.py):
+
+    {split}.bin          uint16 token ids, documents back to back
+    {split}_index.npy    int64 (n_docs, 3): offset, length, domain id of each document
+    meta.json            tokenizer, vocab_size, eot_token, domains, ...
+
+TokenDataset draws nanoGPT-style random windows (get_batch) for training and fixed,
+seeded windows with the domain of every target token (fixed_batches) for evaluation.
+With batching="similarity" the train split is read from train_similarity.bin (the same
+documents in the order written by data/similarity.py: similar documents next to each other).
+"""
+import json
+import os
+
+import numpy as np
+import torch
+
+DATA_ROOT = os.path.dirname(os.path.abspath(__file__))
+BATCHINGS = ("random", "similarity")
+
+
+def prepare_hint(data_dir):
+    """The command that creates data_dir."""
+    name = os.path.basename(os.path.normpath(data_dir))
+    if os.path.exists(os.path.join(DATA_ROOT, name, "prepare.py")):
+        script = f"python data/{name}/prepare.py"
+        default = os.path.join(DATA_ROOT, name)
+        return script if os.path.abspath(data_dir) == default else f"{script} --out_dir={data_dir}"
+    return f"python data/multidomain/prepare.py --out_dir={data_dir}"
+
+
+def load_meta(data_dir):
+    """meta.json of a prepared dataset as a dict."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        what = "does not exist" if not os.path.isdir(data_dir) else "has no meta.json"
+        raise FileNotFoundError(f"dataset directory {data_dir} {what}: run `{prepare_hint(data_dir)}` first")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupt ({e.msg if hasattr(e, 'msg') else e}): rerun `{prepare_hint(data_dir)}`") from None
+    missing = [k for k in ("vocab_size", "domains") if k not in meta]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: rerun `{prepare_hint(data_dir)}`")
+    return meta
+
+
+def load_split(data_dir, split, meta=None):
+    """Validated (tokens memmap, index array) of {split}.bin / {split}_index.npy."""
+    meta = meta if meta is not None else load_meta(data_dir)
+    bin_path = os.path.join(data_dir, f"{split}.bin")
+    index_path = os.path.join(data_dir, f"{split}_index.npy")
+    hint = (f"run `python data/similarity.py --data_dir={data_dir}`" if split.endswith("_similarity")
+            else f"rerun `{prepare_hint(data_dir)}`")
+    for path in (bin_path, index_path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing: {hint}")
+    try:
+        index = np.load(index_path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{index_path} is corrupt ({e}): {hint}") from None
+    if index.ndim != 2 or index.shape[1] != 3 or len(index) == 0 or not np.issubdtype(index.dtype, np.integer):
+        raise ValueError(f"{index_path} is corrupt (expected a non-empty int (n_docs, 3) array, got "
+                         f"{index.dtype} {index.shape}): {hint}")
+    index = index.astype(np.int64)
+    size = os.path.getsize(bin_path)
+    offsets, lengths, domains = index[:, 0], index[:, 1], index[:, 2]
+    if size % 2 or size // 2 != offsets[-1] + lengths[-1]:
+        raise ValueError(f"{bin_path} is corrupt: {size} bytes, but {index_path} describes "
+                         f"{offsets[-1] + lengths[-1]} uint16 tokens: {hint}")
+    if offsets[0] != 0 or np.any(lengths <= 0) or np.any(offsets[1:] != offsets[:-1] + lengths[:-1]):
+        raise ValueError(f"{index_path} is corrupt: documents are not contiguous: {hint}")
+    if domains.min() < 0 or domains.max() >= len(meta["domains"]):
+        raise ValueError(f"{index_path} is corrupt: domain ids outside 0..{len(meta['domains']) - 1}: {hint}")
+    return np.memmap(bin_path, dtype=np.uint16, mode="r"), index
+
+
+class TokenDataset:
+    """One split of a prepared dataset.
+
+    len(ds) is the number of tokens. get_batch draws random windows; fixed_batches gives
+    deterministic evaluation windows plus the domain of each target token.
+    """
+
+    def __init__(self, data_dir, split, batching="random"):
+        if batching not in BATCHINGS:
+            raise ValueError(f"batching={batching!r} is not one of {', '.join(BATCHINGS)}")
+        if batching == "similarity" and split != "train":
+            raise ValueError(f"batching='similarity' applies to the train split only, not {split!r}")
+        self.data_dir, self.split, self.batching = data_dir, split, batching
+        self.meta = load_meta(data_dir)
+        self.file = split if batching == "random" else "train_similarity"
+        self.bin_path = os.path.join(data_dir, f"{self.file}.bin")
+        _, self.index = load_split(data_dir, self.file, self.meta)
+        self.n_tokens = int(self.index[-1, 0] + self.index[-1, 1])
+        self.offsets = np.ascontiguousarray(self.index[:, 0])
+        self.domain_names = list(self.meta["domains"])
+        self.n_domains = len(self.domain_names)
+
+    def __len__(self):
+        return self.n_tokens
+
+    def _tokens(self):
+        # a fresh memmap per batch, as in nanoGPT (a long-lived one keeps growing its resident pages)
+        return np.memmap(self.bin_path, dtype=np.uint16, mode="r")
+
+    def _check_block_size(self, block_size):
+        if block_size < 1 or self.n_tokens < block_size + 1:
+            raise ValueError(f"{self.bin_path} has {self.n_tokens} tokens, too few for block_size={block_size} "
+                             f"(need at least block_size+1): use a smaller block_size or prepare more data")
+
+    def _windows(self, starts, block_size):
+        """(x, y) int64 tensors (B, T) for windows starting at `starts`."""
+        idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(block_size + 1)
+        buf = torch.from_numpy(self._tokens()[idx].astype(np.int64))
+        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+
+    def sample_starts(self, batch_size, block_size, generator):
+        """Random window starts, drawn from `generator` (save its state to resume exactly)."""
+        self._check_block_size(block_size)
+        return torch.randint(self.n_tokens - block_size, (batch_size,), generator=generator).numpy()
+
+    def get_batch(self, batch_size, block_size, generator):
+        """Random windows: x = tokens[i:i+T], y = tokens[i+1:i+T+1], int64 (B, T) on the CPU."""
+        return self._windows(self.sample_starts(batch_size, block_size, generator), block_size)
+
+    def domain_of(self, positions):
+        """Domain id of each token position (any shape)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.size and (positions.min() < 0 or positions.max() >= self.n_tokens):
+            raise ValueError(f"token positions must lie in [0, {self.n_tokens})")
+        doc = np.searchsorted(self.offsets, positions, side="right") - 1
+        return self.index[doc, 2]
+
+    def fixed_batches(self, n_batches, batch_size, block_size, seed=1234):
+        """n_batches deterministic (x, y, domains_y) triples for evaluation; domains_y (B, T)
+        int64 is the domain of each target token. Depends only on the seed and the data."""
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for _ in range(n_batches):
+            starts = self.sample_starts(batch_size, block_size, gen)
+            x, y = self._windows(starts, block_size)
+            dom = self.domain_of(starts[:, None] + 1 + np.arange(block_size))
+            out.append((x, y, torch.from_numpy(dom)))
+        return out
