@@ -1,0 +1,392 @@
+"""
+The papers' findings in miniature: one function per experiment, each a handful
+of train.py runs on the default data that ends in a figure and a table.
+
+    python experiments.py list
+    python experiments.py upcycle_vs_scratch         # one experiment
+    python experiments.py all                        # the whole suite (about an hour on 2 CPU cores)
+    python experiments.py all --scale=gpu            # larger GPU-sized runs (more iterations and width)
+    python experiments.py router_order --smoke       # 3 iterations per run: checks the configs, not the claims
+
+Outputs: out/exp/<experiment>/{results.md, *.png} and one row per run in the
+table; runs whose final checkpoint already exists are reused (--fresh reruns).
+Every run starts from config/exp/base.py, the dense shape of config/dense_small.py.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join("out", "exp")
+BASE = "config/exp/base.py"
+MOE8 = ["--moe_layers=all", "--n_experts=8", "--top_k=2"]
+OPTS = {"smoke": False, "fresh": False, "scale": "cpu", "data_dir": ""}
+
+
+# ----------------------------------------------------------------------------- running
+
+def iters(n):
+    """Iteration budget: n on the CPU scale, 4n on GPU, 3 for a smoke test."""
+    return 3 if OPTS["smoke"] else (4 * n if OPTS["scale"] == "gpu" else n)
+
+
+def run(out_dir, *args):
+    """Train one run (train.py BASE args...) unless its final checkpoint exists."""
+    done = os.path.join(out_dir, "metrics.jsonl")
+    if not OPTS["fresh"] and os.path.exists(os.path.join(out_dir, "ckpt.pt")) and os.path.exists(done):
+        recs = read(out_dir)
+        want = [a for a in args if a.startswith("--max_iters=")]
+        if want and recs and any(r.get("iter") == int(want[-1].split("=")[1]) for r in recs):
+            print(f"  reuse {out_dir}")
+            return out_dir
+    extra = [f"--data_dir={OPTS['data_dir']}"] if OPTS["data_dir"] else []
+    if OPTS["smoke"]:   # a tiny model: checks that every run's configuration loads and trains
+        extra += ["--eval_interval=3", "--eval_iters=2", "--log_interval=1", "--warmup_iters=1", "--n_layer=2",
+                  "--n_embd=32", "--n_head=2", "--block_size=64", "--batch_size=2"]
+    if OPTS["scale"] == "gpu":
+        extra += ["--n_layer=8", "--n_embd=512", "--n_head=8", "--batch_size=32", "--block_size=512"]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), BASE, f"--out_dir={out_dir}", *args, *extra]
+    t0 = time.time()
+    print(f"  train {out_dir}: {' '.join(args)}", flush=True)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"error: run {out_dir} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+    last = [l for l in p.stdout.splitlines() if l.startswith("eval iter")][-1:]
+    print(f"    {last[0] if last else ''} ({time.time() - t0:.0f} s)", flush=True)
+    return out_dir
+
+
+def dense_base():
+    """The dense checkpoint every upcycling experiment starts from (600 iterations)."""
+    return run(os.path.join(OUT, "dense"), f"--max_iters={iters(600)}")
+
+
+def read(out_dir):
+    from train import read_metrics
+    return read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+
+
+def evals(out_dir):
+    return [r for r in read(out_dir) if r.get("split") == "eval"]
+
+
+def summary(out_dir, **extra):
+    """Final numbers of a run from its metrics.jsonl."""
+    recs = read(out_dir)
+    ev = [r for r in recs if r.get("split") == "eval"]
+    tr = [r for r in recs if r.get("split") == "train"]
+    tail = tr[len(tr) // 2:] or tr
+    row = {"run": os.path.basename(out_dir), "iters": ev[-1]["iter"], "val_loss": ev[-1]["val_loss"],
+           "val_loss_step0": ev[0]["val_loss"]}
+    if tail:
+        row["tok_per_s"] = float(np.median([r["tok_per_s"] for r in tail]))
+    moe = [r["moe"] for r in tail if "moe" in r]
+    if moe and "drop_rate" in moe[-1][0]:
+        row["drop_rate"] = float(np.mean([[l["drop_rate"] for l in m] for m in moe]))
+        row["max1_max2"] = float(np.mean([[l.get("max1_max2", float("nan")) for l in m] for m in moe]))
+        row["load_cv"] = float(np.mean([[l["load_cv"] for l in m] for m in moe]))
+    if ev and "expert_similarity" in ev[-1]:
+        row["expert_sim"] = float(np.mean(ev[-1]["expert_similarity"]))
+    row.update(extra)
+    return row
+
+
+def table(rows, columns=None):
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: (f"{v:.4f}" if abs(v) < 100 else f"{v:,.0f}") if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(name, title, rows, figures, finding, columns=None, t0=None):
+    out = os.path.join(OUT, name)
+    os.makedirs(out, exist_ok=True)
+    md = [f"# {title}", "", f"Command: `python experiments.py {name}`" + (" --scale=gpu" if OPTS["scale"] == "gpu" else ""),
+          f"Wall time: {time.time() - t0:.0f} s" if t0 else "", "", table(rows, columns), ""]
+    md += [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figures]
+    md += ["", finding, ""]
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(md))
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(table(rows, columns))
+    print(finding)
+    return rows
+
+
+def loss_figure(name, runs, path_name="loss.png", title=None):
+    """Val loss vs step of several runs (eval records)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    for label, d in runs:
+        ev = evals(d)
+        ax.plot([r["iter"] for r in ev], [r["val_loss"] for r in ev], marker="o", ms=3, label=label)
+    ax.set_xlabel("training step (after upcycling / start)")
+    ax.set_ylabel("val loss (nats/token)")
+    ax.set_title(title or name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = os.path.join(OUT, name, path_name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def bar_figure(name, rows, keys, path_name="bars.png", title=None):
+    """One panel per metric, one bar per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4), constrained_layout=True, squeeze=False)
+    labels = [r["run"] for r in rows]
+    for ax, k in zip(axes[0], keys):
+        vals = [r.get(k, float("nan")) for r in rows]
+        ax.bar(range(len(rows)), vals, color=[f"C{i}" for i in range(len(rows))])
+        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(k)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title or name)
+    path = os.path.join(OUT, name, path_name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- experiments
+
+def upcycle_vs_scratch():
+    """1. Skywork-MoE section 2 / Sparse Upcycling: at a small MoE budget the upcycled
+    model leads; with a budget of about 2x the dense model's cost, training from
+    scratch catches up. Dense base: 600 steps. Budgets: 200 and 1200 further steps."""
+    name, t0 = "upcycle_vs_scratch", time.time()
+    dense = dense_base()
+    rows = []
+    for budget in (200, 1200):
+        n = iters(budget)
+        sched = [f"--max_iters={n}", f"--eval_interval={max(n // 6, 1)}", "--warmup_iters=20"]
+        up = run(os.path.join(OUT, name, f"upcycled_{budget}"), f"--init_from={dense}", *MOE8, *sched,
+                 "--learning_rate=1.5e-3")
+        sc = run(os.path.join(OUT, name, f"scratch_{budget}"), *MOE8, *sched)
+        dc = run(os.path.join(OUT, name, f"dense_cont_{budget}"), f"--init_from={dense}", *sched,
+                 "--learning_rate=1.5e-3")
+        for d, method in ((up, "upcycled"), (sc, "moe_scratch"), (dc, "dense_continued")):
+            rows.append(summary(d, budget=budget, steps=n, method=method))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
+    for method in ("upcycled", "moe_scratch", "dense_continued"):
+        pts = [(r["budget"], r["val_loss"]) for r in rows if r["method"] == method]
+        ax.plot(*zip(*pts), marker="o", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("MoE-stage training steps (dense base: 600 steps)")
+    ax.set_ylabel("final val loss")
+    ax.set_title("Upcycling vs from scratch vs continued dense")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = os.path.join(OUT, name, "budgets.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    curves = loss_figure(name, [(f"{r['method']} {r['budget']}", os.path.join(OUT, name, r["run"]))
+                                for r in rows if r["budget"] == max(x["budget"] for x in rows)],
+                         title="val loss, largest budget")
+    small, big = [[r for r in rows if r["budget"] == b] for b in sorted({r["budget"] for r in rows})]
+    by = lambda rs, m: next(r["val_loss"] for r in rs if r["method"] == m)
+    finding = (f"Small budget: upcycled {by(small, 'upcycled'):.3f} vs scratch {by(small, 'moe_scratch'):.3f} vs "
+               f"dense {by(small, 'dense_continued'):.3f}; large budget: upcycled {by(big, 'upcycled'):.3f} vs "
+               f"scratch {by(big, 'moe_scratch'):.3f} vs dense {by(big, 'dense_continued'):.3f}.")
+    return write_results(name, "Upcycling vs training from scratch (Skywork-MoE)", rows, [path, curves], finding,
+                         ["method", "budget", "steps", "val_loss", "val_loss_step0", "tok_per_s", "expert_sim"], t0)
+
+
+def gate_norm():
+    """2. Skywork-MoE section 3.1: gating logit normalisation with lambda in
+    {off, 1, 2} sharpens the gates (Max1/Max2 up), on an upcycled 8x2 model with
+    capacity factor 1 so that drops are measurable."""
+    name, t0 = "gate_norm", time.time()
+    dense = dense_base()
+    n = iters(300)
+    rows = []
+    for lam in (None, 1.0, 2.0):
+        tag = "off" if lam is None else f"lambda{lam:g}"
+        d = run(os.path.join(OUT, name, tag), f"--init_from={dense}", *MOE8, f"--max_iters={n}",
+                f"--eval_interval={max(n // 6, 1)}", "--capacity_factor=1.0", "--learning_rate=1.5e-3",
+                "--warmup_iters=20", f"--gate_norm_lambda={lam}")
+        rows.append(summary(d, gate_norm_lambda=str(lam)))
+    fig = bar_figure(name, rows, ["max1_max2", "drop_rate", "val_loss"], title="Gating logit normalisation")
+    finding = ("Max1/Max2: " + ", ".join(f"{r['gate_norm_lambda']}: {r['max1_max2']:.2f}" for r in rows) +
+               "; drop rate: " + ", ".join(f"{r['drop_rate'] * 100:.1f}%" for r in rows) +
+               "; val loss: " + ", ".join(f"{r['val_loss']:.3f}" for r in rows) + ".")
+    return write_results(name, "Gating logit normalisation (Skywork-MoE eq. 6)", rows,
+                         [fig, loss_figure(name, [(r["run"], os.path.join(OUT, name, r["run"])) for r in rows])],
+                         finding, ["run", "max1_max2", "drop_rate", "load_cv", "val_loss"], t0)
+
+
+def adaptive_aux():
+    """3. Skywork-MoE section 3.2: adaptive per-layer auxiliary-loss coefficients
+    vs a fixed coefficient, from scratch with capacity factor 1 (drops)."""
+    name, t0 = "adaptive_aux", time.time()
+    n = iters(300)
+    common = [*MOE8, f"--max_iters={n}", f"--eval_interval={max(n // 6, 1)}", "--capacity_factor=1.0"]
+    rows = []
+    for tag, extra in (("fixed_1e-2", ["--aux_loss_coef=0.01"]), ("fixed_1e-3", ["--aux_loss_coef=0.001"]),
+                       ("adaptive", ["--adaptive_aux=True"])):
+        d = run(os.path.join(OUT, name, tag), *common, *extra)
+        row = summary(d)
+        last = [r for r in read(d) if "moe" in r][-1]
+        row["drop_per_layer"] = " ".join(f"{l['drop_rate'] * 100:.1f}" for l in last["moe"])
+        if "alpha" in last:
+            row["alpha_per_layer"] = " ".join(f"{a:.4f}" for a in last["alpha"])
+        rows.append(row)
+    fig = bar_figure(name, rows, ["drop_rate", "load_cv", "val_loss"], title="Adaptive vs fixed aux coefficient")
+    finding = ("Drop rate (mean of the second half): " + ", ".join(f"{r['run']} {r['drop_rate'] * 100:.1f}%" for r in rows)
+               + "; val loss: " + ", ".join(f"{r['val_loss']:.3f}" for r in rows) + ".")
+    return write_results(name, "Adaptive auxiliary-loss coefficients (Skywork-MoE section 3.2)", rows, [fig], finding,
+                         ["run", "drop_rate", "drop_per_layer", "alpha_per_layer", "load_cv", "val_loss"], t0)
+
+
+def router_order():
+    """4. Llama 3 meets MoE (topk-then-softmax) vs He et al. (softmax-then-topk with
+    weight scaling): loss right after upcycling and after training."""
+    name, t0 = "router_order", time.time()
+    dense = dense_base()
+    n = iters(300)
+    common = [f"--init_from={dense}", *MOE8, f"--max_iters={n}", f"--eval_interval={max(n // 6, 1)}",
+              "--learning_rate=1.5e-3", "--warmup_iters=20"]
+    rows = []
+    for tag, extra in (("topk_softmax", ["--router=topk_softmax"]),
+                       ("softmax_topk_exact", ["--router=softmax_topk", "--upcycle_weight_scaling=exact",
+                                               "--router_init_std=0.0"]),
+                       ("softmax_topk_megatron", ["--router=softmax_topk", "--upcycle_weight_scaling=megatron"]),
+                       ("softmax_topk_unscaled", ["--router=softmax_topk", "--upcycle_weight_scaling=none"])):
+        rows.append(summary(run(os.path.join(OUT, name, tag), *common, *extra)))
+    dense_loss = evals(dense)[-1]["val_loss"]
+    for r in rows:
+        r["dense_val_loss"] = dense_loss
+    fig = loss_figure(name, [(r["run"], os.path.join(OUT, name, r["run"])) for r in rows], title="Router gate order")
+    finding = (f"Dense val loss {dense_loss:.3f}. Right after upcycling: " +
+               ", ".join(f"{r['run']} {r['val_loss_step0']:.3f}" for r in rows) + "; after training: " +
+               ", ".join(f"{r['run']} {r['val_loss']:.3f}" for r in rows) + ".")
+    return write_results(name, "Router gate order after upcycling", rows, [fig], finding,
+                         ["run", "dense_val_loss", "val_loss_step0", "val_loss", "max1_max2"], t0)
+
+
+def fine_grained():
+    """5. He et al. (arXiv 2410.07524): fine-grained upcycling E'=4, G=2 (8 experts
+    of half width, top-2 = one virtual group) with and without weight scaling."""
+    name, t0 = "fine_grained", time.time()
+    dense = dense_base()
+    n = iters(300)
+    common = [f"--init_from={dense}", "--moe_layers=all", "--n_experts=8", "--top_k=2", "--upcycle_granularity=2",
+              f"--max_iters={n}", f"--eval_interval={max(n // 6, 1)}", "--learning_rate=1.5e-3", "--warmup_iters=20"]
+    rows = []
+    for tag, extra in (("exact_scaling", ["--upcycle_weight_scaling=exact"]),
+                       ("megatron_scaling", ["--upcycle_weight_scaling=megatron"]),
+                       ("no_scaling", ["--upcycle_weight_scaling=none"]),
+                       ("coarse_8x2", ["--upcycle_granularity=1"])):
+        rows.append(summary(run(os.path.join(OUT, name, tag), *common, *extra)))
+    fig = loss_figure(name, [(r["run"], os.path.join(OUT, name, r["run"])) for r in rows],
+                      title="Fine-grained upcycling E'4 G2")
+    finding = ("Right after upcycling: " + ", ".join(f"{r['run']} {r['val_loss_step0']:.3f}" for r in rows) +
+               "; after training: " + ", ".join(f"{r['run']} {r['val_loss']:.3f}" for r in rows) + ".")
+    return write_results(name, "Fine-grained upcycling and weight scaling (He et al.)", rows, [fig], finding,
+                         ["run", "val_loss_step0", "val_loss", "expert_sim", "tok_per_s"], t0)
+
+
+def lory():
+    """6. Lory: fully differentiable MoE (8 experts, segment 64) with similarity vs
+    random batching, against the dense model with the same active parameters and a
+    token-choice MoE with the same total, at equal steps. Lory runs use a 5% dense
+    warm-up. Reports per-domain loss and the causal loss without segment 1."""
+    name, t0 = "lory", time.time()
+    n = iters(600)
+    seg = 16 if OPTS["smoke"] else 64
+    common = [f"--max_iters={n}", f"--eval_interval={max(n // 6, 1)}"]
+    lory_args = ["--moe_layers=all", "--router=lory", "--n_experts=8", f"--segment_len={seg}",
+                 f"--dense_warmup_iters={max(n // 20, 1)}"]
+    runs = [("lory_similarity", [*lory_args, "--batching=similarity"]), ("lory_random", lory_args),
+            ("dense", []), ("moe_top2", MOE8)]
+    rows = []
+    from eval import evaluate_checkpoint
+    for tag, extra in runs:
+        d = run(os.path.join(OUT, name, tag), *common, *extra)
+        res = evaluate_checkpoint(d, skip_positions=seg, batches=4 if OPTS["smoke"] else 32)
+        row = summary(d, eval_val_loss=res["val_loss"])
+        if res.get("val_loss_from_pos"):
+            row["val_loss_no_seg1"] = res["val_loss_from_pos"]["loss"]
+        for dom, v in res["per_domain"].items():
+            row[f"ppl_{dom}"] = v["ppl"]
+        rows.append(row)
+        if tag == "lory_similarity":
+            from eval import make_plots
+            paths, _ = make_plots(d, result=res, out_dir=os.path.join(OUT, name, "plots_lory_similarity"))
+    doms = [k for k in rows[0] if k.startswith("ppl_")]
+    fig = bar_figure(name, rows, ["val_loss_no_seg1", "tok_per_s"] + doms[:2], title="Lory vs dense vs top-2 MoE")
+    finding = (f"Val loss over positions >= {seg} (causal for Lory): " +
+               ", ".join(f"{r['run']} {r.get('val_loss_no_seg1', float('nan')):.3f}" for r in rows) +
+               "; tokens/s: " + ", ".join(f"{r['run']} {r.get('tok_per_s', 0):,.0f}" for r in rows) + ".")
+    return write_results(name, "Lory: fully differentiable MoE (arXiv 2405.03133)", rows, [fig], finding,
+                         ["run", "eval_val_loss", "val_loss_no_seg1", *doms, "tok_per_s"], t0)
+
+
+def capacity():
+    """7. Llama 3 meets MoE: capacity factor 1 vs 2 vs dropless on an upcycled 8x2
+    model: loss and tokens/s."""
+    name, t0 = "capacity", time.time()
+    dense = dense_base()
+    n = iters(300)
+    common = [f"--init_from={dense}", *MOE8, f"--max_iters={n}", f"--eval_interval={max(n // 6, 1)}",
+              "--learning_rate=1.5e-3", "--warmup_iters=20"]
+    rows = []
+    for tag, cf in (("cf1", 1.0), ("cf2", 2.0), ("dropless", 0.0)):
+        rows.append(summary(run(os.path.join(OUT, name, tag), *common, f"--capacity_factor={cf}"), capacity_factor=cf))
+    fig = bar_figure(name, rows, ["val_loss", "drop_rate", "tok_per_s"], title="Capacity factor")
+    finding = ("Val loss: " + ", ".join(f"{r['run']} {r['val_loss']:.3f}" for r in rows) + "; drop rate: " +
+               ", ".join(f"{r['drop_rate'] * 100:.1f}%" for r in rows) + "; tokens/s: " +
+               ", ".join(f"{r['tok_per_s']:,.0f}" for r in rows) + ".")
+    return write_results(name, "Capacity factor (Llama 3 meets MoE)", rows, [fig], finding,
+                         ["run", "capacity_factor", "val_loss", "drop_rate", "tok_per_s"], t0)
+
+
+EXPERIMENTS = {f.__name__: f for f in (upcycle_vs_scratch, gate_norm, adaptive_aux, router_order, fine_grained,
+                                       lory, capacity)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("name", help="an experiment name, 'all' or 'list'")
+    p.add_argument("--smoke", action="store_true", help="3 iterations per run (checks configs, not claims)")
+    p.add_argument("--fresh", action="store_true", help="rerun even where a finished run exists")
+    p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--out", default=OUT, help="output root (default out/exp)")
+    p.add_argument("--data_dir", default="", help="data directory (default data/multidomain)")
+    a = p.parse_args(argv)
+    globals()["OUT"] = a.out
+    OPTS.update(smoke=a.smoke, fresh=a.fresh, scale=a.scale, data_dir=a.data_dir)
+    if a.name == "list":
+        for k, f in EXPERIMENTS.items():
+            print(f"{k:20s} {f.__doc__.strip().splitlines()[0]}")
+        return 0
+    if a.name != "all" and a.name not in EXPERIMENTS:
+        print(f"error: unknown experiment {a.name!r}; valid: all, list, {', '.join(EXPERIMENTS)}", file=sys.stderr)
+        return 2
+    names = list(EXPERIMENTS) if a.name == "all" else [a.name]
+    for n in names:
+        print(f"== {n}", flush=True)
+        EXPERIMENTS[n]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
