@@ -317,6 +317,11 @@ def lory():
                  f"--dense_warmup_iters={max(n // 20, 1)}"]
     runs = [("lory_similarity", [*lory_args, "--batching=similarity"]), ("lory_random", lory_args),
             ("dense", []), ("moe_top2", MOE8)]
+    data_dir = OPTS["data_dir"] or os.path.join(ROOT, "data", "multidomain")
+    if not os.path.exists(os.path.join(data_dir, "train_similarity.bin")):
+        from data.similarity import build
+        print("  building the similarity order (data/similarity.py)", flush=True)
+        build(data_dir)
     rows = []
     from eval import evaluate_checkpoint
     for tag, extra in runs:
