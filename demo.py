@@ -101,10 +101,10 @@ def write_report(runs, dense_dir, scale, elapsed):
             row[f"ppl {dom}"] = v["ppl"]
         recs = ev.load_metrics(d)
         tr = [r for r in recs if r.get("split") == "train"]
-        if tr:
-            row["tok/s"] = sorted(r["tok_per_s"] for r in tr)[len(tr) // 2]
+        if tr:   # median training throughput of the run
+            row["tok/s"] = int(sorted(r["tok_per_s"] for r in tr)[len(tr) // 2])
         first = [r for r in recs if r.get("split") == "eval"][0]
-        row["val_loss@0"] = first["val_loss"]
+        row["step-0 val loss (train.py eval)"] = first["val_loss"]
         rows.append(row)
         print(f"  {name}: val loss {res['val_loss']:.4f} (ppl {res['val_ppl']:.2f})", flush=True)
     dense_res = ev.evaluate_checkpoint(dense_dir)

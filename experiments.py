@@ -310,7 +310,7 @@ def lory():
     token-choice MoE with the same total, at equal steps. Lory runs use a 5% dense
     warm-up. Reports per-domain loss and the causal loss without segment 1."""
     name, t0 = "lory", time.time()
-    n = iters(600)
+    n = iters(400)
     seg = 16 if OPTS["smoke"] else 64
     common = [f"--max_iters={n}", f"--eval_interval={max(n // 6, 1)}"]
     lory_args = ["--moe_layers=all", "--router=lory", "--n_experts=8", f"--segment_len={seg}",
