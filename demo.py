@@ -46,7 +46,8 @@ def train(name, config, extra):
     if finished(out_dir, cfg["max_iters"]):
         print(f"  {out_dir} is finished; reusing it (--fresh to retrain)")
         return out_dir
-    cmd = [sys.executable, "-u", os.path.join(ROOT, "train.py"), config, f"--out_dir={out_dir}"] + extra
+    # an unfinished stage is retrained from the start (its partial checkpoint replaced)
+    cmd = [sys.executable, "-u", os.path.join(ROOT, "train.py"), config, f"--out_dir={out_dir}", "--overwrite=True"] + extra
     print("  $ " + " ".join(["python train.py", config, f"--out_dir={out_dir}"] + extra), flush=True)
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT)

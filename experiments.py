@@ -51,7 +51,7 @@ def run(out_dir, *args):
                   "--n_embd=32", "--n_head=2", "--block_size=64", "--batch_size=2"]
     if OPTS["scale"] == "gpu":
         extra += ["--n_layer=8", "--n_embd=512", "--n_head=8", "--batch_size=32", "--block_size=512"]
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), BASE, f"--out_dir={out_dir}", *args, *extra]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), BASE, f"--out_dir={out_dir}", "--overwrite=True", *args, *extra]
     t0 = time.time()
     print(f"  train {out_dir}: {' '.join(args)}", flush=True)
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -34,6 +34,7 @@ eval_interval = 100
 eval_iters = 20              # fixed val batches per evaluation
 log_interval = 10
 always_save_checkpoint = True  # save at every eval (needed for exact resume), not only on improvement
+overwrite = False            # a new run may replace an existing out_dir/ckpt.pt only with this set
 seed = 1337
 # data
 dataset = "multidomain"      # data/<dataset>/ (prepared by data/<dataset>/prepare.py)
@@ -325,7 +326,12 @@ def train(cfg):
             yield xb, yb
 
     # ---- model ----
-    os.makedirs(cfg["out_dir"], exist_ok=True) if master else None
+    if cfg["init_from"] != "resume" and os.path.exists(os.path.join(cfg["out_dir"], "ckpt.pt")) \
+            and not cfg["overwrite"]:
+        raise ConfigError(f"{cfg['out_dir']} already holds a checkpoint: continue it with --init_from=resume, "
+                          f"start over with --overwrite=True, or choose another --out_dir")
+    if master:
+        os.makedirs(cfg["out_dir"], exist_ok=True)
     iter_num, best_val_loss, ckpt = 0, 1e9, None
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
     target_args = model_args_from(cfg, vocab_size)

@@ -123,6 +123,17 @@ def test_kill_and_resume_is_exact(data_dir, tmp_path, extra):
         assert a["aux_coef"]["alpha"] == b["aux_coef"]["alpha"]
 
 
+def test_new_run_never_replaces_an_existing_checkpoint(data_dir, tmp_path):
+    out = str(tmp_path / "o")
+    run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2"])
+    before = sha(os.path.join(out, "ckpt.pt"))
+    p = run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2"], check=False)
+    assert p.returncode == 2 and "--overwrite=True" in p.stderr and "Traceback" not in p.stderr
+    assert sha(os.path.join(out, "ckpt.pt")) == before
+    run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=3", "--overwrite=True"])
+    assert state(out)["iter_num"] == 3
+
+
 def test_corrupt_checkpoint_is_clear_error(data_dir, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
