@@ -1,0 +1,327 @@
+"""
+Benchmark the expert kernels against the FLOP-matched dense SwiGLU FFN.
+
+    python bench.py                       # CPU or GPU defaults, E in {8, 16, 32, 64}
+    python bench.py --experts=8 --impls=grouped,loop --repeats=10
+    python bench.py --profile             # + a torch.profiler table of the first E
+    python bench.py --compile-only=90     # no GPU needed: compile the Triton kernels for
+                                          # sm_90, report registers / spills / pipelining
+
+For every E the MoE layer (T tokens, top-k of E experts of width d_ff_expert) does the
+same matmul FLOPs as a dense SwiGLU FFN of width k * d_ff_expert on the same T tokens:
+18 * T * k * d * d_ff_expert for forward + backward. The table gives the forward and
+forward+backward time of each path (gradients for x, gates and all weights; the
+dense FFN: for x and its weights), the ratio MoE / dense (1.0 is the physical limit:
+an MoE layer costing what its active FLOPs cost) and, on a GPU, achieved TFLOP/s.
+Routing is random uniform top-k (seeded), gates a softmax over the chosen k.
+
+Timing: each path is run `--warmup` times, then `--repeats` rounds in which every path
+runs once (interleaved, so a noisy neighbour hurts all paths alike); the median is
+reported (column n: rounds; a very slow path gets fewer, see --max_path_seconds).
+The Triton path on CPU only runs in the interpreter (seconds per launch): it is
+skipped there with a note.
+
+CPU note: on a machine shared with other busy processes, use --threads=1 as well.
+With 2 threads every parallel op can wait a scheduler slice for a descheduled
+worker thread, which penalises the MoE paths (more, smaller ops than the dense FFN)
+far beyond their compute cost; the load average is printed in the header.
+"""
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+
+def machine(device):
+    """One line naming the machine: CPU model / GPU name, torch, threads, triton."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    parts = [f"CPU {cpu} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"]
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        parts.insert(0, f"GPU {torch.cuda.get_device_name(device)} (sm_{cap[0]}{cap[1]})")
+    parts.append(f"torch {torch.__version__}")
+    if hasattr(os, "getloadavg"):   # other processes on the machine skew CPU timings
+        parts.append(f"1-min load average at start {os.getloadavg()[0]:.2f}")
+    try:
+        import triton
+        parts.append(f"triton {triton.__version__}")
+    except Exception:
+        parts.append("triton absent")
+    return "; ".join(parts)
+
+
+def make_impl(name, x, tok, ex, gates, w1, w3, w2):
+    """A callable running one MoE path (bench aliases: grouped_mm / grouped_padded /
+    grouped_slices force the grouped path's GEMM backend)."""
+    if name in ("grouped_mm", "grouped_slices", "grouped_padded"):
+        gemm = name.split("_", 1)[1] if name != "grouped_mm" else "grouped_mm"
+        return lambda: kernels.moe_ffn_grouped(x, tok, ex, gates, w1, w3, w2, gemm=gemm)
+    return lambda: kernels.moe_ffn(x, tok, ex, gates, w1, w3, w2, impl=name)
+
+
+def timer(device):
+    if device.type == "cuda":
+        def run(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3
+    else:
+        def run(fn):
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+    return run
+
+
+def bench_one(args, E, device, dtype, impls, notes):
+    """Time every path at one E. Returns rows (name, fwd s, fwd+bwd s, rounds)."""
+    T, d, h, k = args.tokens, args.d, args.d_ff_expert, args.k
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    std = 0.02
+
+    def param(*shape):
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype).requires_grad_()
+
+    x = torch.randn(T, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    gy = torch.randn(T, d, generator=g).to(device=device, dtype=dtype)
+    # MoE: random uniform top-k routing, softmax gates over the chosen k
+    topi = torch.rand(T, E, generator=g).topk(k, dim=-1).indices                # (T, k)
+    tok = torch.arange(T).repeat_interleave(k).to(device)                      # (A,)
+    ex = topi.reshape(-1).to(device)                                           # (A,)
+    gates = F.softmax(torch.randn(T, k, generator=g), -1).reshape(-1).to(device).requires_grad_()
+    w1, w3, w2 = param(E, h, d), param(E, h, d), param(E, d, h)
+    # dense SwiGLU of width k*h: the same active FLOPs
+    dw1, dw3, dw2 = param(k * h, d), param(k * h, d), param(d, k * h)
+
+    cases = {"dense": (lambda: kernels.swiglu(x, dw1, dw3, dw2), (x, dw1, dw3, dw2))}
+    for name in impls:
+        cases[name] = (make_impl(name, x, tok, ex, gates, w1, w3, w2), (x, gates, w1, w3, w2))
+
+    def fwd(fn):   # forward with autograd recording, as in training
+        return lambda: fn()
+
+    def fwd_bwd(fn, inputs):
+        return lambda: torch.autograd.grad(fn(), inputs, gy)
+
+    run = timer(device)
+    times = {n: ([], []) for n in cases}
+    rounds = {}
+    for name, (fn, inputs) in list(cases.items()):
+        try:
+            t = 0.0
+            for _ in range(max(args.warmup, 1)):
+                t = run(fwd_bwd(fn, inputs))
+        except Exception as e:   # a path that cannot run here: note it and go on
+            notes.append(f"E={E}: {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            del cases[name]
+            continue
+        # a very slow path (the loop at large E on CPU) gets fewer rounds
+        rounds[name] = max(1, min(args.repeats, int(args.max_path_seconds / max(t, 1e-9))))
+    for r in range(args.repeats):
+        for name, (fn, inputs) in cases.items():
+            if r < rounds[name]:
+                times[name][0].append(run(fwd(fn)))
+                times[name][1].append(run(fwd_bwd(fn, inputs)))
+    rows = [(n, statistics.median(times[n][0]), statistics.median(times[n][1]), rounds[n]) for n in cases]
+    if args.profile and E == args.experts[0]:
+        profile(cases, gy, device)
+    return rows
+
+
+def profile(cases, gy, device):
+    """Print where the time goes (torch.profiler, self time by op) for each path."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for name, (fn, inputs) in cases.items():
+        with tprofile(activities=acts) as prof:
+            for _ in range(3):
+                torch.autograd.grad(fn(), inputs, gy)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"\n--- profile: {name} (3 x forward+backward) ---")
+        print(prof.key_averages().table(sort_by=key, row_limit=12))
+
+
+def compile_report(arch, dtype="bf16", first_only=False, shape=(16384, 1024, 2816, 8)):
+    """Compile every Triton kernel variant and autotune config for sm_<arch> ahead of
+    time, without a GPU (Triton's bundled ptxas), and print registers, spills,
+    the MMA instruction and whether loads are pipelined (cp.async): the checks that
+    the CPU interpreter cannot make. Argument specialisation mimics a real launch
+    (pointers 16-byte aligned, ints divisible by 16 marked so, stride 1 constant).
+    Returns the number of variants compiled; raises on a compile error."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    K = kernels._triton_kernels()
+    T, d, h, E = shape
+    A = 2 * T
+    prec = "ieee" if dtype == "fp32" else "tf32"
+    target = GPUTarget("cuda", arch, 32)
+    idx = dict(tok_ptr="i64", perm_ptr="i64", blk_expert_ptr="i64", blk_start_ptr="i64", ends_ptr="i64",
+               starts_ptr="i64", gates_ptr="fp32")
+    nb = A // 128 + E
+    variants = [   # (kernel, pointer dtypes, int args (example values), constexprs)
+        ("gather_up_swiglu", dict(x_ptr=dtype, w1_ptr=dtype, w3_ptr=dtype, h1_ptr=dtype, h3_ptr=dtype, a_ptr=dtype),
+         dict(n_blocks_m=nb, N=h, K=d, stride_xt=d, stride_xk=1, stride_we=h * d, stride_wn=d, stride_wk=1,
+              stride_hm=h, stride_hn=1), dict(SAVE_PRE=True)),
+        ("gemm_gate_scatter", dict(a1_ptr=dtype, b1_ptr=dtype, a2_ptr=dtype, b2_ptr=dtype, out_ptr="fp32"),
+         dict(n_blocks_m=nb, N=d, K=h, stride_am=h, stride_ak=1, stride_be=h * d, stride_bk=1, stride_bn=h,
+              stride_ot=d, stride_on=1), dict(DUAL=False, SCALE=True)),
+        ("gemm_gate_scatter", dict(a1_ptr=dtype, b1_ptr=dtype, a2_ptr=dtype, b2_ptr=dtype, out_ptr="fp32"),
+         dict(n_blocks_m=nb, N=d, K=h, stride_am=h, stride_ak=1, stride_be=h * d, stride_bk=d, stride_bn=1,
+              stride_ot=d, stride_on=1), dict(DUAL=True, SCALE=False)),
+        ("gather_down_t_swiglu_bwd", dict(gy_ptr=dtype, w2_ptr=dtype, h1_ptr=dtype, h3_ptr=dtype, dh1_ptr=dtype,
+                                          dh3_ptr=dtype, dgp_ptr="fp32"),
+         dict(n_blocks_m=nb, N=h, K=d, A=A, stride_gt=d, stride_gk=1, stride_we=h * d, stride_wk=h, stride_wn=1,
+              stride_hm=h, stride_hn=1), dict(NEED_DG=True)),
+        ("expert_xty", dict(l1_ptr=dtype, l2_ptr=dtype, r_ptr=dtype, out1_ptr=dtype, out2_ptr=dtype),
+         dict(M=d, N=h, stride_lr=d, stride_lc=1, stride_rr=h, stride_rc=1, stride_oe=h * d, stride_om=h, stride_on=1),
+         dict(L_GATHER=True, L_SCALE=True, R_GATHER=False, DUAL=False)),
+        ("expert_xty", dict(l1_ptr=dtype, l2_ptr=dtype, r_ptr=dtype, out1_ptr=dtype, out2_ptr=dtype),
+         dict(M=h, N=d, stride_lr=h, stride_lc=1, stride_rr=d, stride_rc=1, stride_oe=h * d, stride_om=d, stride_on=1),
+         dict(L_GATHER=False, L_SCALE=False, R_GATHER=True, DUAL=True)),
+    ]
+    sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    n = 0
+    for name, ptrs, ints, consts in variants:
+        tuner = K[name]
+        fn = tuner.fn
+        cfgs = tuner.configs[:1] if first_only else tuner.configs
+        for cfg in cfgs:
+            sig, const, attrs = {}, dict(consts, PREC=prec, **cfg.kwargs), {}
+            if "BLOCK_M" in fn.arg_names and "BLOCK_M" not in const:
+                const["BLOCK_M"] = 128
+            for i, a in enumerate(fn.arg_names):
+                if a in ptrs or a in idx:
+                    sig[a] = "*" + (ptrs.get(a) or idx[a])
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+                elif a in ints and ints[a] == 1:
+                    sig[a], const[a] = "constexpr", 1
+                elif a in ints:
+                    sig[a] = "i32"
+                    if ints[a] % 16 == 0:
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+                else:
+                    sig[a] = "constexpr"
+            k = triton.compile(ASTSource(fn, sig, const, attrs), target=target,
+                               options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            ptx = k.asm["ptx"]
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(ptx)
+            log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm}", f.name, "-o", os.devnull],
+                                 capture_output=True, text=True, check=True).stderr
+            os.unlink(f.name)
+            regs = re.findall(r"Used (\d+) registers", log)
+            spill = re.findall(r"(\d+) bytes spill stores", log)
+            mma = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "no-mma")
+            flags = ",".join(f"{c}={v}" for c, v in consts.items())
+            print(f"sm_{arch} {dtype} {name:<25} {flags:<45} {str(cfg.kwargs):<52} w{cfg.num_warps} s{cfg.num_stages}: "
+                  f"regs {regs[0] if regs else '?'} spill {spill[0] if spill else '?'}B smem {k.metadata.shared} "
+                  f"{mma} {'pipelined' if 'cp.async' in ptx else 'NOT pipelined'}", flush=True)
+            n += 1
+    return n
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--tokens", type=int, default=None, help="T (CPU 4096, GPU 16384)")
+    p.add_argument("--d", type=int, default=None, help="model width (CPU 256, GPU 1024)")
+    p.add_argument("--d_ff_expert", type=int, default=None, help="expert hidden size (CPU 704, GPU 2816)")
+    p.add_argument("--k", type=int, default=2, help="experts per token")
+    p.add_argument("--experts", default="8,16,32,64", help="comma-separated E sweep")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (CPU float32, GPU bfloat16)")
+    p.add_argument("--impls", default=None,
+                   help="comma-separated: loop, grouped, triton, auto; bench-only aliases "
+                        "grouped_mm / grouped_padded / grouped_slices force the grouped GEMM backend "
+                        "(default: loop,grouped,triton; on a GPU also grouped_padded)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (CPU 5, GPU 20)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs per path (CPU 1, GPU 5)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--max_path_seconds", type=float, default=15.0,
+                   help="a path whose forward+backward takes t s gets only max(1, this / t) timed rounds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="torch.profiler table for the first E")
+    p.add_argument("--compile-only", default="", metavar="ARCH[,ARCH]",
+                   help="no timing: compile the Triton kernels for these compute capabilities (e.g. 90 or "
+                        "80,90) without a GPU and report registers / spills / pipelining")
+    p.add_argument("--compile-configs", default="all", choices=["all", "first"],
+                   help="with --compile-only: every autotune config, or the first of each kernel")
+    args = p.parse_args(argv)
+    if args.compile_only:
+        os.environ["TRITON_INTERPRET"] = "0"         # real compilation, GPU autotune configs
+        for arch in args.compile_only.split(","):
+            compile_report(int(arch), {"float32": "fp32", "float16": "fp16"}.get(args.dtype, "bf16"),
+                           first_only=args.compile_configs == "first")
+        return
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    defaults = dict(tokens=16384, d=1024, d_ff_expert=2816, dtype="bfloat16", repeats=20, warmup=5,
+                    impls="loop,grouped,grouped_padded,triton") if gpu else \
+        dict(tokens=4096, d=256, d_ff_expert=704, dtype="float32", repeats=5, warmup=1, impls="loop,grouped,triton")
+    for key, val in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, val)
+    args.experts = [int(e) for e in args.experts.split(",") if e.strip()]
+    dtype = getattr(torch, args.dtype)
+    impls, notes = [], []
+    for name in [s.strip() for s in args.impls.split(",") if s.strip()]:
+        if name == "triton" and not gpu:
+            notes.append("triton skipped: on CPU it runs only in the Triton interpreter (seconds per launch); "
+                         "its correctness is tested (tests/test_kernels.py), its speed needs a GPU")
+            continue
+        if name == "triton" and not kernels.triton_status()[0]:
+            notes.append(f"triton skipped: {kernels.triton_status()[1]}")
+            continue
+        impls.append(name)
+
+    T, d, h, k = args.tokens, args.d, args.d_ff_expert, args.k
+    flops = 18 * T * k * d * h                     # forward + backward matmul FLOPs (MoE = dense)
+    name, why = kernels.auto_impl(device, dtype)
+    print(f"machine: {machine(device)}")
+    print(f"shape: T={T} d={d} d_ff_expert={h} k={k} dtype={args.dtype}; dense FFN width k*d_ff_expert={k * h}; "
+          f"{flops / 1e9:.1f} GFLOP per forward+backward; median of n rounds")
+    print(f"auto -> {name} ({why})")
+    head = f"{'E':>3} {'path':<15} {'fwd ms':>9} {'fwd+bwd ms':>11} {'MoE/dense':>10} {'vs loop':>8} {'n':>3}"
+    print(head + (f" {'TFLOP/s':>8}" if gpu else ""))
+    for E in args.experts:
+        rows = bench_one(args, E, device, dtype, impls, notes)
+        fb = {n: t for n, _, t, _ in rows}
+        dense, loop = fb["dense"], fb.get("loop")
+        for n, tf, tfb, reps in rows:
+            line = (f"{E:>3} {n:<15} {tf * 1e3:>9.2f} {tfb * 1e3:>11.2f} {tfb / dense:>10.2f} "
+                    f"{(loop / tfb if loop else float('nan')):>8.2f} {reps:>3}")
+            print(line + (f" {flops / tfb / 1e12:>8.1f}" if gpu else ""), flush=True)
+    for n in notes:
+        print(f"note: {n}")
+
+
+if __name__ == "__main__":
+    main()
