@@ -22,7 +22,7 @@ demo: venv
 	$(PY) demo.py
 
 test: venv
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 clean:
 	rm -rf out
