@@ -4,6 +4,7 @@ Benchmark the expert kernels against the FLOP-matched dense SwiGLU FFN.
     python bench.py                       # CPU or GPU defaults, E in {8, 16, 32, 64}
     python bench.py --experts=8 --impls=grouped,loop --repeats=10
     python bench.py --profile             # + a torch.profiler table of the first E
+    python bench.py --model               # whole training steps: dense vs MoE vs FLOP-matched dense
     python bench.py --compile-only=90     # no GPU needed: compile the Triton kernels for
                                           # sm_90, report registers / spills / pipelining
 
@@ -246,8 +247,64 @@ def compile_report(arch, dtype="bf16", first_only=False, shape=(16384, 1024, 281
     return n
 
 
+def bench_model(args, device):
+    """Whole training steps (forward, backward, AdamW) of three models on one batch:
+    the dense model, the same shape with every FFN an 8-expert top-k MoE, and the dense
+    model whose FFN width equals the MoE's active width (k * expert width: the same
+    active FLOPs). Interleaved rounds, median ms/step; MFU on a known GPU."""
+    from model import GPT, GPTConfig
+    B, T = args.model_batch, args.model_block
+    base = dict(vocab_size=256, block_size=T, n_layer=4, n_head=4, n_embd=128)
+    if device.type == "cuda":
+        base.update(n_layer=8, n_head=8, n_embd=512)
+    h = GPTConfig(**base).ffn_hidden
+    configs = {"dense": dict(base), f"moe {args.model_experts}x{args.k} ({args.model_impl})":
+               dict(base, moe_layers="all", n_experts=args.model_experts, top_k=args.k, expert_impl=args.model_impl),
+               f"dense ffn={args.k * h} (FLOP-matched)": dict(base, ffn_hidden=args.k * h)}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randint(0, 256, (B, T), generator=g).to(device)
+    steps, times = {}, {}
+    for name, c in configs.items():
+        torch.manual_seed(args.seed)
+        m = GPT(GPTConfig(**c)).to(device)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+
+        def step(m=m, opt=opt):
+            with autocast:
+                _, loss, _ = m(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        steps[name], times[name] = (step, m), []
+    run = timer(device)
+    for _ in range(max(args.warmup or 1, 1)):
+        for step, _ in steps.values():
+            run(step)
+    for _ in range(args.repeats or 5):
+        for name, (step, _) in steps.items():
+            times[name].append(run(step))
+    print(f"machine: {machine(device)}")
+    print(f"training step: batch {B} x {T} tokens, AdamW; median of {args.repeats or 5} interleaved rounds")
+    print(f"{'model':<34} {'params':>8} {'active':>8} {'ms/step':>9} {'tok/s':>10} {'vs dense':>9} {'vs matched':>10}")
+    med = {n: statistics.median(t) for n, t in times.items()}
+    dense, matched = med["dense"], med[list(configs)[2]]
+    gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    for name, (_, m) in steps.items():
+        mfu = m.estimate_mfu(B * T, med[name], gpu_name)
+        print(f"{name:<34} {m.num_params() / 1e6:>7.2f}M {m.num_params(active=True) / 1e6:>7.2f}M "
+              f"{med[name] * 1e3:>9.1f} {B * T / med[name]:>10,.0f} {med[name] / dense:>9.2f} {med[name] / matched:>10.2f}"
+              + (f"  MFU {mfu * 100:.1f}%" if mfu is not None else ""))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="store_true",
+                   help="time whole training steps: dense vs MoE vs FLOP-matched dense (see bench_model)")
+    p.add_argument("--model_batch", type=int, default=8)
+    p.add_argument("--model_block", type=int, default=256)
+    p.add_argument("--model_experts", type=int, default=8)
+    p.add_argument("--model_impl", default="auto", help="expert kernel of the MoE model")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--tokens", type=int, default=None, help="T (CPU 4096, GPU 16384)")
     p.add_argument("--d", type=int, default=None, help="model width (CPU 256, GPU 1024)")
@@ -283,6 +340,8 @@ def main(argv=None):
     gpu = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model:
+        return bench_model(args, device)
     defaults = dict(tokens=16384, d=1024, d_ff_expert=2816, dtype="bfloat16", repeats=20, warmup=5,
                     impls="loop,grouped,grouped_padded,triton") if gpu else \
         dict(tokens=4096, d=256, d_ff_expert=704, dtype="float32", repeats=5, warmup=1, impls="loop,grouped,triton")
