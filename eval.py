@@ -710,17 +710,22 @@ def plot_expert_similarity(matrices, path, layer_ids=None, to_dense=None, figsiz
         if to_dense is not None and l < len(to_dense) and to_dense[l] is not None:
             t += f"\nto dense source: {np.mean(to_dense[l]):.3f}"
         ax.set_title(t, fontsize=9)
-        ticks = range(E) if E <= 16 else range(0, E, max(1, E // 8))
-        ax.set_xticks(ticks)
-        ax.set_yticks(ticks)
-        ax.set_xlabel("expert")
-        if l % cols == 0:
-            ax.set_ylabel("expert")
+        _expert_pair_axes(ax, E, first_col=l % cols == 0)
     for ax in axes[L:]:
         ax.set_visible(False)
     fig.suptitle("Expert weight cosine similarity (mean = off-diagonal mean)")
     fig.colorbar(im, ax=list(axes[:L]), shrink=0.8, aspect=30, label="cosine similarity")
     return _save(fig, path)
+
+
+def _expert_pair_axes(ax, E, first_col):
+    """Ticks and labels of an (E, E) expert x expert panel."""
+    ticks = range(E) if E <= 16 else range(0, E, max(1, E // 8))
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_xlabel("expert")
+    if first_col:
+        ax.set_ylabel("expert")
 
 
 def plot_coactivation(matrices, path, layer_ids=None, figsize=None, dpi=100):
@@ -745,12 +750,7 @@ def plot_coactivation(matrices, path, layer_ids=None, figsize=None, dpi=100):
         if E <= 8:
             _annotate(ax, im, M)
         ax.set_title(_layer_label(layer_ids, l), fontsize=10)
-        ticks = range(E) if E <= 16 else range(0, E, max(1, E // 8))
-        ax.set_xticks(ticks)
-        ax.set_yticks(ticks)
-        ax.set_xlabel("expert")
-        if l % cols == 0:
-            ax.set_ylabel("expert")
+        _expert_pair_axes(ax, E, first_col=l % cols == 0)
     for ax in axes[L:]:
         ax.set_visible(False)
     fig.suptitle("Expert co-activation: fraction of tokens routed to both (diagonal blank)")

@@ -125,6 +125,14 @@ def routing_stats(logits, probs, tokens_per_expert, n_dropped, n_assign):
     return stats
 
 
+def init_router_weight(weight, std):
+    """A new router: normal(0, std), or zeros when std <= 0 (all experts tie)."""
+    if std > 0:
+        nn.init.normal_(weight, std=std)
+    else:
+        nn.init.zeros_(weight)
+
+
 # -----------------------------------------------------------------------------
 
 class Router(nn.Module):
@@ -154,10 +162,7 @@ class Router(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        if self.init_std > 0:
-            nn.init.normal_(self.weight, std=self.init_std)
-        else:
-            nn.init.zeros_(self.weight)
+        init_router_weight(self.weight, self.init_std)
 
     def gate_logits(self, x):
         """x: (T, d) -> raw router logits z (T, E) in fp32."""
@@ -268,10 +273,7 @@ class SegmentRouter(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        if self.init_std > 0:
-            nn.init.normal_(self.weight, std=self.init_std)
-        else:
-            nn.init.zeros_(self.weight)
+        init_router_weight(self.weight, self.init_std)
 
     def _weights(self, h_mean, detach_router=False):
         w = self.weight.detach() if detach_router else self.weight
