@@ -364,8 +364,33 @@ def capacity():
                          ["run", "capacity_factor", "val_loss", "drop_rate", "tok_per_s"], t0)
 
 
+def routers():
+    """8. Every router type from scratch on the same 8x2 shape, capacity factor 1.25:
+    what their statistics look like after a short run (load balance, drops,
+    sharpness, entropy)."""
+    name, t0 = "routers", time.time()
+    n = iters(200)
+    common = [*MOE8, f"--max_iters={n}", f"--eval_interval={max(n // 4, 1)}", "--capacity_factor=1.25"]
+    rows = []
+    for tag, extra in (("topk_softmax", []), ("softmax_topk", ["--router=softmax_topk"]),
+                       ("sigmoid_auxfree", ["--router=sigmoid", "--aux_loss=none"]),
+                       ("expert_choice", ["--router=expert_choice", "--capacity_factor=1.0"]),
+                       ("noisy_topk", ["--router_noise=True"]),
+                       ("topk_lambda1", ["--gate_norm_lambda=1.0"])):
+        d = run(os.path.join(OUT, name, tag), *common, *extra)
+        row = summary(d)
+        last = [r for r in read(d) if "moe" in r][-1]["moe"]
+        row["gate_entropy"] = float(np.mean([l["gate_entropy"] for l in last]))
+        rows.append(row)
+    fig = bar_figure(name, rows, ["load_cv", "drop_rate", "max1_max2", "val_loss"], title="Router types")
+    finding = "; ".join(f"{r['run']}: load CV {r['load_cv']:.2f}, drop {r['drop_rate'] * 100:.1f}%, "
+                        f"Max1/Max2 {r['max1_max2']:.2f}, val {r['val_loss']:.3f}" for r in rows) + "."
+    return write_results(name, "Router types after a short run", rows, [fig], finding,
+                         ["run", "load_cv", "drop_rate", "max1_max2", "gate_entropy", "val_loss", "tok_per_s"], t0)
+
+
 EXPERIMENTS = {f.__name__: f for f in (upcycle_vs_scratch, gate_norm, adaptive_aux, router_order, fine_grained,
-                                       lory, capacity)}
+                                       lory, capacity, routers)}
 
 
 def main(argv=None):

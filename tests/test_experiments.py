@@ -27,7 +27,8 @@ def test_all_experiments_smoke(tmp_path):
                         f"--data_dir={data}"], cwd=ROOT, capture_output=True, text=True, timeout=1200,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    for name in ("upcycle_vs_scratch", "gate_norm", "adaptive_aux", "router_order", "fine_grained", "lory", "capacity"):
+    for name in ("upcycle_vs_scratch", "gate_norm", "adaptive_aux", "router_order", "fine_grained", "lory", "capacity",
+                 "routers"):
         rows = json.load(open(os.path.join(out, name, "results.json")))
         assert rows and all("val_loss" in r for r in rows), name
         assert os.path.getsize(os.path.join(out, name, "results.md")) > 100
