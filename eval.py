@@ -691,13 +691,7 @@ def plot_expert_similarity(matrices, path, layer_ids=None, to_dense=None, figsiz
     off-diagonal value, so that small differences stay visible."""
     if matrices is None or len(matrices) == 0:
         return None
-    Ms = [np.asarray(m, dtype=float) for m in matrices]
-    L, E = len(Ms), Ms[0].shape[0]
-    rows, cols = _grid(L)
-    side = max(2.8, 0.32 * E + 1.4)
-    figsize = figsize or (side * cols + 1.4, (side + 0.5) * rows + 0.6)
-    fig = _figure(figsize, dpi)
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    Ms, L, E, cols, fig, axes = _pair_grid(matrices, figsize, dpi, title_pad=0.5, extra_h=0.6)
     off_min = min(float(m[~np.eye(E, dtype=bool)].min()) if E > 1 else 1.0 for m in Ms)
     lo = min(math.floor(off_min * 20) / 20, 0.95)
     for l, M in enumerate(Ms):
@@ -718,6 +712,19 @@ def plot_expert_similarity(matrices, path, layer_ids=None, to_dense=None, figsiz
     return _save(fig, path)
 
 
+def _pair_grid(matrices, figsize, dpi, title_pad, extra_h):
+    """A grid of square panels, one per layer, for (E, E) expert x expert matrices.
+    Returns (matrices as float arrays, L, E, columns, figure, flat axes)."""
+    Ms = [np.asarray(m, dtype=float) for m in matrices]
+    L, E = len(Ms), Ms[0].shape[0]
+    rows, cols = _grid(L)
+    side = max(2.8, 0.32 * E + 1.4)
+    figsize = figsize or (side * cols + 1.4, (side + title_pad) * rows + extra_h)
+    fig = _figure(figsize, dpi)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    return Ms, L, E, cols, fig, axes
+
+
 def _expert_pair_axes(ax, E, first_col):
     """Ticks and labels of an (E, E) expert x expert panel."""
     ticks = range(E) if E <= 16 else range(0, E, max(1, E // 8))
@@ -733,13 +740,7 @@ def plot_coactivation(matrices, path, layer_ids=None, figsize=None, dpi=100):
     experts i and j together (diagonal: fraction of tokens that use i)."""
     if matrices is None or len(matrices) == 0:
         return None
-    Ms = [np.asarray(m, dtype=float) for m in matrices]
-    L, E = len(Ms), Ms[0].shape[0]
-    rows, cols = _grid(L)
-    side = max(2.8, 0.32 * E + 1.4)
-    figsize = figsize or (side * cols + 1.4, (side + 0.3) * rows + 0.8)
-    fig = _figure(figsize, dpi)
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    Ms, L, E, cols, fig, axes = _pair_grid(matrices, figsize, dpi, title_pad=0.3, extra_h=0.8)
     # the diagonal (fraction of tokens using i) is the load, shown elsewhere; blank it
     # so the pair structure gets the whole colour range
     Ms = [np.where(np.eye(E, dtype=bool), np.nan, M) for M in Ms]

@@ -136,11 +136,15 @@ def parse_config(argv, defaults=DEFAULTS):
                 raise ConfigError(f"config file {arg} not found (expected a .py file under config/ or --key=value)")
             scope = {}
 
-            def include(name, _dir=os.path.dirname(os.path.abspath(arg))):
-                """Run a sibling config file first (config files build on each other)."""
-                exec(open(os.path.join(_dir, name)).read(), {"include": include}, scope)
+            def run_file(path):
+                """Run a config file into scope; include(name) inside it runs another
+                config file first, relative to the including file (configs build on
+                each other)."""
+                here = os.path.dirname(os.path.abspath(path))
+                include = lambda name: run_file(os.path.join(here, name))   # noqa: E731
+                exec(open(path).read(), {"include": include}, scope)
             try:
-                exec(open(arg).read(), {"include": include}, scope)
+                run_file(arg)
             except Exception as e:
                 raise ConfigError(f"config file {arg} failed to run: {type(e).__name__}: {e}") from None
             for k, v in scope.items():
