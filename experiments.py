@@ -62,6 +62,13 @@ def run(out_dir, *args):
     return out_dir
 
 
+def upcycled_8x2(dense, n):
+    """Online upcycling of the dense base to 8 experts top-2 with the warm-restart
+    schedule every upcycling experiment uses (peak a little below the dense peak)."""
+    return [f"--init_from={dense}", *MOE8, f"--max_iters={n}", f"--eval_interval={max(n // 6, 1)}",
+            "--learning_rate=1.5e-3", "--warmup_iters=20"]
+
+
 def dense_base():
     """The dense checkpoint every upcycling experiment starts from (600 iterations)."""
     return run(os.path.join(OUT, "dense"), f"--max_iters={iters(600)}")
@@ -220,9 +227,8 @@ def gate_norm():
     rows = []
     for lam in (None, 1.0, 2.0):
         tag = "off" if lam is None else f"lambda{lam:g}"
-        d = run(os.path.join(OUT, name, tag), f"--init_from={dense}", *MOE8, f"--max_iters={n}",
-                f"--eval_interval={max(n // 6, 1)}", "--capacity_factor=1.0", "--learning_rate=1.5e-3",
-                "--warmup_iters=20", f"--gate_norm_lambda={lam}")
+        d = run(os.path.join(OUT, name, tag), *upcycled_8x2(dense, n), "--capacity_factor=1.0",
+                f"--gate_norm_lambda={lam}")
         rows.append(summary(d, gate_norm_lambda=str(lam)))
     fig = bar_figure(name, rows, ["max1_max2", "drop_rate", "val_loss"], title="Gating logit normalisation")
     finding = ("Max1/Max2: " + ", ".join(f"{r['gate_norm_lambda']}: {r['max1_max2']:.2f}" for r in rows) +
@@ -262,8 +268,7 @@ def router_order():
     name, t0 = "router_order", time.time()
     dense = dense_base()
     n = iters(300)
-    common = [f"--init_from={dense}", *MOE8, f"--max_iters={n}", f"--eval_interval={max(n // 6, 1)}",
-              "--learning_rate=1.5e-3", "--warmup_iters=20"]
+    common = upcycled_8x2(dense, n)
     rows = []
     for tag, extra in (("topk_softmax", ["--router=topk_softmax"]),
                        ("softmax_topk_exact", ["--router=softmax_topk", "--upcycle_weight_scaling=exact",
@@ -351,8 +356,7 @@ def capacity():
     name, t0 = "capacity", time.time()
     dense = dense_base()
     n = iters(300)
-    common = [f"--init_from={dense}", *MOE8, f"--max_iters={n}", f"--eval_interval={max(n // 6, 1)}",
-              "--learning_rate=1.5e-3", "--warmup_iters=20"]
+    common = upcycled_8x2(dense, n)
     rows = []
     for tag, cf in (("cf1", 1.0), ("cf2", 2.0), ("dropless", 0.0)):
         rows.append(summary(run(os.path.join(OUT, name, tag), *common, f"--capacity_factor={cf}"), capacity_factor=cf))
