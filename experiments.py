@@ -74,6 +74,14 @@ def dense_base():
     return run(os.path.join(OUT, "dense"), f"--max_iters={iters(600)}")
 
 
+def ensure_data():
+    """Prepare the default data (data/multidomain, ~4 s, offline) on first use."""
+    if OPTS["data_dir"] or os.path.exists(os.path.join(ROOT, "data", "multidomain", "meta.json")):
+        return
+    print("  preparing data/multidomain (first use)", flush=True)
+    subprocess.run([sys.executable, os.path.join(ROOT, "data", "multidomain", "prepare.py")], cwd=ROOT, check=True)
+
+
 def read(out_dir):
     from train import read_metrics
     return read_metrics(os.path.join(out_dir, "metrics.jsonl"))
@@ -416,9 +424,12 @@ def main(argv=None):
         print(f"error: unknown experiment {a.name!r}; valid: all, list, {', '.join(EXPERIMENTS)}", file=sys.stderr)
         return 2
     names = list(EXPERIMENTS) if a.name == "all" else [a.name]
+    ensure_data()
+    t0 = time.time()
     for n in names:
         print(f"== {n}", flush=True)
         EXPERIMENTS[n]()
+    print(f"done: {', '.join(names)} in {time.time() - t0:.0f} s", flush=True)
     return 0
 
 
