@@ -24,5 +24,8 @@ demo: venv
 test: venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
+experiments: venv
+	$(PY) experiments.py all
+
 clean:
 	rm -rf out

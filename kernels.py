@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 IMPL_ENV = "MOE_KERNEL_IMPL"      # overrides impl="auto" (tests force paths with it)
-tl = _block_coords = None         # set by _triton_kernels() on first use of the Triton path
+tl = _block_tile = None           # set by _triton_kernels() on first use of the Triton path
 
 
 def swiglu(x, w1, w3, w2):
@@ -291,10 +291,10 @@ def _triton_kernels():
     multiplies by the gate and atomically adds into the fp32 output rows (gate and
     scatter fused into the epilogue). All products accumulate in fp32.
     """
-    # `tl` and the helper _block_coords become module globals (set here, on first use):
+    # `tl` and the helper _block_tile become module globals (set here, on first use):
     # Triton's interpreter re-executes kernel source against the module's globals
     # and does not see closure variables.
-    global tl, _block_coords
+    global tl, _block_tile
     import triton
     import triton.language as tl
 
@@ -320,19 +320,25 @@ def _triton_kernels():
                 for bn, bk, w, s in tiles]
 
     @triton.jit
-    def _block_coords(pid, n_blocks_m, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      GROUP_M: tl.constexpr):
-        """Grouped ("swizzled") launch order, as in the Triton matmul tutorial:
-        GROUP_M consecutive row blocks sweep the column tiles together, so the
-        expert's weight tiles stay in L2."""
+    def _block_tile(pid, n_blocks_m, N, blk_expert_ptr, blk_start_ptr, ends_ptr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """The tile a "row" kernel program owns: BLOCK_M sorted assignments of expert e
+        (rows, rmask) times BLOCK_N output columns (cols, cmask). e < 0 marks an unused
+        trailing block; the caller returns at once. Programs are launched in grouped
+        ("swizzled") order, as in the Triton matmul tutorial: GROUP_M consecutive row
+        blocks sweep the column tiles together, so the expert's weight tiles stay in L2."""
         n_blocks_n = tl.cdiv(N, BLOCK_N)
         per_group = GROUP_M * n_blocks_n
-        group = pid // per_group
-        first_m = group * GROUP_M
+        first_m = (pid // per_group) * GROUP_M
         size_m = tl.minimum(n_blocks_m - first_m, GROUP_M)
         pid_m = first_m + (pid % per_group) % size_m
         pid_n = (pid % per_group) // size_m
-        return pid_m, pid_n
+        e = tl.load(blk_expert_ptr + pid_m)
+        start = tl.load(blk_start_ptr + pid_m)
+        end = tl.load(ends_ptr + tl.maximum(e, 0))                      # (e < 0: any valid read)
+        rows = start + tl.arange(0, BLOCK_M)                            # sorted positions
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        return e, pid_n, rows, rows < end, cols, cols < N
 
     @triton.autotune(configs=configs("acc2"), key=["N", "K", "BLOCK_M"])
     @triton.jit
@@ -346,17 +352,11 @@ def _triton_kernels():
             h1 = x[tok] @ W1[e]^T, h3 = x[tok] @ W3[e]^T   (BLOCK_M, BLOCK_N) tiles of (A, h)
             a  = silu(h1) * h3                             SwiGLU in the epilogue
         x rows are gathered inside the loads (never materialised in sorted order)."""
-        pid_m, pid_n = _block_coords(tl.program_id(0), n_blocks_m, N, BLOCK_M, BLOCK_N, GROUP_M)
-        e = tl.load(blk_expert_ptr + pid_m)
+        e, pid_n, rows, rmask, cols, cmask = _block_tile(tl.program_id(0), n_blocks_m, N, blk_expert_ptr,
+                                                         blk_start_ptr, ends_ptr, BLOCK_M, BLOCK_N, GROUP_M)
         if e < 0:                                    # unused trailing block
             return
-        start = tl.load(blk_start_ptr + pid_m)
-        end = tl.load(ends_ptr + e)
-        rows = start + tl.arange(0, BLOCK_M)                            # sorted positions
-        rmask = rows < end
         tok = tl.load(tok_ptr + rows, mask=rmask, other=0)              # token row of each
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                  # hidden units
-        cmask = cols < N
         ks = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + tok[:, None] * stride_xt + ks[None, :] * stride_xk          # (BM, BK)
         w_off = e.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk  # (BK, BN)
@@ -393,16 +393,10 @@ def _triton_kernels():
         Forward GEMM 2: A1 = a, B1 = W2^T, SCALE.   Backward dX: A1 = dh1, B1 = W1,
         A2 = dh3, B2 = W3 (DUAL), no gate. Rows of one token come from different
         programs, so they meet in atomic adds (fp32; order-dependent for >2 terms)."""
-        pid_m, pid_n = _block_coords(tl.program_id(0), n_blocks_m, N, BLOCK_M, BLOCK_N, GROUP_M)
-        e = tl.load(blk_expert_ptr + pid_m)
+        e, pid_n, rows, rmask, cols, cmask = _block_tile(tl.program_id(0), n_blocks_m, N, blk_expert_ptr,
+                                                         blk_start_ptr, ends_ptr, BLOCK_M, BLOCK_N, GROUP_M)
         if e < 0:
             return
-        start = tl.load(blk_start_ptr + pid_m)
-        end = tl.load(ends_ptr + e)
-        rows = start + tl.arange(0, BLOCK_M)
-        rmask = rows < end
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < N
         ks = tl.arange(0, BLOCK_K)
         a_off = rows[:, None].to(tl.int64) * stride_am + ks[None, :] * stride_ak   # (BM, BK)
         b_off = e.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
@@ -441,17 +435,11 @@ def _triton_kernels():
             dgate partial = sum_n u * a,  a = silu(h1) * h3   (one partial per column tile)
             da  = gate * u
             dh1 = da * h3 * silu'(h1),  dh3 = da * silu(h1)     stored in sorted order."""
-        pid_m, pid_n = _block_coords(tl.program_id(0), n_blocks_m, N, BLOCK_M, BLOCK_N, GROUP_M)
-        e = tl.load(blk_expert_ptr + pid_m)
+        e, pid_n, rows, rmask, cols, cmask = _block_tile(tl.program_id(0), n_blocks_m, N, blk_expert_ptr,
+                                                         blk_start_ptr, ends_ptr, BLOCK_M, BLOCK_N, GROUP_M)
         if e < 0:
             return
-        start = tl.load(blk_start_ptr + pid_m)
-        end = tl.load(ends_ptr + e)
-        rows = start + tl.arange(0, BLOCK_M)
-        rmask = rows < end
         tok = tl.load(tok_ptr + rows, mask=rmask, other=0)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < N
         ks = tl.arange(0, BLOCK_K)
         g_ptrs = gy_ptr + tok[:, None] * stride_gt + ks[None, :] * stride_gk           # (BM, BK)
         w_off = e.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
