@@ -4,7 +4,7 @@ of train.py runs on the default data that ends in a figure and a table.
 
     python experiments.py list
     python experiments.py upcycle_vs_scratch         # one experiment
-    python experiments.py all                        # the whole suite (about an hour on 2 CPU cores)
+    python experiments.py all                        # the whole suite (48 min on 2 quiet CPU cores)
     python experiments.py all --scale=gpu            # larger GPU-sized runs (more iterations and width)
     python experiments.py router_order --smoke       # 3 iterations per run: checks the configs, not the claims
 
