@@ -59,7 +59,20 @@ def load_checkpoint(path, map_location="cpu"):
                               f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint written by this project (format {FORMAT!r} expected)")
+    if not isinstance(ckpt["model"], dict) or not isinstance(ckpt.get("model_args"), dict):
+        raise CheckpointError(f"{path} is damaged: its 'model' weights or 'model_args' are missing "
+                              f"(retrain it, or point at another checkpoint)")
     return ckpt
+
+
+def load_weights(model, state_dict, path):
+    """model.load_state_dict with a one-line CheckpointError naming the first
+    missing, unexpected or mis-shaped tensor."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        detail = next((l.strip() for l in str(e).splitlines()[1:] if l.strip()), str(e).splitlines()[0])
+        raise CheckpointError(f"{ckpt_path(path)} does not match the model it describes: {detail[:300]}") from None
 
 
 def file_sha256(path):
@@ -75,5 +88,5 @@ def load_model(path, device="cpu"):
     from model import GPT, GPTConfig
     ckpt = load_checkpoint(path, map_location=device)
     model = GPT(GPTConfig.from_dict(ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], path)
     return model.to(device), ckpt

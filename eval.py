@@ -393,6 +393,8 @@ def evaluate_checkpoint(ckpt_dir, batches=DEFAULT_BATCHES, batch_size=DEFAULT_BA
         T -= T % model.config.segment_len
     if skip_positions is None:
         skip_positions = model.config.segment_len if kind == "lory" else 0
+    if not 0 <= skip_positions < T:
+        raise EvalError(f"skip_positions={skip_positions} must be in 0..{T - 1} (the eval windows are {T} tokens)")
     if eval_capacity_factor is not None:
         for _, ffn in model.moe_layers():
             if hasattr(ffn.router, "eval_capacity_factor"):
@@ -1056,8 +1058,15 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.batches <= 0 or args.batch_size <= 0:
         raise EvalError("--batches and --batch_size must be positive")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(args.device).type
+    except RuntimeError:
+        raise EvalError(f"--device={args.device} is not a torch device (use cpu, cuda, cuda:N or mps)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
         raise EvalError(f"--device={args.device}: CUDA is not available on this machine (use --device=cpu)")
+    if args.sample and (args.max_new_tokens < 0 or not args.temperature > 0 or (args.top_k is not None and args.top_k < 1)):
+        raise EvalError(f"--sample needs --max_new_tokens >= 0, --temperature > 0 and --top_k >= 1 (got "
+                        f"{args.max_new_tokens}, {args.temperature}, {args.top_k})")
     if args.compare:
         out = args.out or os.path.join("out", "compare")
         table, pngs = compare_runs(args.compare, out, evaluate=args.eval, batches=args.batches,
@@ -1102,7 +1111,7 @@ def cli(argv=None):
     except (EvalError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:   # missing files, an output path that is a file, bad data
         print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
         return 2
 

@@ -28,8 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import merged_ffn, moe_ffn, swiglu
+from kernels import IMPLS, merged_ffn, moe_ffn, swiglu
 from router import DROP_POLICIES, ROUTERS, Router, SegmentRouter
+
+EXPERT_IMPLS = ("auto", *IMPLS)   # kernels.moe_ffn paths
 
 
 @dataclass
@@ -91,6 +93,8 @@ class GPTConfig:
             return
         if self.router not in ROUTERS:
             bad(f"unknown router {self.router!r}; valid: {', '.join(ROUTERS)}")
+        if self.expert_impl not in EXPERT_IMPLS:
+            bad(f"unknown expert_impl {self.expert_impl!r}; valid: {', '.join(EXPERT_IMPLS)}")
         if self.n_experts < 1:
             bad(f"n_experts={self.n_experts} must be >= 1")
         if self.expert_hidden <= 0:

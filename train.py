@@ -118,8 +118,10 @@ def parse_config(argv, defaults=DEFAULTS):
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"unknown config key '{key}' in {where}{hint}")
         want = defaults[key]
-        if key in OPTIONAL_FLOATS and (value is None or isinstance(value, (int, float))) and not isinstance(value, bool):
-            return None if value is None else float(value)
+        if key in OPTIONAL_FLOATS:
+            if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+                return None if value is None else float(value)
+            raise ConfigError(f"config key '{key}' expects a number or None, got {value!r} in {where}")
         if isinstance(want, bool) or isinstance(value, bool):
             if type(value) is not type(want):
                 raise ConfigError(f"config key '{key}' expects {type(want).__name__}, got {value!r} in {where}")
@@ -154,10 +156,13 @@ def parse_config(argv, defaults=DEFAULTS):
             if "=" not in arg:
                 raise ConfigError(f"argument {arg} must look like --key=value")
             key, val = arg[2:].split("=", 1)
-            try:
-                value = ast.literal_eval(val)
-            except (SyntaxError, ValueError):
-                value = val   # a bare string
+            if isinstance(defaults.get(key), str):
+                value = val   # a string key takes the text as it is (--moe_layers=1,3, --out_dir=...)
+            else:
+                try:
+                    value = ast.literal_eval(val)
+                except (SyntaxError, ValueError):
+                    value = val   # a bare string: check() names the expected type
             cfg[key] = check(key, value, "command line")
     return cfg
 
@@ -256,6 +261,7 @@ class StatsAccumulator:
 def main(argv):
     try:
         cfg = parse_config(argv)
+        check_run_config(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -267,8 +273,47 @@ def main(argv):
         return 2
 
 
+AUX_LOSSES = ("switch", "skywork", "none")
+AT_LEAST = {"batch_size": 1, "eval_iters": 1, "eval_interval": 1, "log_interval": 1,
+            "gradient_accumulation_steps": 1, "max_iters": 0, "warmup_iters": 0, "lr_decay_iters": 0,
+            "dense_warmup_iters": 0, "upcycle_granularity": 1}
+
+
+def check_run_config(cfg):
+    """The training settings that GPTConfig.validate does not see, checked before
+    anything is read or written (one-line ConfigError)."""
+    for key, low in AT_LEAST.items():
+        if cfg[key] < low:
+            raise ConfigError(f"{key}={cfg[key]} must be >= {low}")
+    if not cfg["learning_rate"] > 0 or cfg["min_lr"] < 0:
+        raise ConfigError(f"learning_rate={cfg['learning_rate']} must be > 0 and min_lr={cfg['min_lr']} >= 0")
+    for key in ("beta1", "beta2"):
+        if not 0 <= cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]} must be in [0, 1) (AdamW momentum)")
+    for key in ("weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef", "expert_bias_gamma",
+                "upcycle_expert_noise", "adaptive_aux_max"):
+        if cfg[key] < 0:
+            raise ConfigError(f"{key}={cfg[key]} must be >= 0")
+    if cfg["aux_loss"] not in AUX_LOSSES:
+        raise ConfigError(f"aux_loss={cfg['aux_loss']!r} must be one of {', '.join(AUX_LOSSES)}")
+    if cfg["batching"] not in ("random", "similarity"):
+        raise ConfigError(f"batching={cfg['batching']!r} must be 'random' or 'similarity'")
+    dev = cfg["device"]
+    if dev != "auto":
+        try:
+            kind = torch.device(dev).type
+        except RuntimeError:
+            raise ConfigError(f"device={dev!r} is not a torch device: use auto, cpu, cuda, cuda:N or mps") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device={dev!r}: CUDA is not available on this machine (use --device=cpu or auto)")
+        if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"device={dev!r}: MPS is not available on this machine (use --device=cpu or auto)")
+        if kind not in ("cpu", "cuda", "mps"):
+            raise ConfigError(f"device={dev!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
+
+
 def train(cfg):
-    from checkpoint import load_checkpoint, save_checkpoint
+    from checkpoint import load_checkpoint, load_weights, save_checkpoint
     from data.dataset import TokenDataset
     from kernels import auto_impl
     from model import GPT, GPTConfig, LoryFFN, MoEFFN
@@ -334,11 +379,16 @@ def train(cfg):
             and not cfg["overwrite"]:
         raise ConfigError(f"{cfg['out_dir']} already holds a checkpoint: continue it with --init_from=resume, "
                           f"start over with --overwrite=True, or choose another --out_dir")
+    target_args = model_args_from(cfg, vocab_size)
+    if cfg["init_from"] != "resume":
+        GPTConfig(**target_args)                     # an impossible shape fails here, before out_dir is touched
+        if target_args["moe_layers"] != "none" and cfg["init_from"] == "scratch" and cfg["dense_warmup_iters"]:
+            from upcycle import check_upcycle_options      # Lory: the upcycle after the warm-up must work
+            check_upcycle_options(upcycle_options(cfg, target_args))
     if master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
     iter_num, best_val_loss, ckpt = 0, 1e9, None
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
-    target_args = model_args_from(cfg, vocab_size)
     upcycled_from = None
     init = cfg["init_from"]
     if init == "scratch":
@@ -352,8 +402,8 @@ def train(cfg):
         for k in RUNTIME_MODEL_KEYS:
             args[k] = target_args[k]
         model = GPT(GPTConfig(**args))
-        model.load_state_dict(ckpt["model"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt.get("best_val_loss", 1e9)
+        load_weights(model, ckpt["model"], cfg["out_dir"])
+        iter_num, best_val_loss = ckpt.get("iter_num", 0), ckpt.get("best_val_loss", 1e9)
         upcycled_from = ckpt.get("upcycled_from")
         log(f"resuming from {cfg['out_dir']} at iter {iter_num}")
     else:   # init_from = a checkpoint directory: warm-start a dense run, or upcycle online
@@ -366,8 +416,8 @@ def train(cfg):
             for k in RUNTIME_MODEL_KEYS:
                 args[k] = target_args[k]
             model = GPT(GPTConfig(**args))
-            model.load_state_dict(src["model"])
-            log(f"warm start from {init} (iter {src['iter_num']}): fresh optimizer and schedule")
+            load_weights(model, src["model"], init)
+            log(f"warm start from {init} (iter {src.get('iter_num', '?')}): fresh optimizer and schedule")
         else:
             from upcycle import upcycle_from_checkpoint
             model, upcycled_from = upcycle_from_checkpoint(init, upcycle_options(cfg, target_args), device="cpu")
@@ -375,7 +425,7 @@ def train(cfg):
                 f"({upcycled_from['options'].get('function_preserving', '?')} function preservation)")
     dense_ffns = source_ffns(init, upcycled_from, model)
     if model.config.vocab_size != vocab_size:
-        raise ConfigError(f"model vocab_size={model.config.vocab_size} differs from data/{cfg['dataset']} "
+        raise ConfigError(f"model vocab_size={model.config.vocab_size} differs from {data_dir} "
                           f"vocab_size={vocab_size}: prepare the data with the tokenizer the model used")
     if model.config.block_size < cfg["block_size"]:
         raise ConfigError(f"block_size={cfg['block_size']} exceeds the model's block_size={model.config.block_size}")
@@ -463,19 +513,27 @@ def train(cfg):
         log(f"saved checkpoint {path}{extra_note}")
 
     # metrics: a resumed run drops records from after its checkpoint
-    if master:
-        if cfg["init_from"] == "resume" and os.path.exists(metrics_path):
-            keep = [r for r in read_metrics(metrics_path) if r.get("iter", 0) <= iter_num]
-            with open(metrics_path + ".tmp", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in keep)
-            os.replace(metrics_path + ".tmp", metrics_path)
-        elif cfg["init_from"] != "resume" and os.path.exists(metrics_path):
-            os.replace(metrics_path, metrics_path + ".prev")   # keep the old run's log, start afresh
-        metrics_file = open(metrics_path, "a")
+    # (the resumed iteration is evaluated again, so its old eval record goes too).
+    # A new run moves an old log to metrics.jsonl.prev only when it writes its
+    # first record, so a run that fails while starting leaves the old log alone.
+    if master and cfg["init_from"] == "resume" and os.path.exists(metrics_path):
+        keep = [r for r in read_metrics(metrics_path)
+                if r.get("iter", 0) < iter_num or (r.get("iter", 0) == iter_num and r.get("split") != "eval")]
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+        os.replace(metrics_path + ".tmp", metrics_path)
+    metrics_file = None
+
     def write_metrics(rec):
-        if master:
-            metrics_file.write(json.dumps(rec) + "\n")
-            metrics_file.flush()
+        nonlocal metrics_file
+        if not master:
+            return
+        if metrics_file is None:
+            if cfg["init_from"] != "resume" and os.path.exists(metrics_path):
+                os.replace(metrics_path, metrics_path + ".prev")   # keep the old run's log, start afresh
+            metrics_file = open(metrics_path, "a")
+        metrics_file.write(json.dumps(rec) + "\n")
+        metrics_file.flush()
 
     if upcycled_from is not None and iter_num == 0 and master:
         save(" (step-0 upcycled MoE)")
@@ -671,6 +729,23 @@ def expert_similarity_record(model, dense_ffns):
         rec["similarity_to_dense"] = [[round(v, 6) for v in similarity_to_dense(f, dense_ffns[l]).tolist()]
                                       for l, f in model.moe_layers() if l in dense_ffns]
     return rec
+
+
+RUN_ONLY_KEYS = ("out_dir", "overwrite", "device", "compile", "backend")   # do not change the result
+
+
+def finished_run(out_dir, cfg):
+    """True when out_dir holds the final checkpoint (iter max_iters) of a run with the
+    settings cfg (runtime-only keys aside). demo.py and experiments.py reuse such
+    runs; anything else (another shape, a smoke run, an unfinished run) is retrained."""
+    from checkpoint import CheckpointError, load_checkpoint
+    try:
+        ckpt = load_checkpoint(out_dir)
+    except CheckpointError:
+        return False
+    saved = ckpt.get("config") or {}
+    return ckpt.get("iter_num") == cfg["max_iters"] and all(
+        saved.get(k) == v for k, v in cfg.items() if k not in RUN_ONLY_KEYS)
 
 
 def read_metrics(path):

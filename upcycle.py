@@ -356,6 +356,16 @@ def _check_keys(state, cfg, what):
         raise ValueError(f"{what} does not match its model_args: " + "; ".join(p for p in parts if p))
 
 
+def check_upcycle_options(options, dense_args=None):
+    """Check upcycling options before any weights exist (train.py calls it before a
+    Lory dense warm-up starts). dense_args defaults to the target's own dense part.
+    Raises ValueError (one line)."""
+    opts = _options(options, {})
+    dense = dense_args or {**_as_dict(opts["model_args"]), "moe_layers": "none", "expert_hidden": 0}
+    cfg, G = target_config(dense, opts["model_args"], opts["granularity"], opts["expansion_rate"])
+    resolve_weight_scaling(opts["weight_scaling"], cfg.router, G)
+
+
 def upcycle_state_dict(dense_state, dense_args, options=None, **kw):
     """Dense state dict + target MoE config -> MoE state dict.
 
@@ -617,6 +627,9 @@ def main(argv=None):
         path, cfg, info = upcycle_checkpoint(args.ckpt, args.out_dir, options, force=args.force)
     except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:   # e.g. --out_dir names an existing file
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     o = info["options"]
     print(f"upcycled {os.path.abspath(ckpt_path(args.ckpt))} -> {path}")

@@ -231,6 +231,22 @@ def test_corrupt_files(tmp_path, damage):
     assert os.path.basename(path) in str(e.value) and "prepare.py" in str(e.value)
 
 
+@pytest.mark.parametrize("field, value, needle", [
+    ("vocab_size", "x", "vocab_size='x'"), ("vocab_size", 10, "token id"),
+    ("domains", 5, "domains must be"), ("domains", [], "domains must be")])
+def test_meta_with_wrong_values(tmp_path, field, value, needle):
+    out = toy_dataset(tmp_path)
+    path = os.path.join(out, "meta.json")
+    with open(path) as f:
+        meta = json.load(f)
+    meta[field] = value
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match=needle) as e:
+        TokenDataset(out, "train")
+    assert "prepare.py" in str(e.value)
+
+
 def test_get_batch_reproducible(tmp_path):
     ds = TokenDataset(toy_dataset(tmp_path), "train")
     g = torch.Generator().manual_seed(42)

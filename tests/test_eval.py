@@ -306,6 +306,18 @@ def test_not_a_checkpoint(tmp_path, capsys):
     _one_line_error(cli([], capsys), "--ckpt")
     _one_line_error(cli(["--bogus"], capsys), "--bogus")
     _one_line_error(cli(["--ckpt=x", "--batches=0"], capsys), "--batches")
+    _one_line_error(cli(["--ckpt=x", "--device=tpu"], capsys), "--device=tpu is not a torch device")
+
+
+def test_bad_flags_on_a_good_checkpoint(runs, tmp_path, capsys):
+    ckpt = f"--ckpt={runs['dense']}"
+    _one_line_error(cli([ckpt, "--sample", "--top_k=0"], capsys), "--top_k >= 1")
+    _one_line_error(cli([ckpt, "--sample", "--temperature=-1"], capsys), "--temperature > 0")
+    _one_line_error(cli([ckpt, "--skip_positions=1000"] + EVAL_ARGS, capsys), "skip_positions=1000")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    _one_line_error(cli(["--compare", runs["dense"], f"--out={a_file}"], capsys), "a_file")
+    assert a_file.read_text() == "keep me"
 
 
 def test_checkpoint_without_val_data(runs, tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import TINY, make_dataset, read_jsonl, run_train
-from train import ConfigError, parse_config
+from train import ConfigError, check_run_config, parse_config
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +39,39 @@ def test_parse_config_overrides_and_types(tmp_path):
     (["--n_layers=3"], "unknown config key 'n_layers'"),
     (["--n_layer=3.5"], "'n_layer' expects int"),
     (["--compile=1"], "'compile' expects bool"),
-    (["--router=3"], "'router' expects str"),
+    (["--gate_norm_lambda=abc"], "expects a number or None"),
     (["--max_iters"], "must look like --key=value"),
     (["config/does_not_exist.py"], "not found"),
 ])
 def test_parse_config_errors(argv, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
         parse_config(argv)
+
+
+def test_string_keys_take_the_text_as_is(tmp_path):
+    # --moe_layers=0 or 1,3 would otherwise be parsed as a Python int / tuple
+    cfg = parse_config(["--moe_layers=0", "--out_dir=out/1", "--device=cpu"])
+    assert cfg["moe_layers"] == "0" and cfg["out_dir"] == "out/1"
+    assert parse_config(["--moe_layers=1,3"])["moe_layers"] == "1,3"
+    f = tmp_path / "c.py"
+    f.write_text("router = 3\n")                    # a config file is still type-checked
+    with pytest.raises(ConfigError, match="'router' expects str"):
+        parse_config([str(f)])
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--batch_size=0"], "batch_size=0 must be >= 1"),
+    (["--eval_interval=0"], "eval_interval=0 must be >= 1"),
+    (["--gradient_accumulation_steps=0"], "gradient_accumulation_steps=0 must be >= 1"),
+    (["--max_iters=-5"], "max_iters=-5 must be >= 0"),
+    (["--learning_rate=-1"], "learning_rate=-1.0 must be > 0"),
+    (["--beta1=2.0"], "beta1=2.0 must be in"),
+    (["--aux_loss=bogus"], "aux_loss='bogus' must be one of"),
+    (["--device=tpu"], "device='tpu' is not"),
+])
+def test_run_config_errors(argv, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        check_run_config(parse_config(argv))
 
 
 def test_unknown_key_exit_status_and_suggestion(tmp_path):
@@ -118,6 +144,10 @@ def test_kill_and_resume_is_exact(data_dir, tmp_path, extra):
     la = [r for r in read_jsonl(os.path.join(full, "metrics.jsonl")) if r["split"] == "train"]
     lb = [r for r in read_jsonl(os.path.join(part, "metrics.jsonl")) if r["split"] == "train"]
     assert [r["iter"] for r in lb] == list(range(1, 9))                  # no duplicate records after resume
+    ea = [r for r in read_jsonl(os.path.join(full, "metrics.jsonl")) if r["split"] == "eval"]
+    eb = [r for r in read_jsonl(os.path.join(part, "metrics.jsonl")) if r["split"] == "eval"]
+    assert [r["iter"] for r in eb] == [0, 4, 8]                          # the resumed iter 4 once
+    assert [r["val_loss"] for r in ea] == [r["val_loss"] for r in eb]
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
     if extra:
         assert a["aux_coef"]["alpha"] == b["aux_coef"]["alpha"]
@@ -130,8 +160,17 @@ def test_new_run_never_replaces_an_existing_checkpoint(data_dir, tmp_path):
     p = run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2"], check=False)
     assert p.returncode == 2 and "--overwrite=True" in p.stderr and "Traceback" not in p.stderr
     assert sha(os.path.join(out, "ckpt.pt")) == before
+    # a run that fails while starting (here: a bad MoE shape) leaves the old run alone
+    log_before = sha(os.path.join(out, "metrics.jsonl"))
+    for _ in range(2):
+        p = run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--overwrite=True",
+                              "--moe_layers=all", "--n_experts=2", "--top_k=3"], check=False)
+        assert p.returncode == 2 and "top_k=3" in p.stderr and "Traceback" not in p.stderr
+    assert sha(os.path.join(out, "ckpt.pt")) == before and sha(os.path.join(out, "metrics.jsonl")) == log_before
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl.prev"))
     run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=3", "--overwrite=True"])
     assert state(out)["iter_num"] == 3
+    assert sha(os.path.join(out, "metrics.jsonl.prev")) == log_before    # the old log is kept beside
 
 
 def test_corrupt_checkpoint_is_clear_error(data_dir, tmp_path):
@@ -144,6 +183,20 @@ def test_corrupt_checkpoint_is_clear_error(data_dir, tmp_path):
     assert sha(out / "ckpt.pt") == before
     p = run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}/none", "--init_from=resume"], check=False)
     assert p.returncode == 2 and "no checkpoint" in p.stderr
+
+
+def test_damaged_checkpoint_is_clear_error(data_dir, dense_run, tmp_path):
+    good = torch.load(os.path.join(dense_run, "ckpt.pt"), weights_only=True)
+    cases = {"no_args": ({**good, "model_args": None}, "model_args"),
+             "missing_tensor": ({**good, "model": {k: v for k, v in good["model"].items() if k != "tok_emb.weight"}},
+                                "tok_emb.weight")}
+    for name, (obj, needle) in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        torch.save(obj, d / "ckpt.pt")
+        for how in ([f"--init_from={d}", f"--out_dir={tmp_path}/w_{name}"], ["--init_from=resume", f"--out_dir={d}"]):
+            p = run_train(TINY + [f"--data_dir={data_dir}", "--max_iters=1", *how], check=False)
+            assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, (name, how, p.stderr)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):

@@ -374,6 +374,7 @@ def dense_dir(tmp_path):
     (["--moe_layers=none"], "nothing to upcycle"),
     (["--moe_layers=5"], "outside 0..1"),
     (["--shared_fraction=1.5", "--n_shared_experts=1"], "shared_fraction=1.5"),
+    (["--expert_impl=bogus"], "unknown expert_impl 'bogus'"),     # before anything is written
 ])
 def test_bad_options(capsys, tmp_path, dense_dir, flags, needle):
     out = tmp_path / "out"
