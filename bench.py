@@ -297,8 +297,54 @@ def bench_model(args, device):
               + (f"  MFU {mfu * 100:.1f}%" if mfu is not None else ""))
 
 
+BENCH_IMPLS = ("loop", "grouped", "triton", "auto", "grouped_mm", "grouped_padded", "grouped_slices")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line, exit 2 (argparse's default prints the usage too)
+        self.exit(2, f"error: {message} (see python bench.py --help)\n")
+
+
+def check_args(p, args):
+    """Reject bad flags with one line before anything runs (p.error exits 2)."""
+    def ints(flag, text):
+        try:
+            return [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            p.error(f"--{flag}={text!r} takes comma-separated integers")
+    args.experts = ints("experts", args.experts)
+    archs = ints("compile-only", args.compile_only)
+    if args.compile_only and not archs:
+        p.error("--compile-only needs compute capabilities like 90 or 80,90")
+    if not args.experts or min(args.experts) < 1:
+        p.error(f"--experts needs one or more counts >= 1, got {args.experts}")
+    for key in ("tokens", "d", "d_ff_expert", "repeats", "model_batch", "model_block", "model_experts"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            p.error(f"--{key}={getattr(args, key)} must be >= 1")
+    if not 1 <= args.k <= min(args.experts + ([args.model_experts] if args.model else [])):
+        p.error(f"--k={args.k} must be between 1 and the smallest expert count")
+    if args.warmup is not None and args.warmup < 0:
+        p.error(f"--warmup={args.warmup} must be >= 0")
+    if args.dtype not in (None, "float32", "bfloat16", "float16"):
+        p.error(f"--dtype={args.dtype} must be float32, bfloat16 or float16")
+    if args.impls is not None:
+        bad = [s.strip() for s in args.impls.split(",") if s.strip() not in BENCH_IMPLS]
+        if bad or not args.impls.strip(","):
+            p.error(f"--impls: unknown {bad or 'empty list'}; valid: {', '.join(BENCH_IMPLS)}")
+    if args.model_impl not in ("auto", "loop", "grouped", "triton"):
+        p.error(f"--model_impl={args.model_impl} must be auto, loop, grouped or triton")
+    if args.device != "auto":
+        try:
+            kind = torch.device(args.device).type
+        except RuntimeError:
+            p.error(f"--device={args.device} is not a torch device (use auto, cpu or cuda)")
+        if kind == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device={args.device}: CUDA is not available on this machine (use --device=cpu)")
+    return archs
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="store_true",
                    help="time whole training steps: dense vs MoE vs FLOP-matched dense (see bench_model)")
     p.add_argument("--model_batch", type=int, default=8)
@@ -329,10 +375,11 @@ def main(argv=None):
     p.add_argument("--compile-configs", default="all", choices=["all", "first"],
                    help="with --compile-only: every autotune config, or the first of each kernel")
     args = p.parse_args(argv)
+    archs = check_args(p, args)
     if args.compile_only:
         os.environ["TRITON_INTERPRET"] = "0"         # real compilation, GPU autotune configs
-        for arch in args.compile_only.split(","):
-            compile_report(int(arch), {"float32": "fp32", "float16": "fp16"}.get(args.dtype, "bf16"),
+        for arch in archs:
+            compile_report(arch, {"float32": "fp32", "float16": "fp16"}.get(args.dtype, "bf16"),
                            first_only=args.compile_configs == "first")
         return
 
@@ -348,7 +395,6 @@ def main(argv=None):
     for key, val in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, val)
-    args.experts = [int(e) for e in args.experts.split(",") if e.strip()]
     dtype = getattr(torch, args.dtype)
     impls, notes = [], []
     for name in [s.strip() for s in args.impls.split(",") if s.strip()]:

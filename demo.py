@@ -31,19 +31,16 @@ def stage(i, n, text):
     print(f"\n[{i}/{n}] {text}", flush=True)
 
 
-def finished(out_dir, max_iters):
-    from train import read_metrics
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not (os.path.exists(path) and os.path.exists(os.path.join(out_dir, "ckpt.pt"))):
-        return False
-    return any(r.get("iter") == max_iters and r.get("split") == "eval" for r in read_metrics(path))
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line, exit 2 (argparse's default prints the usage too)
+        self.exit(2, f"error: {message} (see python demo.py --help)\n")
 
 
 def train(name, config, extra):
-    from train import parse_config
+    from train import finished_run, parse_config
     out_dir = os.path.join(OUT, name)
-    cfg = parse_config([config] + extra)
-    if finished(out_dir, cfg["max_iters"]):
+    cfg = parse_config([os.path.join(ROOT, config), f"--out_dir={out_dir}"] + extra)
+    if finished_run(out_dir, cfg):          # the same settings (not, e.g., a CPU-scale run) and finished
         print(f"  {out_dir} is finished; reusing it (--fresh to retrain)")
         return out_dir
     # an unfinished stage is retrained from the start (its partial checkpoint replaced)
@@ -58,7 +55,7 @@ def train(name, config, extra):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Run the upcycling demo end to end.")
+    ap = _Parser(description="Run the upcycling demo end to end.")
     ap.add_argument("--scale", choices=("auto", "cpu", "gpu"), default="auto",
                     help="auto: gpu when CUDA is available, else cpu")
     ap.add_argument("--fresh", action="store_true", help="retrain stages that already finished")

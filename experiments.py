@@ -23,7 +23,8 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-OUT = os.path.join("out", "exp")
+DEFAULT_OUT = os.path.join("out", "exp")   # --smoke: out/exp_smoke, --scale=gpu: out/exp_gpu (unless --out)
+OUT = DEFAULT_OUT
 BASE = "config/exp/base.py"
 MOE8 = ["--moe_layers=all", "--n_experts=8", "--top_k=2"]
 OPTS = {"smoke": False, "fresh": False, "scale": "cpu", "data_dir": ""}
@@ -37,20 +38,27 @@ def iters(n):
 
 
 def run(out_dir, *args):
-    """Train one run (train.py BASE args...) unless its final checkpoint exists."""
-    done = os.path.join(out_dir, "metrics.jsonl")
-    if not OPTS["fresh"] and os.path.exists(os.path.join(out_dir, "ckpt.pt")) and os.path.exists(done):
-        recs = read(out_dir)
-        want = [a for a in args if a.startswith("--max_iters=")]
-        if want and recs and any(r.get("iter") == int(want[-1].split("=")[1]) for r in recs):
-            print(f"  reuse {out_dir}")
-            return out_dir
+    """Train one run (train.py BASE args...) unless out_dir holds the finished run
+    of exactly these settings (train.finished_run)."""
     extra = [f"--data_dir={OPTS['data_dir']}"] if OPTS["data_dir"] else []
     if OPTS["smoke"]:   # a tiny model: checks that every run's configuration loads and trains
         extra += ["--eval_interval=3", "--eval_iters=2", "--log_interval=1", "--warmup_iters=1", "--n_layer=2",
                   "--n_embd=32", "--n_head=2", "--block_size=64", "--batch_size=2"]
     if OPTS["scale"] == "gpu":
         extra += ["--n_layer=8", "--n_embd=512", "--n_head=8", "--batch_size=32", "--block_size=512"]
+    from train import finished_run, parse_config
+    if not OPTS["fresh"] and finished_run(out_dir, parse_config([os.path.join(ROOT, BASE), f"--out_dir={out_dir}",
+                                                                  *args, *extra])):
+        print(f"  reuse {out_dir}")
+        return out_dir
+    if OPTS["smoke"] and os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+        from checkpoint import CheckpointError, load_checkpoint
+        try:
+            full = (load_checkpoint(out_dir).get("config") or {}).get("max_iters") != iters(0)
+        except CheckpointError:
+            full = False
+        if full:
+            sys.exit(f"error: {out_dir} holds a full run; a --smoke run will not replace it (choose another --out)")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), BASE, f"--out_dir={out_dir}", "--overwrite=True", *args, *extra]
     t0 = time.time()
     print(f"  train {out_dir}: {' '.join(args)}", flush=True)
@@ -76,7 +84,12 @@ def dense_base():
 
 def ensure_data():
     """Prepare the default data (data/multidomain, ~4 s, offline) on first use."""
-    if OPTS["data_dir"] or os.path.exists(os.path.join(ROOT, "data", "multidomain", "meta.json")):
+    if OPTS["data_dir"]:
+        if not os.path.exists(os.path.join(OPTS["data_dir"], "meta.json")):
+            sys.exit(f"error: --data_dir={OPTS['data_dir']} holds no prepared dataset (no meta.json): "
+                     f"run python data/multidomain/prepare.py --out_dir={OPTS['data_dir']}")
+        return
+    if os.path.exists(os.path.join(ROOT, "data", "multidomain", "meta.json")):
         return
     print("  preparing data/multidomain (first use)", flush=True)
     subprocess.run([sys.executable, os.path.join(ROOT, "data", "multidomain", "prepare.py")], cwd=ROOT, check=True)
@@ -405,16 +418,22 @@ EXPERIMENTS = {f.__name__: f for f in (upcycle_vs_scratch, gate_norm, adaptive_a
                                        lory, capacity, routers)}
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line, exit 2 (argparse's default prints the usage too)
+        self.exit(2, f"error: {message} (see python experiments.py --help)\n")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    p = _Parser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("name", help="an experiment name, 'all' or 'list'")
     p.add_argument("--smoke", action="store_true", help="3 iterations per run (checks configs, not claims)")
     p.add_argument("--fresh", action="store_true", help="rerun even where a finished run exists")
     p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--out", default=OUT, help="output root (default out/exp)")
+    p.add_argument("--out", default=None, help="output root (default out/exp; out/exp_smoke with --smoke, "
+                                                "out/exp_gpu with --scale=gpu)")
     p.add_argument("--data_dir", default="", help="data directory (default data/multidomain)")
     a = p.parse_args(argv)
-    globals()["OUT"] = a.out
+    globals()["OUT"] = a.out or DEFAULT_OUT + ("_smoke" if a.smoke else "_gpu" if a.scale == "gpu" else "")
     OPTS.update(smoke=a.smoke, fresh=a.fresh, scale=a.scale, data_dir=a.data_dir)
     if a.name == "list":
         for k, f in EXPERIMENTS.items():

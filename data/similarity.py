@@ -166,8 +166,13 @@ def build(data_dir, k=16, dim=2 ** 13, ngrams=None, seed=1337, restart="nearest"
     return stats
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line, exit 2 (argparse's default prints the usage too)
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def main():
-    p = argparse.ArgumentParser(description="Reorder a dataset's train documents by similarity (Lory).")
+    p = _Parser(description="Reorder a dataset's train documents by similarity (Lory).")
     p.add_argument("--data_dir", default=os.path.join(ROOT, "data", "multidomain"))
     p.add_argument("--k", type=int, default=16, help="nearest neighbours per document")
     p.add_argument("--dim", type=int, default=2 ** 13, help="hashed feature dimension")
@@ -175,8 +180,8 @@ def main():
                    help="where the traversal continues when stuck: most similar unused document, or a random one")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args()
-    if args.k < 1 or args.dim < 2:
-        raise SystemExit(f"error: need --k >= 1 and --dim >= 2 (got k={args.k}, dim={args.dim})")
+    if args.k < 1 or not 2 <= args.dim <= 2 ** 20:
+        raise SystemExit(f"error: need --k >= 1 and 2 <= --dim <= 2**20 (got k={args.k}, dim={args.dim})")
     try:
         build(args.data_dir, k=args.k, dim=args.dim, seed=args.seed, restart=args.restart)
     except (ValueError, FileNotFoundError, OSError) as e:

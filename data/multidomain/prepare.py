@@ -364,8 +364,13 @@ def print_summary(meta, out_dir, seconds):
     print(f"tokenizer={meta['tokenizer']} vocab_size={meta['vocab_size']}: wrote {out_dir} in {seconds:.1f}s")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line, exit 2 (argparse's default prints the usage too)
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def main():
-    p = argparse.ArgumentParser(description="Prepare the multidomain dataset from locally installed text.")
+    p = _Parser(description="Prepare the multidomain dataset from locally installed text.")
     p.add_argument("--out_dir", default=DEFAULT_OUT_DIR)
     p.add_argument("--tokenizer", default="byte", choices=TOKENIZERS)
     p.add_argument("--chars_per_domain", type=int, default=1_500_000)
@@ -376,7 +381,7 @@ def main():
     try:
         prepare(**vars(args))
     except (ValueError, FileNotFoundError, OSError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {type(e).__name__ + ': ' if isinstance(e, OSError) else ''}{e}")
 
 
 if __name__ == "__main__":
