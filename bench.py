@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from cli import ArgumentParser, device_problem
 
 
 def machine(device):
@@ -297,12 +298,8 @@ def bench_model(args, device):
               + (f"  MFU {mfu * 100:.1f}%" if mfu is not None else ""))
 
 
-BENCH_IMPLS = ("loop", "grouped", "triton", "auto", "grouped_mm", "grouped_padded", "grouped_slices")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):   # one line, exit 2 (argparse's default prints the usage too)
-        self.exit(2, f"error: {message} (see python bench.py --help)\n")
+EXPERT_IMPLS = ("auto", *kernels.IMPLS)                                    # what moe_ffn(impl=...) takes
+BENCH_IMPLS = (*EXPERT_IMPLS, "grouped_mm", "grouped_padded", "grouped_slices")  # + bench-only aliases
 
 
 def check_args(p, args):
@@ -331,20 +328,15 @@ def check_args(p, args):
         bad = [s.strip() for s in args.impls.split(",") if s.strip() not in BENCH_IMPLS]
         if bad or not args.impls.strip(","):
             p.error(f"--impls: unknown {bad or 'empty list'}; valid: {', '.join(BENCH_IMPLS)}")
-    if args.model_impl not in ("auto", "loop", "grouped", "triton"):
-        p.error(f"--model_impl={args.model_impl} must be auto, loop, grouped or triton")
-    if args.device != "auto":
-        try:
-            kind = torch.device(args.device).type
-        except RuntimeError:
-            p.error(f"--device={args.device} is not a torch device (use auto, cpu or cuda)")
-        if kind == "cuda" and not torch.cuda.is_available():
-            p.error(f"--device={args.device}: CUDA is not available on this machine (use --device=cpu)")
+    if args.model_impl not in EXPERT_IMPLS:
+        p.error(f"--model_impl={args.model_impl} must be one of {', '.join(EXPERT_IMPLS)}")
+    if args.device != "auto" and device_problem(args.device):
+        p.error(f"--device={args.device} {device_problem(args.device)}")
     return archs
 
 
 def main(argv=None):
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="store_true",
                    help="time whole training steps: dense vs MoE vs FLOP-matched dense (see bench_model)")
     p.add_argument("--model_batch", type=int, default=8)

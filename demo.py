@@ -12,7 +12,6 @@ On a CUDA machine it uses a larger model and more steps automatically
 (--scale=gpu); --scale=cpu forces the CPU recipe. Finished stages are reused
 (--fresh reruns them).
 """
-import argparse
 import json
 import os
 import subprocess
@@ -29,11 +28,6 @@ GPU_OVERRIDES = ["--n_layer=8", "--n_head=8", "--n_embd=512", "--block_size=512"
 
 def stage(i, n, text):
     print(f"\n[{i}/{n}] {text}", flush=True)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):   # one line, exit 2 (argparse's default prints the usage too)
-        self.exit(2, f"error: {message} (see python demo.py --help)\n")
 
 
 def train(name, config, extra):
@@ -55,7 +49,8 @@ def train(name, config, extra):
 
 
 def main(argv=None):
-    ap = _Parser(description="Run the upcycling demo end to end.")
+    from cli import ArgumentParser
+    ap = ArgumentParser(prog="demo.py", description="Run the upcycling demo end to end.")
     ap.add_argument("--scale", choices=("auto", "cpu", "gpu"), default="auto",
                     help="auto: gpu when CUDA is available, else cpu")
     ap.add_argument("--fresh", action="store_true", help="retrain stages that already finished")

@@ -31,7 +31,6 @@ plot_*, make_plots, compare_runs, sample); the CLI at the bottom only wires them
 Errors the user can fix (not a checkpoint, no val data, bad metrics file) are one
 line on stderr and exit status 2.
 """
-import argparse
 import json
 import math
 import os
@@ -499,6 +498,13 @@ def _moe_layers_of_record(rec):
     return rec.get("moe") or []
 
 
+def _moe_train_records(records, stat=None):
+    """The training-log records that carry per-layer MoE statistics (with `stat`
+    among them, when given)."""
+    return [r for r in records if r.get("split") == "train" and _moe_layers_of_record(r)
+            and (stat is None or stat in r["moe"][0])]
+
+
 def _load_norm(E, data_max=0.0):
     """Diverging colour scale centred on the balanced load 1/E (white), from 0
     (blue, unused) to at least 2/E (red, twice its share)."""
@@ -547,7 +553,7 @@ def plot_load_over_training(records, path, layer_ids=None, figsize=None, dpi=100
     """Per layer, a heatmap over training steps (x) and experts (y) of each expert's
     fraction of the step's assignments (routed: tokens_per_expert; Lory: mean merge
     weight). records: metrics.jsonl records."""
-    tr = [r for r in records if r.get("split") == "train" and _moe_layers_of_record(r)]
+    tr = _moe_train_records(records)
     if not tr:
         return None
     key = "tokens_per_expert" if "tokens_per_expert" in tr[0]["moe"][0] else "merge_weight_mean"
@@ -597,8 +603,7 @@ def plot_drop_and_alpha(records, path, layer_ids=None, adaptive=None, figsize=No
     assignments over capacity) and the auxiliary-loss coefficient alpha per layer
     (adaptive, Skywork section 3.2, or the fixed one; `adaptive` labels which,
     None = unknown)."""
-    tr = [r for r in records if r.get("split") == "train" and _moe_layers_of_record(r)
-          and "drop_rate" in r["moe"][0]]
+    tr = _moe_train_records(records, "drop_rate")
     if not tr:
         return None
     steps = [r["iter"] for r in tr]
@@ -632,8 +637,7 @@ def plot_gate_sharpness(records, path, layer_ids=None, figsize=None, dpi=100):
     """Max1/Max2 and Max2/Max3 of the sorted gate probabilities (mean over tokens)
     per MoE layer over training: ~1 means a flat gate, larger means sharper
     (Skywork gating logit normalisation raises them)."""
-    tr = [r for r in records if r.get("split") == "train" and _moe_layers_of_record(r)
-          and "max1_max2" in r["moe"][0]]
+    tr = _moe_train_records(records, "max1_max2")
     if not tr:
         return None
     steps = [r["iter"] for r in tr]
@@ -1015,14 +1019,9 @@ def sample(ckpt_dir, prompt="", max_new_tokens=200, temperature=0.8, top_k=None,
 
 # ============================================================================ CLI
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):   # one line, exit 2 (argparse's default prints usage too)
-        print(f"error: {message} (see python eval.py --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser():
-    p = _Parser(description="Evaluate, plot, compare and sample checkpoints (see the module docstring).")
+    from cli import ArgumentParser
+    p = ArgumentParser(prog="eval.py", description="Evaluate, plot, compare and sample checkpoints (see the module docstring).")
     p.add_argument("--ckpt", help="run directory (out_dir) or ckpt.pt to evaluate/sample")
     p.add_argument("--json", action="store_true", help="last stdout line: the result as one JSON object")
     p.add_argument("--batches", type=int, default=DEFAULT_BATCHES, help="fixed val batches (default %(default)s)")
@@ -1058,12 +1057,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.batches <= 0 or args.batch_size <= 0:
         raise EvalError("--batches and --batch_size must be positive")
-    try:
-        kind = torch.device(args.device).type
-    except RuntimeError:
-        raise EvalError(f"--device={args.device} is not a torch device (use cpu, cuda, cuda:N or mps)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"--device={args.device}: CUDA is not available on this machine (use --device=cpu)")
+    from cli import device_problem
+    if device_problem(args.device):
+        raise EvalError(f"--device={args.device} {device_problem(args.device)}")
     if args.sample and (args.max_new_tokens < 0 or not args.temperature > 0 or (args.top_k is not None and args.top_k < 1)):
         raise EvalError(f"--sample needs --max_new_tokens >= 0, --temperature > 0 and --top_k >= 1 (got "
                         f"{args.max_new_tokens}, {args.temperature}, {args.top_k})")

@@ -28,13 +28,14 @@ OUT = DEFAULT_OUT
 BASE = "config/exp/base.py"
 MOE8 = ["--moe_layers=all", "--n_experts=8", "--top_k=2"]
 OPTS = {"smoke": False, "fresh": False, "scale": "cpu", "data_dir": ""}
+SMOKE_ITERS = 3
 
 
 # ----------------------------------------------------------------------------- running
 
 def iters(n):
-    """Iteration budget: n on the CPU scale, 4n on GPU, 3 for a smoke test."""
-    return 3 if OPTS["smoke"] else (4 * n if OPTS["scale"] == "gpu" else n)
+    """Iteration budget: n on the CPU scale, 4n on GPU, SMOKE_ITERS for a smoke test."""
+    return SMOKE_ITERS if OPTS["smoke"] else (4 * n if OPTS["scale"] == "gpu" else n)
 
 
 def run(out_dir, *args):
@@ -54,7 +55,7 @@ def run(out_dir, *args):
     if OPTS["smoke"] and os.path.exists(os.path.join(out_dir, "ckpt.pt")):
         from checkpoint import CheckpointError, load_checkpoint
         try:
-            full = (load_checkpoint(out_dir).get("config") or {}).get("max_iters") != iters(0)
+            full = (load_checkpoint(out_dir).get("config") or {}).get("max_iters") != SMOKE_ITERS
         except CheckpointError:
             full = False
         if full:
@@ -418,13 +419,9 @@ EXPERIMENTS = {f.__name__: f for f in (upcycle_vs_scratch, gate_norm, adaptive_a
                                        lory, capacity, routers)}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):   # one line, exit 2 (argparse's default prints the usage too)
-        self.exit(2, f"error: {message} (see python experiments.py --help)\n")
-
-
 def main(argv=None):
-    p = _Parser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    from cli import ArgumentParser
+    p = ArgumentParser(prog="experiments.py", description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("name", help="an experiment name, 'all' or 'list'")
     p.add_argument("--smoke", action="store_true", help="3 iterations per run (checks configs, not claims)")
     p.add_argument("--fresh", action="store_true", help="rerun even where a finished run exists")

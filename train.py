@@ -296,20 +296,9 @@ def check_run_config(cfg):
             raise ConfigError(f"{key}={cfg[key]} must be >= 0")
     if cfg["aux_loss"] not in AUX_LOSSES:
         raise ConfigError(f"aux_loss={cfg['aux_loss']!r} must be one of {', '.join(AUX_LOSSES)}")
-    if cfg["batching"] not in ("random", "similarity"):
-        raise ConfigError(f"batching={cfg['batching']!r} must be 'random' or 'similarity'")
-    dev = cfg["device"]
-    if dev != "auto":
-        try:
-            kind = torch.device(dev).type
-        except RuntimeError:
-            raise ConfigError(f"device={dev!r} is not a torch device: use auto, cpu, cuda, cuda:N or mps") from None
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device={dev!r}: CUDA is not available on this machine (use --device=cpu or auto)")
-        if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ConfigError(f"device={dev!r}: MPS is not available on this machine (use --device=cpu or auto)")
-        if kind not in ("cpu", "cuda", "mps"):
-            raise ConfigError(f"device={dev!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
+    from cli import device_problem
+    if cfg["device"] != "auto" and device_problem(cfg["device"]):
+        raise ConfigError(f"device={cfg['device']!r} {device_problem(cfg['device'])}")
 
 
 def train(cfg):

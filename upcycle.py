@@ -559,14 +559,9 @@ def _opt_float(s):
     return None if str(s).strip().lower() in ("none", "") else float(s)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser():
-    p = _Parser(description="Upcycle a dense checkpoint into an MoE checkpoint (METHODS.md section 4).")
+    from cli import ArgumentParser
+    p = ArgumentParser(prog="upcycle.py", description="Upcycle a dense checkpoint into an MoE checkpoint (METHODS.md section 4).")
     a = p.add_argument
     a("--ckpt", required=True, help="dense out_dir or .pt file")
     a("--out_dir", required=True, help="where ckpt.pt is written")

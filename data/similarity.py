@@ -15,7 +15,6 @@ sequence share a domain, which is what lets segment-level routing specialise.
 writes train_similarity.bin / train_similarity_index.npy (the same documents reordered, same
 format as train.bin / train_index.npy); train with --batching=similarity to use them.
 """
-import argparse
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # so `python data/similarity.py` can import the data package
     sys.path.insert(0, ROOT)
+from cli import ArgumentParser  # noqa: E402
 from data.dataset import load_meta, load_split  # noqa: E402
 
 HASH_MULT = np.uint64(0x9E3779B97F4A7C15)  # 64-bit golden-ratio multiplier (Fibonacci hashing)
@@ -166,13 +166,8 @@ def build(data_dir, k=16, dim=2 ** 13, ngrams=None, seed=1337, restart="nearest"
     return stats
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):   # one line, exit 2 (argparse's default prints the usage too)
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def main():
-    p = _Parser(description="Reorder a dataset's train documents by similarity (Lory).")
+    p = ArgumentParser(prog="data/similarity.py", description="Reorder a dataset's train documents by similarity (Lory).")
     p.add_argument("--data_dir", default=os.path.join(ROOT, "data", "multidomain"))
     p.add_argument("--k", type=int, default=16, help="nearest neighbours per document")
     p.add_argument("--dim", type=int, default=2 ** 13, help="hashed feature dimension")

@@ -20,7 +20,6 @@ Writes to --out_dir (default data/multidomain):
     train_index.npy, val_index.npy  int64 (n_docs, 3): offset, length (incl. eot), domain id
     meta.json                       tokenizer, vocab_size, eot_token, domains, counts, sources, args
 """
-import argparse
 import ast
 import importlib.metadata
 import importlib.util
@@ -37,6 +36,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:  # so `python data/multidomain/prepare.py` can import the data package
     sys.path.insert(0, ROOT)
+from cli import ArgumentParser  # noqa: E402
 from data.tokenizer import TOKENIZERS, get_tokenizer  # noqa: E402
 
 DEFAULT_OUT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -364,13 +364,8 @@ def print_summary(meta, out_dir, seconds):
     print(f"tokenizer={meta['tokenizer']} vocab_size={meta['vocab_size']}: wrote {out_dir} in {seconds:.1f}s")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):   # one line, exit 2 (argparse's default prints the usage too)
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def main():
-    p = _Parser(description="Prepare the multidomain dataset from locally installed text.")
+    p = ArgumentParser(prog="data/multidomain/prepare.py", description="Prepare the multidomain dataset from locally installed text.")
     p.add_argument("--out_dir", default=DEFAULT_OUT_DIR)
     p.add_argument("--tokenizer", default="byte", choices=TOKENIZERS)
     p.add_argument("--chars_per_domain", type=int, default=1_500_000)

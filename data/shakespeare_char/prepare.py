@@ -10,7 +10,6 @@ Writes train.bin / val.bin (uint16), meta.json (vocab_size, itos/stoi, tokenizer
 train_index.npy / val_index.npy describing one document of domain 0 ("shakespeare"), so the
 same loader (data/dataset.py) reads it like every other dataset.
 """
-import argparse
 import json
 import os
 import sys
@@ -21,6 +20,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:  # so `python data/shakespeare_char/prepare.py` can import the data package
     sys.path.insert(0, ROOT)
+from cli import ArgumentParser  # noqa: E402
 from data.tokenizer import CharTokenizer  # noqa: E402
 
 DEFAULT_OUT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -91,7 +91,7 @@ def prepare(out_dir=DEFAULT_OUT_DIR, input_path=None, url=URL, timeout=10, verbo
 
 
 def main():
-    p = argparse.ArgumentParser(description="Prepare Tiny Shakespeare (character level).")
+    p = ArgumentParser(prog="data/shakespeare_char/prepare.py", description="Prepare Tiny Shakespeare (character level).")
     p.add_argument("--input", default=None, help="local text file (skips the download)")
     p.add_argument("--out_dir", default=DEFAULT_OUT_DIR)
     p.add_argument("--url", default=URL)
