@@ -14,9 +14,18 @@ On a CUDA machine it uses a larger model and more steps automatically
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+
+import torch
+
+import eval as ev
+from cli import ArgumentParser
+from metrics import load_metrics
+from plot import make_plots
+from train import finished_run, parse_config
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join("out", "demo")
@@ -31,7 +40,6 @@ def stage(i, n, text):
 
 
 def train(name, config, extra):
-    from train import finished_run, parse_config
     out_dir = os.path.join(OUT, name)
     cfg = parse_config([os.path.join(ROOT, config), f"--out_dir={out_dir}"] + extra)
     if finished_run(out_dir, cfg):          # the same settings (not, e.g., a CPU-scale run) and finished
@@ -49,13 +57,11 @@ def train(name, config, extra):
 
 
 def main(argv=None):
-    from cli import ArgumentParser
     ap = ArgumentParser(prog="demo.py", description="Run the upcycling demo end to end.")
     ap.add_argument("--scale", choices=("auto", "cpu", "gpu"), default="auto",
                     help="auto: gpu when CUDA is available, else cpu")
     ap.add_argument("--fresh", action="store_true", help="retrain stages that already finished")
     a = ap.parse_args(argv)
-    import torch
     scale = a.scale if a.scale != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     extra = GPU_OVERRIDES if scale == "gpu" else ["--device=cpu"] if not torch.cuda.is_available() else []
     t_start = time.time()
@@ -68,7 +74,6 @@ def main(argv=None):
         subprocess.run([sys.executable, os.path.join(ROOT, "data", "multidomain", "prepare.py")], cwd=ROOT, check=True)
 
     if a.fresh:
-        import shutil
         for name, _ in STAGES:
             shutil.rmtree(os.path.join(OUT, name), ignore_errors=True)
     dirs = {}
@@ -83,7 +88,6 @@ def main(argv=None):
 
 
 def write_report(runs, dense_dir, scale, elapsed):
-    import eval as ev
     rows, results = [], {}
     for name, d in runs.items():
         res = ev.evaluate_checkpoint(d)
@@ -92,7 +96,7 @@ def write_report(runs, dense_dir, scale, elapsed):
                "active_M": res["active_params"] / 1e6, "val_loss": res["val_loss"], "val_ppl": res["val_ppl"]}
         for dom, v in res["per_domain"].items():
             row[f"ppl {dom}"] = v["ppl"]
-        recs = ev.load_metrics(d)
+        recs = load_metrics(d)
         tr = [r for r in recs if r.get("split") == "train"]
         if tr:   # median training throughput of the run
             row["tok/s"] = int(sorted(r["tok_per_s"] for r in tr)[len(tr) // 2])
@@ -102,8 +106,8 @@ def write_report(runs, dense_dir, scale, elapsed):
         print(f"  {name}: val loss {res['val_loss']:.4f} (ppl {res['val_ppl']:.2f})", flush=True)
     dense_res = ev.evaluate_checkpoint(dense_dir)
     table, pngs = ev.compare_runs([runs[k] for k in runs], os.path.join(OUT, "compare"))
-    up_plots, notes = ev.make_plots(runs["upcycled"], result=results["upcycled"],
-                                    out_dir=os.path.join(OUT, "plots_upcycled"))
+    up_plots, notes = make_plots(runs["upcycled"], result=results["upcycled"],
+                                 out_dir=os.path.join(OUT, "plots_upcycled"))
     wanted = ("expert_load", "domain_specialization", "load_over_training", "expert_similarity")
     key_plots = [p for p in up_plots if any(w in os.path.basename(p) for w in wanted)]
     up, sc, dc = (results[k]["val_loss"] for k in ("upcycled", "moe_scratch", "dense_continued"))
@@ -121,7 +125,8 @@ def write_report(runs, dense_dir, scale, elapsed):
     ]
     lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, OUT)})" for p in key_plots]
     lines += ["", "All plots of the upcycled run: `plots_upcycled/`. Regenerate with "
-              "`python eval.py --ckpt=out/demo/upcycled --plots`.", ""]
+              "`python eval.py --ckpt=out/demo/upcycled --plots`; sample it with "
+              "`python sample.py --ckpt=out/demo/upcycled`.", ""]
     with open(os.path.join(OUT, "report.md"), "w") as f:
         f.write("\n".join(lines))
     with open(os.path.join(OUT, "report.json"), "w") as f:

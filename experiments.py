@@ -20,7 +20,18 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+import matplotlib
+matplotlib.use("Agg")   # files only, no display (before pyplot is imported)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from cli import ArgumentParser  # noqa: E402
+from data.similarity import ensure_similarity_order  # noqa: E402
+from eval import evaluate_checkpoint  # noqa: E402
+from metrics import load_metrics  # noqa: E402
+from plot import make_plots  # noqa: E402
+from train import finished_run, parse_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join("out", "exp")   # --smoke: out/exp_smoke, --scale=gpu: out/exp_gpu (unless --out)
@@ -47,13 +58,11 @@ def run(out_dir, *args):
                   "--n_embd=32", "--n_head=2", "--block_size=64", "--batch_size=2"]
     if OPTS["scale"] == "gpu":
         extra += ["--n_layer=8", "--n_embd=512", "--n_head=8", "--batch_size=32", "--block_size=512"]
-    from train import finished_run, parse_config
     if not OPTS["fresh"] and finished_run(out_dir, parse_config([os.path.join(ROOT, BASE), f"--out_dir={out_dir}",
                                                                   *args, *extra])):
         print(f"  reuse {out_dir}")
         return out_dir
     if OPTS["smoke"] and os.path.exists(os.path.join(out_dir, "ckpt.pt")):
-        from checkpoint import CheckpointError, load_checkpoint
         try:
             full = (load_checkpoint(out_dir).get("config") or {}).get("max_iters") != SMOKE_ITERS
         except CheckpointError:
@@ -97,8 +106,7 @@ def ensure_data():
 
 
 def read(out_dir):
-    from train import read_metrics
-    return read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+    return load_metrics(out_dir)
 
 
 def evals(out_dir):
@@ -152,9 +160,6 @@ def write_results(name, title, rows, figures, finding, columns=None, t0=None):
 
 def loss_figure(name, runs, path_name="loss.png", title=None):
     """Val loss vs step of several runs (eval records)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
     for label, d in runs:
         ev = evals(d)
@@ -173,9 +178,6 @@ def loss_figure(name, runs, path_name="loss.png", title=None):
 
 def bar_figure(name, rows, keys, path_name="bars.png", title=None):
     """One panel per metric, one bar per run."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4), constrained_layout=True, squeeze=False)
     labels = [r["run"] for r in rows]
     for ax, k in zip(axes[0], keys):
@@ -211,9 +213,6 @@ def upcycle_vs_scratch():
                  "--learning_rate=1.5e-3")
         for d, method in ((up, "upcycled"), (sc, "moe_scratch"), (dc, "dense_continued")):
             rows.append(summary(d, budget=budget, steps=n, method=method))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
     for method in ("upcycled", "moe_scratch", "dense_continued"):
         pts = [(r["budget"], r["val_loss"]) for r in rows if r["method"] == method]
@@ -345,12 +344,8 @@ def lory():
     runs = [("lory_similarity", [*lory_args, "--batching=similarity"]), ("lory_random", lory_args),
             ("dense", []), ("moe_top2", MOE8)]
     data_dir = OPTS["data_dir"] or os.path.join(ROOT, "data", "multidomain")
-    if not os.path.exists(os.path.join(data_dir, "train_similarity.bin")):
-        from data.similarity import build
-        print("  building the similarity order (data/similarity.py)", flush=True)
-        build(data_dir)
+    ensure_similarity_order(data_dir)   # here, not inside train.py's captured output, to show its progress
     rows = []
-    from eval import evaluate_checkpoint
     for tag, extra in runs:
         d = run(os.path.join(OUT, name, tag), *common, *extra)
         res = evaluate_checkpoint(d, skip_positions=seg, batches=4 if OPTS["smoke"] else 32)
@@ -361,7 +356,6 @@ def lory():
             row[f"ppl_{dom}"] = v["ppl"]
         rows.append(row)
         if tag == "lory_similarity":
-            from eval import make_plots
             paths, _ = make_plots(d, result=res, out_dir=os.path.join(OUT, name, "plots_lory_similarity"))
     doms = [k for k in rows[0] if k.startswith("ppl_")]
     fig = bar_figure(name, rows, ["val_loss_no_seg1", "tok_per_s"] + doms[:2], title="Lory vs dense vs top-2 MoE")
@@ -420,7 +414,6 @@ EXPERIMENTS = {f.__name__: f for f in (upcycle_vs_scratch, gate_norm, adaptive_a
 
 
 def main(argv=None):
-    from cli import ArgumentParser
     p = ArgumentParser(prog="experiments.py", description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("name", help="an experiment name, 'all' or 'list'")
     p.add_argument("--smoke", action="store_true", help="3 iterations per run (checks configs, not claims)")

@@ -15,16 +15,29 @@ fields of model.GPTConfig and share this namespace.
 """
 import ast
 import difflib
-import json
 import math
 import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import checkpoint
+from checkpoint import CheckpointError, load_checkpoint, load_weights
+from cli import device_problem
+from data.dataset import TokenDataset
+from data.similarity import ensure_similarity_order
+from kernels import auto_impl
+from metrics import METRICS_FILE, MetricsWriter, trim_for_resume
+from model import GPT, GPTConfig, MoEFFN
+from router import AdaptiveAuxCoef, Routing
+from upcycle import (check_upcycle_options, dense_ffn_weights, mean_pairwise_similarity, similarity_to_dense,
+                     upcycle_from_checkpoint, upcycle_model)
 
 # -----------------------------------------------------------------------------
 # defaults: I/O
@@ -39,7 +52,7 @@ seed = 1337
 # data
 dataset = "multidomain"      # data/<dataset>/ (prepared by data/<dataset>/prepare.py)
 data_dir = ""                # explicit data directory; "" -> data/<dataset>
-batching = "random"          # 'random' | 'similarity' (Lory, run data/similarity.py first)
+batching = "random"          # 'random' | 'similarity' (Lory; the order is built on first use)
 batch_size = 16              # micro-batch size per process
 block_size = 256
 gradient_accumulation_steps = 1  # global: divided across DDP processes
@@ -171,7 +184,6 @@ def parse_config(argv, defaults=DEFAULTS):
 # small helpers used by main() (and by tests)
 
 def model_args_from(cfg, vocab_size):
-    from model import GPTConfig
     args = {f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg}
     args["vocab_size"] = vocab_size
     return args
@@ -216,7 +228,6 @@ def carry_optimizer_state(old_opt, old_model, new_opt, new_model):
 
 def aux_total(routings, cfg, alphas):
     """sum_l alpha_l * L_aux_l + z_coef * sum_l L_z_l over routed MoE layers."""
-    from router import Routing
     total = 0.0
     for l, r in enumerate(r for r in routings if isinstance(r, Routing)):
         if cfg["aux_loss"] != "none":
@@ -234,7 +245,6 @@ class StatsAccumulator:
         self.sums, self.n = {}, 0
 
     def add(self, routings):
-        from router import Routing
         self.n += 1
         for l, r in enumerate(routings):
             if isinstance(r, Routing):
@@ -257,21 +267,7 @@ class StatsAccumulator:
 
 
 # -----------------------------------------------------------------------------
-
-def main(argv):
-    try:
-        cfg = parse_config(argv)
-        check_run_config(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from checkpoint import CheckpointError
-    try:
-        return train(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
+# checking the settings
 
 AUX_LOSSES = ("switch", "skywork", "none")
 AT_LEAST = {"batch_size": 1, "eval_iters": 1, "eval_interval": 1, "log_interval": 1,
@@ -296,378 +292,505 @@ def check_run_config(cfg):
             raise ConfigError(f"{key}={cfg[key]} must be >= 0")
     if cfg["aux_loss"] not in AUX_LOSSES:
         raise ConfigError(f"aux_loss={cfg['aux_loss']!r} must be one of {', '.join(AUX_LOSSES)}")
-    from cli import device_problem
     if cfg["device"] != "auto" and device_problem(cfg["device"]):
         raise ConfigError(f"device={cfg['device']!r} {device_problem(cfg['device'])}")
 
 
-def train(cfg):
-    from checkpoint import load_checkpoint, load_weights, save_checkpoint
-    from data.dataset import TokenDataset
-    from kernels import auto_impl
-    from model import GPT, GPTConfig, LoryFFN, MoEFFN
-    from router import AdaptiveAuxCoef, Routing
+# -----------------------------------------------------------------------------
+# the steps of train(), in the order it calls them
 
-    # ---- distributed setup (torchrun sets RANK/WORLD_SIZE) ----
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if cfg["device"] == "auto":
-        cfg["device"] = "cuda" if torch.cuda.is_available() else (
-            "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
-    if ddp:
-        import torch.distributed as dist
-        backend = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if cfg["device"].startswith("cuda") else "gloo")
-        dist.init_process_group(backend=backend)
-        rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-        if cfg["device"].startswith("cuda"):
-            cfg["device"] = f"cuda:{local_rank}"
-            torch.cuda.set_device(cfg["device"])
-        if cfg["gradient_accumulation_steps"] % world:
-            raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be a multiple "
-                              f"of the number of processes ({world})")
-    else:
-        rank, world = 0, 1
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    device = cfg["device"]
+@dataclass
+class Env:
+    """Where this process runs: its rank among the DDP processes and its device."""
+    ddp: bool
+    rank: int
+    local_rank: int
+    world: int
+    device: str
+    device_type: str      # 'cuda' | 'mps' | 'cpu'
+    dtype: str            # 'float32' | 'bfloat16' | 'float16'
+    autocast: object      # context manager for forward passes
+    accum: int            # micro-steps per process per optimizer step
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def log(self, *args):
+        if self.master:
+            print(*args)
+
+
+def resolve_device(name):
+    """'auto' -> cuda, then mps, then cpu; anything else as it is."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
+
+
+def setup_distributed(cfg):
+    """(ddp, rank, local_rank, world, device). torchrun sets RANK/WORLD_SIZE; then
+    each process joins the process group and, on CUDA, takes GPU local_rank."""
+    device = resolve_device(cfg["device"])
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 0, 1, device
+    backend = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
+    dist.init_process_group(backend=backend)
+    rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if cfg["gradient_accumulation_steps"] % world:
+        raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be a multiple "
+                          f"of the number of processes ({world})")
+    return True, rank, local_rank, world, device
+
+
+def setup_env(cfg):
+    """The process's Env: distributed setup, device, precision, seed."""
+    ddp, rank, local_rank, world, device = setup_distributed(cfg)
+    cfg["device"] = device
     device_type = "cuda" if device.startswith("cuda") else ("mps" if device.startswith("mps") else "cpu")
     dtype = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype={dtype!r} must be 'auto', 'float32', 'bfloat16' or 'float16'")
     autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
-    accum = cfg["gradient_accumulation_steps"] // world     # micro-steps per process per optimizer step
     torch.manual_seed(cfg["seed"])
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return Env(ddp, rank, local_rank, world, device, device_type, dtype, autocast,
+               accum=cfg["gradient_accumulation_steps"] // world)
 
-    # ---- data ----
+
+def load_data(cfg, env):
+    """(data_dir, train split, val split). Lory's similarity order is built here on
+    first use (by the master process; the others wait for it)."""
     data_dir = cfg["data_dir"] or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg["dataset"])
-    train_data = TokenDataset(data_dir, "train", batching=cfg["batching"])
-    val_data = TokenDataset(data_dir, "val")
-    vocab_size = train_data.meta["vocab_size"]
-    data_gen = torch.Generator().manual_seed(cfg["seed"])   # same stream on every rank: see get_batch
+    if cfg["batching"] == "similarity":
+        if env.master:
+            ensure_similarity_order(data_dir)
+        if env.ddp:
+            dist.barrier()
+    return data_dir, TokenDataset(data_dir, "train", batching=cfg["batching"]), TokenDataset(data_dir, "val")
 
-    def get_batch():
-        """One optimizer step's global batch, drawn identically on every rank; this
-        rank takes micro-batches m*world + rank. The data a step sees therefore does
-        not depend on the number of processes (1 process with accumulation 2 sees the
-        same samples as 2 processes with accumulation 1)."""
-        B, T = cfg["batch_size"], cfg["block_size"]
-        x, y = train_data.get_batch(B * accum * world, T, data_gen)
-        for m in range(accum):
-            s = (m * world + rank) * B
-            xb, yb = x[s:s + B], y[s:s + B]
-            if device_type == "cuda":
-                xb, yb = xb.pin_memory().to(device, non_blocking=True), yb.pin_memory().to(device, non_blocking=True)
-            else:
-                xb, yb = xb.to(device), yb.to(device)
-            yield xb, yb
 
-    # ---- model ----
-    if cfg["init_from"] != "resume" and os.path.exists(os.path.join(cfg["out_dir"], "ckpt.pt")) \
-            and not cfg["overwrite"]:
+def get_batch(train_data, cfg, env, data_gen):
+    """One optimizer step's global batch, drawn identically on every rank; this
+    rank takes micro-batches m*world + rank. The data a step sees therefore does
+    not depend on the number of processes (1 process with accumulation 2 sees the
+    same samples as 2 processes with accumulation 1). Yields (x, y), each (B, T)."""
+    B, T = cfg["batch_size"], cfg["block_size"]
+    x, y = train_data.get_batch(B * env.accum * env.world, T, data_gen)
+    for m in range(env.accum):
+        s = (m * env.world + env.rank) * B
+        xb, yb = x[s:s + B], y[s:s + B]
+        if env.device_type == "cuda":
+            xb, yb = xb.pin_memory().to(env.device, non_blocking=True), yb.pin_memory().to(env.device, non_blocking=True)
+        else:
+            xb, yb = xb.to(env.device), yb.to(env.device)
+        yield xb, yb
+
+
+def check_new_run(cfg, target_args):
+    """Before out_dir is touched: a new run must not replace a checkpoint unasked,
+    and its model shape (and Lory's later upcycle) must be possible."""
+    if cfg["init_from"] == "resume":
+        return
+    if os.path.exists(os.path.join(cfg["out_dir"], "ckpt.pt")) and not cfg["overwrite"]:
         raise ConfigError(f"{cfg['out_dir']} already holds a checkpoint: continue it with --init_from=resume, "
                           f"start over with --overwrite=True, or choose another --out_dir")
-    target_args = model_args_from(cfg, vocab_size)
-    if cfg["init_from"] != "resume":
-        GPTConfig(**target_args)                     # an impossible shape fails here, before out_dir is touched
-        if target_args["moe_layers"] != "none" and cfg["init_from"] == "scratch" and cfg["dense_warmup_iters"]:
-            from upcycle import check_upcycle_options      # Lory: the upcycle after the warm-up must work
-            check_upcycle_options(upcycle_options(cfg, target_args))
-    if master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-    iter_num, best_val_loss, ckpt = 0, 1e9, None
-    metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
-    upcycled_from = None
+    GPTConfig(**target_args)                     # an impossible shape fails here
+    if target_args["moe_layers"] != "none" and cfg["init_from"] == "scratch" and cfg["dense_warmup_iters"]:
+        check_upcycle_options(upcycle_options(cfg, target_args))   # Lory: the upcycle after the warm-up must work
+
+
+def model_with_runtime_keys(model_args, target_args):
+    """A saved model's shape with this run's runtime settings (RUNTIME_MODEL_KEYS)."""
+    args = dict(model_args)
+    for k in RUNTIME_MODEL_KEYS:
+        args[k] = target_args[k]
+    return GPT(GPTConfig(**args))
+
+
+def build_model(cfg, target_args, env):
+    """The model on the CPU, from one of its origins:
+      scratch        a new model (Lory with dense_warmup_iters: the dense shape first, Lory section 3.5)
+      resume         out_dir/ckpt.pt; returns that checkpoint too, to restore the optimizer and RNGs
+      <dense dir>    with moe_layers='none': warm start (weights only, fresh optimizer and schedule)
+      <dense dir>    with MoE layers: online upcycling in memory (Llama 3 meets MoE)
+    Returns (model, resume checkpoint or None, upcycled_from or None)."""
     init = cfg["init_from"]
     if init == "scratch":
         args = dict(target_args)
         if cfg["dense_warmup_iters"] > 0:
-            args["moe_layers"] = "none"      # dense warm-up phase first (Lory section 3.5)
-        model = GPT(GPTConfig(**args))
-    elif init == "resume":
-        ckpt = load_checkpoint(cfg["out_dir"], map_location=device)
-        args = dict(ckpt["model_args"])
-        for k in RUNTIME_MODEL_KEYS:
-            args[k] = target_args[k]
-        model = GPT(GPTConfig(**args))
+            args["moe_layers"] = "none"
+        return GPT(GPTConfig(**args)), None, None
+    if init == "resume":
+        ckpt = load_checkpoint(cfg["out_dir"], map_location=env.device)
+        model = model_with_runtime_keys(ckpt["model_args"], target_args)
         load_weights(model, ckpt["model"], cfg["out_dir"])
-        iter_num, best_val_loss = ckpt.get("iter_num", 0), ckpt.get("best_val_loss", 1e9)
-        upcycled_from = ckpt.get("upcycled_from")
-        log(f"resuming from {cfg['out_dir']} at iter {iter_num}")
-    else:   # init_from = a checkpoint directory: warm-start a dense run, or upcycle online
-        if os.path.abspath(init) == os.path.abspath(cfg["out_dir"]):
-            raise ConfigError(f"init_from={init} and out_dir must differ (use init_from='resume' to continue a run)")
-        if target_args["moe_layers"] == "none":
-            # continued dense training: the weights only, with a fresh optimizer and schedule
-            src = load_checkpoint(init, map_location="cpu")
-            args = dict(src["model_args"])
-            for k in RUNTIME_MODEL_KEYS:
-                args[k] = target_args[k]
-            model = GPT(GPTConfig(**args))
-            load_weights(model, src["model"], init)
-            log(f"warm start from {init} (iter {src.get('iter_num', '?')}): fresh optimizer and schedule")
-        else:
-            from upcycle import upcycle_from_checkpoint
-            model, upcycled_from = upcycle_from_checkpoint(init, upcycle_options(cfg, target_args), device="cpu")
-            log(f"upcycled {init} -> {model.config.n_experts} experts top-{model.config.top_k} in memory "
-                f"({upcycled_from['options'].get('function_preserving', '?')} function preservation)")
-    dense_ffns = source_ffns(init, upcycled_from, model)
+        env.log(f"resuming from {cfg['out_dir']} at iter {ckpt.get('iter_num', 0)}")
+        return model, ckpt, ckpt.get("upcycled_from")
+    if os.path.abspath(init) == os.path.abspath(cfg["out_dir"]):
+        raise ConfigError(f"init_from={init} and out_dir must differ (use init_from='resume' to continue a run)")
+    if target_args["moe_layers"] == "none":
+        src = load_checkpoint(init, map_location="cpu")
+        model = model_with_runtime_keys(src["model_args"], target_args)
+        load_weights(model, src["model"], init)
+        env.log(f"warm start from {init} (iter {src.get('iter_num', '?')}): fresh optimizer and schedule")
+        return model, None, None
+    model, upcycled_from = upcycle_from_checkpoint(init, upcycle_options(cfg, target_args), device="cpu")
+    env.log(f"upcycled {init} -> {model.config.n_experts} experts top-{model.config.top_k} in memory "
+            f"({upcycled_from['options'].get('function_preserving', '?')} function preservation)")
+    return model, None, upcycled_from
+
+
+def check_model_fits_data(model, cfg, vocab_size, data_dir):
     if model.config.vocab_size != vocab_size:
         raise ConfigError(f"model vocab_size={model.config.vocab_size} differs from {data_dir} "
                           f"vocab_size={vocab_size}: prepare the data with the tokenizer the model used")
     if model.config.block_size < cfg["block_size"]:
         raise ConfigError(f"block_size={cfg['block_size']} exceeds the model's block_size={model.config.block_size}")
-    model.to(device)
 
-    def moe_layers_of(m):
-        return [f for _, f in m.moe_layers()]
 
-    def n_routed(m):
-        return sum(isinstance(f, MoEFFN) for f in moe_layers_of(m))
+def routed_ffns(model):
+    """The routed (token-choice) MoE FFNs of a model, in layer order."""
+    return [f for _, f in model.moe_layers() if isinstance(f, MoEFFN)]
 
-    optimizer = make_optimizer(model, cfg, device_type)
-    scaler = torch.amp.GradScaler(enabled=(dtype == "float16"))
-    aux_coef = AdaptiveAuxCoef(n_routed(model), cfg["adaptive_aux_xi"], cfg["adaptive_aux_max"],
-                               cfg["adaptive_aux_beta"], alpha_init=cfg["adaptive_aux_max"])
-    if ckpt is not None:
-        if ckpt.get("optimizer") is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("aux_coef") is not None:
-            aux_coef.load_state_dict(ckpt["aux_coef"])
-        rng = ckpt.get("rng") or {}
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"].cpu())
-        if "data" in rng:
-            data_gen.set_state(rng["data"].cpu())
-        if device_type == "cuda" and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"].cpu())
-        ckpt = None   # free memory
 
-    if model.config.is_moe and master and any(isinstance(f, MoEFFN) for f in moe_layers_of(model)):
+def n_routed(model):
+    return len(routed_ffns(model))
+
+
+def new_aux_coef(model, cfg):
+    """Skywork's adaptive auxiliary-loss coefficients, one per routed layer."""
+    return AdaptiveAuxCoef(n_routed(model), cfg["adaptive_aux_xi"], cfg["adaptive_aux_max"],
+                           cfg["adaptive_aux_beta"], alpha_init=cfg["adaptive_aux_max"])
+
+
+def restore_training_state(ckpt, optimizer, aux_coef, data_gen, device_type):
+    """Resume exactly: optimizer moments, Skywork alphas, and the torch, CUDA and data RNGs."""
+    if ckpt.get("optimizer") is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("aux_coef") is not None:
+        aux_coef.load_state_dict(ckpt["aux_coef"])
+    rng = ckpt.get("rng") or {}
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"].cpu())
+    if "data" in rng:
+        data_gen.set_state(rng["data"].cpu())
+    if device_type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"].cpu())
+
+
+def log_expert_kernel(model, env):
+    if model.config.is_moe and routed_ffns(model):
         impl = model.config.expert_impl
-        name, why = auto_impl(torch.device(device), getattr(torch, dtype)) if impl == "auto" else (impl, "forced")
-        log(f"expert kernel: {name} ({why})")
+        name, why = auto_impl(torch.device(env.device), getattr(torch, env.dtype)) if impl == "auto" else (impl, "forced")
+        env.log(f"expert kernel: {name} ({why})")
 
-    raw_model = model
-    if cfg["compile"]:
-        model = torch.compile(model)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+def wrap_model(raw_model, cfg, env):
+    """What the training step calls: the model, compiled and/or wrapped in DDP (which
+    averages the gradients across processes during backward)."""
+    model = torch.compile(raw_model) if cfg["compile"] else raw_model
+    if env.ddp:
+        model = DDP(model, device_ids=[env.local_rank] if env.device_type == "cuda" else None)
+    return model
+
+
+@dataclass
+class RunState:
+    """What changes as a run goes on, and what its checkpoint holds."""
+    raw_model: torch.nn.Module     # the GPT itself
+    model: torch.nn.Module         # what the step calls (compiled / DDP-wrapped raw_model)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler   # loss scaling, active for float16 only
+    aux_coef: AdaptiveAuxCoef
+    data_gen: torch.Generator
+    iter_num: int = 0
+    best_val_loss: float = 1e9
+    upcycled_from: dict = None     # where an upcycled model came from (checkpoint provenance)
+    dense_ffns: dict = None        # {layer: (W1, W3, W2)} of the dense source, for the similarity monitor
+
+
+def upcycle_after_warmup(st, cfg, target_args, env):
+    """Lory's dense warm-up ends: upcycle the dense model in memory, keep the Adam
+    moments of the parameters that survive, and start fresh ones for the experts."""
+    old_model, old_opt = st.raw_model, st.optimizer
+    st.raw_model = upcycle_model(old_model, upcycle_options(cfg, target_args)).to(env.device)
+    st.dense_ffns = {l: tuple(getattr(old_model.blocks[l].ffn, m).weight.detach().cpu().clone()
+                              for m in ("gate_proj", "up_proj", "down_proj")) for l, _ in st.raw_model.moe_layers()}
+    st.optimizer = make_optimizer(st.raw_model, cfg, env.device_type)
+    carry_optimizer_state(old_opt, old_model, st.optimizer, st.raw_model)
+    st.aux_coef = new_aux_coef(st.raw_model, cfg)
+    st.upcycled_from = {"path": None, "sha256": None, "method": "dense warm-up",
+                        "options": upcycle_options(cfg, target_args), "iter": st.iter_num}
+    st.model = wrap_model(st.raw_model, cfg, env)
+    env.log(f"dense warm-up done at iter {st.iter_num}: upcycled to {st.raw_model.config.n_experts} experts")
+
+
+@torch.no_grad()
+def evaluate(raw_model, eval_batches, n_domains, env):
+    """Mean loss over the fixed train/val batches; for MoE also per-domain expert
+    usage (routed: fraction of each domain's tokens per expert; Lory: mean merge
+    weights of the segments whose last token is in the domain).
+    eval_batches: {"train": [...], "val": [...]} of (x, y, domains_y), each (B, T)."""
+    raw_model.eval()
+    out = {}
+    for split, batches in eval_batches.items():
+        losses = []
+        usage = None
+        for x, y, dom in batches:
+            x, y = x.to(env.device), y.to(env.device)
+            with env.autocast:
+                _, loss, routings = raw_model(x, y)
+            losses.append(loss.item())
+            if split == "val" and routings:
+                usage = domain_usage(routings, dom, n_domains, usage, x.shape)
+        out[f"{split}_loss"] = float(np.mean(losses))
+        if split == "val" and usage is not None:
+            out["domain_usage"] = [(u / u.sum(-1, keepdim=True).clamp_min(1e-9)).tolist() for u in usage]
+    raw_model.train()
+    return out
+
+
+def eval_record(ev, st, tokens_per_iter):
+    """The metrics.jsonl record of one evaluation (plus the expert-similarity monitor
+    for upcycled MoE models)."""
+    rec = {"iter": st.iter_num, "tokens": st.iter_num * tokens_per_iter, "split": "eval",
+           "train_loss": ev["train_loss"], "val_loss": ev["val_loss"]}
+    if "domain_usage" in ev:
+        rec["domain_usage"] = ev["domain_usage"]
+    if st.upcycled_from is not None and st.raw_model.config.is_moe:
+        rec.update(expert_similarity_record(st.raw_model, st.dense_ffns))
+    return rec
+
+
+def save_checkpoint(st, cfg, env, note=""):
+    """out_dir/ckpt.pt (atomically): weights, optimizer, RNG and data-generator
+    states, and the Skywork alphas, everything an exact resume needs."""
+    obj = {
+        "model_args": asdict(st.raw_model.config),
+        "model": st.raw_model.state_dict(),
+        "optimizer": st.optimizer.state_dict(),
+        "iter_num": st.iter_num,
+        "best_val_loss": st.best_val_loss,
+        "config": cfg,
+        "rng": {"torch": torch.get_rng_state(), "data": st.data_gen.get_state(),
+                "cuda": torch.cuda.get_rng_state() if env.device_type == "cuda" else None},
+        "aux_coef": st.aux_coef.state_dict() if n_routed(st.raw_model) else None,
+        "upcycled_from": st.upcycled_from,
+    }
+    path = checkpoint.save_checkpoint(obj, cfg["out_dir"])
+    env.log(f"saved checkpoint {path}{note}")
+
+
+def forward_backward(st, batches, cfg, env, alphas, stats):
+    """Forward and backward over this step's micro-batches, gradients accumulated;
+    with DDP the gradients are averaged across processes in the last micro-step's
+    backward only. Returns (mean loss, per-layer tokens per expert, per-layer drop rate)."""
+    step_loads, step_drops, lossf = None, None, 0.0
+    for m, (X, Y) in enumerate(batches):
+        if env.ddp:
+            st.model.require_backward_grad_sync = (m == env.accum - 1)
+        with env.autocast:
+            _, loss, routings = st.model(X, Y)
+            total = (loss + aux_total(routings, cfg, alphas)) / env.accum
+        st.scaler.scale(total).backward()
+        lossf += loss.item() / env.accum
+        stats.add(routings)
+        routed_r = [r for r in routings if isinstance(r, Routing)]
+        loads = [r.stats["tokens_per_expert"] for r in routed_r]
+        drops = [float(r.stats["drop_rate"]) / env.accum for r in routed_r]
+        step_loads = loads if step_loads is None else [a + b for a, b in zip(step_loads, loads)]
+        step_drops = drops if step_drops is None else [a + b for a, b in zip(step_drops, drops)]
+    return lossf, step_loads, step_drops
+
+
+def all_reduce_mean(values, env):
+    """The mean over processes of a list of floats (the list itself without DDP)."""
+    if not env.ddp:
+        return values
+    t = torch.tensor(values, device=env.device)
+    dist.all_reduce(t)
+    return (t / env.world).tolist()
+
+
+def optimizer_step(st, cfg):
+    """Clip the global gradient norm, step, zero the gradients."""
+    if cfg["grad_clip"] > 0:
+        st.scaler.unscale_(st.optimizer)
+        torch.nn.utils.clip_grad_norm_(st.raw_model.parameters(), cfg["grad_clip"])
+    st.scaler.step(st.optimizer)
+    st.scaler.update()
+    st.optimizer.zero_grad(set_to_none=True)
+
+
+def update_balancing(st, step_loads, step_drops, cfg, env):
+    """After the step, from training statistics only: the sigmoid router's aux-free
+    bias (DeepSeek-V3) from the step's loads, and Skywork's adaptive alphas from
+    its drop rates, both summed over processes so every rank holds the same state."""
+    if not step_loads:
+        return
+    if env.ddp:
+        for t in step_loads:
+            dist.all_reduce(t)
+    for ffn, load in zip(routed_ffns(st.raw_model), step_loads):
+        if ffn.router.router_type == "sigmoid":
+            ffn.router.update_expert_bias(load, cfg["expert_bias_gamma"])
+    if cfg["adaptive_aux"]:
+        st.aux_coef.update(all_reduce_mean(step_drops, env) if env.ddp else step_drops)
+
+
+def current_alphas(st, cfg):
+    """Auxiliary-loss coefficient per routed layer: adaptive (Skywork) or fixed."""
+    return list(st.aux_coef.alpha) if cfg["adaptive_aux"] else [cfg["aux_loss_coef"]] * n_routed(st.raw_model)
+
+
+def train_record(st, loss, lr, dt, tokens_per_iter, gpu_name, stats, cfg):
+    """(metrics.jsonl record, console line) of one log interval: mean loss, speed,
+    MFU, and the interval's mean routing statistics per MoE layer."""
+    tok_s = tokens_per_iter / dt
+    mfu = st.raw_model.estimate_mfu(tokens_per_iter, dt, gpu_name)
+    rec = {"iter": st.iter_num, "tokens": st.iter_num * tokens_per_iter, "split": "train",
+           "loss": loss, "lr": lr, "ms_per_iter": dt * 1000, "tok_per_s": tok_s}
+    if mfu is not None:
+        rec["mfu"] = mfu
+    line = (f"iter {st.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+            f"{tok_s:,.0f} tok/s" + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ""))
+    layers = stats.layers()
+    if layers:
+        if n_routed(st.raw_model):
+            rec["alpha"] = current_alphas(st, cfg)
+        rec["moe"] = layers
+        line += moe_summary(layers)
+    return rec, line
+
+
+def stop_not_finite(what, value, st, cfg, env):
+    env.log(f"error: {what} is {'not finite' if value is None else value} at iter {st.iter_num}; stopping. "
+            f"The last good checkpoint in {cfg['out_dir']} is kept (lower learning_rate or check the data).")
+    return 1
+
+
+# -----------------------------------------------------------------------------
+
+def train(cfg):
+    """Train one run as cfg says; returns the exit status (0, or 1 when the loss
+    stops being finite)."""
+    env = setup_env(cfg)
+    data_dir, train_data, val_data = load_data(cfg, env)
+    vocab_size = train_data.meta["vocab_size"]
+    data_gen = torch.Generator().manual_seed(cfg["seed"])   # same stream on every rank: see get_batch
+
+    # ---- model: scratch, resume, warm start or online upcycling ----
+    target_args = model_args_from(cfg, vocab_size)
+    check_new_run(cfg, target_args)
+    if env.master:
+        os.makedirs(cfg["out_dir"], exist_ok=True)
+    raw_model, ckpt, upcycled_from = build_model(cfg, target_args, env)
+    dense_ffns = source_ffns(upcycled_from, raw_model)
+    check_model_fits_data(raw_model, cfg, vocab_size, data_dir)
+    raw_model.to(env.device)
+    optimizer = make_optimizer(raw_model, cfg, env.device_type)
+    st = RunState(raw_model, raw_model, optimizer, torch.amp.GradScaler(enabled=(env.dtype == "float16")),
+                  new_aux_coef(raw_model, cfg), data_gen, upcycled_from=upcycled_from, dense_ffns=dense_ffns)
+    if ckpt is not None:
+        restore_training_state(ckpt, st.optimizer, st.aux_coef, data_gen, env.device_type)
+        st.iter_num, st.best_val_loss = ckpt.get("iter_num", 0), ckpt.get("best_val_loss", 1e9)
+        ckpt = None   # free memory
+    if env.master:
+        log_expert_kernel(raw_model, env)
+    st.model = wrap_model(raw_model, cfg, env)
 
     # fixed evaluation batches: comparable across runs and steps
-    eval_B = cfg["batch_size"]
-    val_batches = val_data.fixed_batches(cfg["eval_iters"], eval_B, cfg["block_size"], seed=1234)
-    train_eval_batches = train_data.fixed_batches(cfg["eval_iters"], eval_B, cfg["block_size"], seed=4321)
+    eval_batches = {"train": train_data.fixed_batches(cfg["eval_iters"], cfg["batch_size"], cfg["block_size"], seed=4321),
+                    "val": val_data.fixed_batches(cfg["eval_iters"], cfg["batch_size"], cfg["block_size"], seed=1234)}
+    path = os.path.join(cfg["out_dir"], METRICS_FILE)
+    if env.master and cfg["init_from"] == "resume":
+        trim_for_resume(path, st.iter_num)
+    metrics = MetricsWriter(path, append=cfg["init_from"] == "resume", enabled=env.master)
+    if st.upcycled_from is not None and st.iter_num == 0 and env.master:
+        save_checkpoint(st, cfg, env, " (step-0 upcycled MoE)")
 
-    @torch.no_grad()
-    def evaluate():
-        """Mean loss over the fixed train/val batches; for MoE also per-domain expert
-        usage (routed: fraction of each domain's tokens per expert; Lory: mean merge
-        weights of the segments whose last token is in the domain)."""
-        raw_model.eval()
-        out = {}
-        n_dom = val_data.n_domains
-        for split, batches in (("train", train_eval_batches), ("val", val_batches)):
-            losses = []
-            usage = None
-            for x, y, dom in batches:
-                x, y = x.to(device), y.to(device)
-                with autocast:
-                    _, loss, routings = raw_model(x, y)
-                losses.append(loss.item())
-                if split == "val" and routings:
-                    usage = domain_usage(routings, dom, n_dom, usage, x.shape)
-            out[f"{split}_loss"] = float(np.mean(losses))
-            if split == "val" and usage is not None:
-                out["domain_usage"] = [(u / u.sum(-1, keepdim=True).clamp_min(1e-9)).tolist() for u in usage]
-        raw_model.train()
-        return out
-
-    def save(extra_note=""):
-        ckpt_obj = {
-            "model_args": asdict(raw_model.config),
-            "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "iter_num": iter_num,
-            "best_val_loss": best_val_loss,
-            "config": cfg,
-            "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
-                    "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None},
-            "aux_coef": aux_coef.state_dict() if n_routed(raw_model) else None,
-            "upcycled_from": upcycled_from,
-        }
-        path = save_checkpoint(ckpt_obj, cfg["out_dir"])
-        log(f"saved checkpoint {path}{extra_note}")
-
-    # metrics: a resumed run drops records from after its checkpoint
-    # (the resumed iteration is evaluated again, so its old eval record goes too).
-    # A new run moves an old log to metrics.jsonl.prev only when it writes its
-    # first record, so a run that fails while starting leaves the old log alone.
-    if master and cfg["init_from"] == "resume" and os.path.exists(metrics_path):
-        keep = [r for r in read_metrics(metrics_path)
-                if r.get("iter", 0) < iter_num or (r.get("iter", 0) == iter_num and r.get("split") != "eval")]
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
-        os.replace(metrics_path + ".tmp", metrics_path)
-    metrics_file = None
-
-    def write_metrics(rec):
-        nonlocal metrics_file
-        if not master:
-            return
-        if metrics_file is None:
-            if cfg["init_from"] != "resume" and os.path.exists(metrics_path):
-                os.replace(metrics_path, metrics_path + ".prev")   # keep the old run's log, start afresh
-            metrics_file = open(metrics_path, "a")
-        metrics_file.write(json.dumps(rec) + "\n")
-        metrics_file.flush()
-
-    if upcycled_from is not None and iter_num == 0 and master:
-        save(" (step-0 upcycled MoE)")
-
-    n_params, n_active = raw_model.num_params(), raw_model.num_params(active=True)
     tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
-    log(f"model: {n_params / 1e6:.2f}M parameters, {n_active / 1e6:.2f}M active; "
-        f"{tokens_per_iter} tokens/iter; device {device} ({dtype}); {world} process(es)")
-    gpu_name = torch.cuda.get_device_name(device) if device_type == "cuda" else None
-
+    env.log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {raw_model.num_params(active=True) / 1e6:.2f}M "
+            f"active; {tokens_per_iter} tokens/iter; device {env.device} ({env.dtype}); {env.world} process(es)")
+    gpu_name = torch.cuda.get_device_name(env.device) if env.device_type == "cuda" else None
     stats = StatsAccumulator()
-    start_iter = iter_num
-    t0 = time.time()
-    train_loss_acc, acc_n = 0.0, 0
+    start_iter = st.iter_num
+    t0, loss_sum, n_steps = time.time(), 0.0, 0
     while True:
-        # ---- Lory dense warm-up: upcycle in memory when the warm-up ends ----
-        if (cfg["dense_warmup_iters"] > 0 and iter_num >= cfg["dense_warmup_iters"]
-                and target_args["moe_layers"] != "none" and not raw_model.config.is_moe):
-            from upcycle import upcycle_model
-            old_model, old_opt = raw_model, optimizer
-            raw_model = upcycle_model(old_model, upcycle_options(cfg, target_args)).to(device)
-            dense_ffns = {l: tuple(getattr(old_model.blocks[l].ffn, m).weight.detach().cpu().clone()
-                                   for m in ("gate_proj", "up_proj", "down_proj")) for l, _ in raw_model.moe_layers()}
-            optimizer = make_optimizer(raw_model, cfg, device_type)
-            carry_optimizer_state(old_opt, old_model, optimizer, raw_model)
-            aux_coef = AdaptiveAuxCoef(n_routed(raw_model), cfg["adaptive_aux_xi"], cfg["adaptive_aux_max"],
-                                       cfg["adaptive_aux_beta"], alpha_init=cfg["adaptive_aux_max"])
-            upcycled_from = {"path": None, "sha256": None, "method": "dense warm-up",
-                             "options": upcycle_options(cfg, target_args), "iter": iter_num}
-            model = torch.compile(raw_model) if cfg["compile"] else raw_model
-            if ddp:
-                model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-            log(f"dense warm-up done at iter {iter_num}: upcycled to {raw_model.config.n_experts} experts")
-
-        lr = get_lr(iter_num, cfg)
-        for g in optimizer.param_groups:
+        if (cfg["dense_warmup_iters"] > 0 and st.iter_num >= cfg["dense_warmup_iters"]
+                and target_args["moe_layers"] != "none" and not st.raw_model.config.is_moe):
+            upcycle_after_warmup(st, cfg, target_args, env)
+        lr = get_lr(st.iter_num, cfg)
+        for g in st.optimizer.param_groups:
             g["lr"] = lr
 
         # ---- evaluation + checkpoint ----
-        if iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]:
-            ev = evaluate()
-            rec = {"iter": iter_num, "tokens": iter_num * tokens_per_iter, "split": "eval",
-                   "train_loss": ev["train_loss"], "val_loss": ev["val_loss"]}
-            if "domain_usage" in ev:
-                rec["domain_usage"] = ev["domain_usage"]
-            if upcycled_from is not None and raw_model.config.is_moe:
-                rec.update(expert_similarity_record(raw_model, dense_ffns))
+        if st.iter_num % cfg["eval_interval"] == 0 or st.iter_num == cfg["max_iters"]:
+            ev = evaluate(st.raw_model, eval_batches, val_data.n_domains, env)
             if not (math.isfinite(ev["val_loss"]) and math.isfinite(ev["train_loss"])):
-                log(f"error: eval loss is not finite at iter {iter_num}; stopping. The last good checkpoint "
-                    f"in {cfg['out_dir']} is kept (lower learning_rate or check the data).")
-                return 1
-            write_metrics(rec)
-            log(f"eval iter {iter_num}: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f}")
-            if ev["val_loss"] < best_val_loss or cfg["always_save_checkpoint"]:
-                best_val_loss = min(best_val_loss, ev["val_loss"])
-                if iter_num > start_iter and master:   # nothing new to save at the start
-                    save()
-        if iter_num >= cfg["max_iters"]:
+                return stop_not_finite("eval loss", None, st, cfg, env)
+            metrics.write(eval_record(ev, st, tokens_per_iter))
+            env.log(f"eval iter {st.iter_num}: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f}")
+            if ev["val_loss"] < st.best_val_loss or cfg["always_save_checkpoint"]:
+                st.best_val_loss = min(st.best_val_loss, ev["val_loss"])
+                if st.iter_num > start_iter and env.master:   # nothing new to save at the start
+                    save_checkpoint(st, cfg, env)
+        if st.iter_num >= cfg["max_iters"]:
             break
 
         # ---- one optimizer step ----
-        alphas = aux_coef.alpha if cfg["adaptive_aux"] else [cfg["aux_loss_coef"]] * n_routed(raw_model)
-        step_loads, step_drops = None, None
-        lossf = 0.0
-        for m, (X, Y) in enumerate(get_batch()):
-            if ddp:
-                model.require_backward_grad_sync = (m == accum - 1)
-            with autocast:
-                _, loss, routings = model(X, Y)
-                total = (loss + aux_total(routings, cfg, alphas)) / accum
-            scaler.scale(total).backward()
-            lossf += loss.item() / accum
-            stats.add(routings)
-            routed_r = [r for r in routings if isinstance(r, Routing)]
-            loads = [r.stats["tokens_per_expert"] for r in routed_r]
-            drops = [float(r.stats["drop_rate"]) / accum for r in routed_r]
-            step_loads = loads if step_loads is None else [a + b for a, b in zip(step_loads, loads)]
-            step_drops = drops if step_drops is None else [a + b for a, b in zip(step_drops, drops)]
-        if ddp:   # log the global batch's loss, not this rank's share
-            t = torch.tensor([lossf], device=device)
-            dist.all_reduce(t)
-            lossf = t.item() / world
+        batches = get_batch(train_data, cfg, env, st.data_gen)
+        lossf, step_loads, step_drops = forward_backward(st, batches, cfg, env, current_alphas(st, cfg), stats)
+        lossf = all_reduce_mean([lossf], env)[0]   # log the global batch's loss, not this rank's share
         if not math.isfinite(lossf):
-            log(f"error: loss is {lossf} at iter {iter_num}; stopping. The last good checkpoint "
-                f"in {cfg['out_dir']} is kept (lower learning_rate or check the data).")
-            return 1
-        if cfg["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+            return stop_not_finite("loss", lossf, st, cfg, env)
+        optimizer_step(st, cfg)
+        update_balancing(st, step_loads, step_drops, cfg, env)
 
-        # ---- after the step: balancing state (training statistics only) ----
-        if step_loads:
-            if ddp:
-                for t in step_loads:
-                    dist.all_reduce(t)
-            routed = [f for f in moe_layers_of(raw_model) if isinstance(f, MoEFFN)]
-            for ffn, load in zip(routed, step_loads):
-                if ffn.router.router_type == "sigmoid":
-                    ffn.router.update_expert_bias(load, cfg["expert_bias_gamma"])
-            if cfg["adaptive_aux"]:
-                if ddp:   # every rank must hold the same alphas
-                    t = torch.tensor(step_drops)
-                    dist.all_reduce(t)
-                    step_drops = (t / world).tolist()
-                aux_coef.update(step_drops)
+        loss_sum, n_steps, st.iter_num = loss_sum + lossf, n_steps + 1, st.iter_num + 1
+        if st.iter_num % cfg["log_interval"] == 0 and env.master:
+            rec, line = train_record(st, loss_sum / n_steps, lr, (time.time() - t0) / n_steps, tokens_per_iter,
+                                     gpu_name, stats, cfg)
+            metrics.write(rec)
+            env.log(line)
+            t0, loss_sum, n_steps = time.time(), 0.0, 0
 
-        train_loss_acc += lossf
-        acc_n += 1
-        iter_num += 1
-        if iter_num % cfg["log_interval"] == 0 and master:
-            dt = (time.time() - t0) / acc_n
-            tok_s = tokens_per_iter / dt
-            mfu = raw_model.estimate_mfu(tokens_per_iter, dt, gpu_name)
-            rec = {"iter": iter_num, "tokens": iter_num * tokens_per_iter, "split": "train",
-                   "loss": train_loss_acc / acc_n, "lr": lr, "ms_per_iter": dt * 1000, "tok_per_s": tok_s}
-            if mfu is not None:
-                rec["mfu"] = mfu
-            line = (f"iter {iter_num}: loss {rec['loss']:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
-                    f"{tok_s:,.0f} tok/s" + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ""))
-            layers = stats.layers()
-            if layers:
-                if n_routed(raw_model):
-                    rec["alpha"] = list(aux_coef.alpha) if cfg["adaptive_aux"] else [cfg["aux_loss_coef"]] * n_routed(raw_model)
-                rec["moe"] = layers
-                line += moe_summary(layers)
-            write_metrics(rec)
-            log(line)
-            t0, train_loss_acc, acc_n = time.time(), 0.0, 0
-
-    if master:
-        save(" (final)")
-        metrics_file.close()
-    if ddp:
+    if env.master:
+        save_checkpoint(st, cfg, env, " (final)")
+    metrics.close()
+    if env.ddp:
         dist.destroy_process_group()
     return 0
 
 
-def source_ffns(init, upcycled_from, model):
+def main(argv):
+    try:
+        cfg = parse_config(argv)
+        check_run_config(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return train(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+# -----------------------------------------------------------------------------
+# helpers of the steps above (and of demo.py, experiments.py and the tests)
+
+def source_ffns(upcycled_from, model):
     """{layer: (W1, W3, W2)} of the dense checkpoint an upcycled model came from,
     or {} when the source is unknown or gone."""
-    from checkpoint import CheckpointError, load_checkpoint
-    from upcycle import dense_ffn_weights
     path = (upcycled_from or {}).get("path")
     if not path or not os.path.exists(path):
         return {}
@@ -690,7 +813,6 @@ def domain_usage(routings, dom, n_dom, usage, shape):
     """Accumulate per-layer (n_domains, E) expert usage for one eval batch.
     dom: (B, T) domain of each target token (the input token at the same position
     belongs to the same document except at document boundaries)."""
-    from router import Routing
     B, T = shape
     dom = dom.reshape(-1).cpu()
     out = usage or [None] * len(routings)
@@ -712,7 +834,6 @@ def expert_similarity_record(model, dense_ffns):
     """Per MoE layer: mean pairwise cosine similarity of the experts, and each
     expert's similarity to the dense FFN it came from (Skywork / He et al. monitor:
     it falls as experts specialise; the run whose experts stay most similar is worst)."""
-    from upcycle import mean_pairwise_similarity, similarity_to_dense
     rec = {"expert_similarity": [round(mean_pairwise_similarity(f), 6) for _, f in model.moe_layers()]}
     if dense_ffns:
         rec["similarity_to_dense"] = [[round(v, 6) for v in similarity_to_dense(f, dense_ffns[l]).tolist()]
@@ -727,7 +848,6 @@ def finished_run(out_dir, cfg):
     """True when out_dir holds the final checkpoint (iter max_iters) of a run with the
     settings cfg (runtime-only keys aside). demo.py and experiments.py reuse such
     runs; anything else (another shape, a smoke run, an unfinished run) is retrained."""
-    from checkpoint import CheckpointError, load_checkpoint
     try:
         ckpt = load_checkpoint(out_dir)
     except CheckpointError:
@@ -735,22 +855,6 @@ def finished_run(out_dir, cfg):
     saved = ckpt.get("config") or {}
     return ckpt.get("iter_num") == cfg["max_iters"] and all(
         saved.get(k) == v for k, v in cfg.items() if k not in RUN_ONLY_KEYS)
-
-
-def read_metrics(path):
-    """Records of a metrics.jsonl; a truncated last line (killed mid-write) is skipped."""
-    recs = []
-    with open(path) as f:
-        lines = f.readlines()
-    for i, line in enumerate(lines):
-        try:
-            recs.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                print(f"warning: skipped a truncated last line in {path}", file=sys.stderr)
-            else:
-                raise ValueError(f"{path} line {i + 1} is not valid JSON") from None
-    return recs
 
 
 def moe_summary(layers):

@@ -14,6 +14,8 @@ sequence share a domain, which is what lets segment-level routing specialise.
 
 writes train_similarity.bin / train_similarity_index.npy (the same documents reordered, same
 format as train.bin / train_index.npy); train with --batching=similarity to use them.
+train.py builds them on first use (ensure_similarity_order) when they are missing or older
+than train.bin, so running this script by hand is optional.
 """
 import os
 import sys
@@ -146,11 +148,16 @@ def build(data_dir, k=16, dim=2 ** 13, ngrams=None, seed=1337, restart="nearest"
     for o, n, _ in index:
         doc = tokens[o:o + n]
         docs.append(doc[:-1] if eot is not None and n > 1 and doc[-1] == eot else doc)
-    emb = embed_documents(docs, dim=dim, ngrams=ngrams)
-    neighbors = knn(emb, k)
     if restart not in ("nearest", "random"):
         raise ValueError(f"restart={restart!r} must be 'nearest' or 'random'")
+    say = print if verbose else (lambda *a, **kw: None)
+    say(f"  1/4 embedding {len(docs)} documents (hashed {ngrams}-grams, dim {dim})", flush=True)
+    emb = embed_documents(docs, dim=dim, ngrams=ngrams)
+    say(f"  2/4 {k} nearest neighbours of each document ({time.time() - t0:.1f}s)", flush=True)
+    neighbors = knn(emb, k)
+    say(f"  3/4 greedy traversal, restart={restart} ({time.time() - t0:.1f}s)", flush=True)
     order = greedy_order(neighbors, seed, emb if restart == "nearest" else None)
+    say(f"  4/4 writing the reordered split ({time.time() - t0:.1f}s)", flush=True)
     write_reordered(data_dir, tokens, index, order)
     stats = {"docs": len(index), "k": int(neighbors.shape[1]), "dim": dim, "ngrams": list(ngrams), "restart": restart,
              "adjacency_random": same_domain_adjacency(index[:, 2]),
@@ -164,6 +171,20 @@ def build(data_dir, k=16, dim=2 ** 13, ngrams=None, seed=1337, restart="nearest"
         print(f"same-domain adjacency, similarity order:  {stats['adjacency_similarity']:.3f}")
         print(f"wrote {os.path.join(data_dir, 'train_similarity.bin')} in {stats['seconds']:.1f}s")
     return stats
+
+
+def ensure_similarity_order(data_dir):
+    """Build data_dir's similarity order (train_similarity.bin / _index.npy) when it is
+    missing or older than train.bin, printing progress; returns True when it built one."""
+    files = [os.path.join(data_dir, f) for f in ("train_similarity.bin", "train_similarity_index.npy")]
+    source = os.path.join(data_dir, "train.bin")
+    if all(os.path.exists(f) for f in files) and (
+            not os.path.exists(source) or min(os.path.getmtime(f) for f in files) >= os.path.getmtime(source)):
+        return False
+    print(f"batching='similarity': building the similarity order of {data_dir} (once; "
+          f"`python data/similarity.py` does the same)", flush=True)
+    build(data_dir)
+    return True
 
 
 def main():

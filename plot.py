@@ -1,0 +1,503 @@
+"""
+Every figure of the project, drawn from the files a run leaves behind: the
+training log (metrics.jsonl, written by train.py) and the evaluation result
+(eval.py's JSON: `python eval.py --ckpt=RUN --json`). Nothing here measures;
+eval.py measures and this file draws, so a notebook can call the same functions.
+
+    python plot.py --run=out/demo/upcycled                        # training-log plots
+    python plot.py --run=out/demo/upcycled --eval=EVAL.json       # ... and the eval-based ones
+    python eval.py --ckpt=out/demo/upcycled --plots               # evaluates, then calls make_plots
+
+Every plot_* function takes data and an output path, writes one PNG of exactly
+figsize * dpi pixels (constrained layout, no bbox cropping) and returns the path,
+or returns None when the data have nothing to show (dense run, no MoE records).
+matplotlib's object API only (Figure, no pyplot): no global state, any backend.
+"""
+import json
+import math
+import os
+import sys
+
+import numpy as np
+from matplotlib.colors import Normalize, TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
+
+from cli import ArgumentParser
+from metrics import load_metrics
+
+def _figure(figsize, dpi):
+    return Figure(figsize=figsize, dpi=dpi, layout="constrained")
+
+
+def _save(fig, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=fig.dpi)
+    return path
+
+
+def _grid(n, max_cols=None):
+    """(rows, cols) of a per-layer panel grid: 2 columns up to 4 layers, then 3, then 4."""
+    cols = min(n, max_cols or (2 if n <= 4 else 3 if n <= 9 else 4))
+    return math.ceil(n / cols), cols
+
+
+def _layer_label(layer_ids, i):
+    return f"layer {layer_ids[i]}" if layer_ids is not None and i < len(layer_ids) else f"MoE layer {i}"
+
+
+def _moe_layers_of_record(rec):
+    return rec.get("moe") or []
+
+
+def _moe_train_records(records, stat=None):
+    """The training-log records that carry per-layer MoE statistics (with `stat`
+    among them, when given)."""
+    return [r for r in records if r.get("split") == "train" and _moe_layers_of_record(r)
+            and (stat is None or stat in r["moe"][0])]
+
+
+def _load_norm(E, data_max=0.0):
+    """Diverging colour scale centred on the balanced load 1/E (white), from 0
+    (blue, unused) to at least 2/E (red, twice its share)."""
+    if E <= 1:
+        return Normalize(0.0, 1.0)
+    return TwoSlopeNorm(vcenter=1.0 / E, vmin=0.0, vmax=max(2.0 / E, float(data_max)))
+
+
+def _annotate(ax, im, M, fmt="{:.2f}", max_cells=100):
+    """Write each cell's value on a small heatmap, black on light cells and white
+    on dark ones (judged from the cell's colour)."""
+    M = np.asarray(M, dtype=float)
+    if M.size > max_cells:
+        return
+    for (i, j), v in np.ndenumerate(M):
+        if not np.isfinite(v):
+            continue
+        r, g, b, _ = im.cmap(im.norm(v))
+        light = 0.299 * r + 0.587 * g + 0.114 * b > 0.5
+        ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7, color="black" if light else "white")
+
+
+def plot_expert_load(load_fraction, path, layer_ids=None, title=None, figsize=None, dpi=100):
+    """Heatmap of each MoE layer's share of assignments per expert (rows: layers,
+    columns: experts; centred on the balanced 1/E). load_fraction: (L, E)."""
+    M = np.asarray(load_fraction, dtype=float)
+    if M.size == 0:
+        return None
+    L, E = M.shape
+    figsize = figsize or (max(6.0, 0.6 * E + 3.0), max(3.0, 0.5 * L + 1.8))
+    fig = _figure(figsize, dpi)
+    ax = fig.add_subplot()
+    im = ax.imshow(M, cmap="RdBu_r", norm=_load_norm(E, M.max()), aspect="auto")
+    _annotate(ax, im, M)
+    ax.set_xticks(range(E))
+    ax.set_yticks(range(L), [_layer_label(layer_ids, i) for i in range(L)])
+    ax.set_xlabel("expert")
+    ax.set_title(title or "Expert load on the val batches")
+    fig.colorbar(im, ax=ax, label=f"share (1/{E} = balanced)")
+    return _save(fig, path)
+
+
+def plot_load_over_training(records, path, layer_ids=None, figsize=None, dpi=100):
+    """Per layer, a heatmap over training steps (x) and experts (y) of each expert's
+    fraction of the step's assignments (routed: tokens_per_expert; Lory: mean merge
+    weight). records: metrics.jsonl records."""
+    tr = _moe_train_records(records)
+    if not tr:
+        return None
+    key = "tokens_per_expert" if "tokens_per_expert" in tr[0]["moe"][0] else "merge_weight_mean"
+    if key not in tr[0]["moe"][0]:
+        return None
+    steps = np.array([r["iter"] for r in tr], dtype=float)
+    L = len(tr[0]["moe"])
+    E = len(tr[0]["moe"][0][key])
+    rows, cols = _grid(L, max_cols=2)
+    figsize = figsize or (6.0 * cols + 1.2, 2.2 * rows + 1.2)
+    fig = _figure(figsize, dpi)
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)).ravel()
+    # cell edges halfway between logged steps
+    edges = np.concatenate([[steps[0] - 0.5], (steps[1:] + steps[:-1]) / 2, [steps[-1] + 0.5]]) \
+        if len(steps) > 1 else np.array([steps[0] - 0.5, steps[0] + 0.5])
+    Ms = [np.array([r["moe"][l][key] for r in tr], dtype=float) for l in range(L)]   # (steps, E)
+    Ms = [M / np.clip(M.sum(1, keepdims=True), 1e-12, None) for M in Ms]
+    norm = _load_norm(E, max(M.max() for M in Ms))
+    for l, M in enumerate(Ms):
+        ax = axes[l]
+        im = ax.pcolormesh(edges, np.arange(E + 1) - 0.5, M.T, cmap="RdBu_r", norm=norm)
+        ax.set_title(_layer_label(layer_ids, l), fontsize=10)
+        ax.set_yticks(range(E)) if E <= 16 else None
+    for ax in axes[L:]:
+        ax.set_visible(False)
+    for ax in axes[(rows - 1) * cols:]:
+        ax.set_xlabel("step")
+    for ax in axes[::cols]:
+        ax.set_ylabel("expert")
+    what = "share of assignments" if key == "tokens_per_expert" else "mean merge weight"
+    fig.suptitle(f"Expert load over training ({what})")
+    fig.colorbar(im, ax=list(axes[:L]), shrink=0.8, aspect=30, label=f"share (1/{E} = balanced)")
+    return _save(fig, path)
+
+
+def _line_panel(ax, steps, series, layer_ids, ylabel, title):
+    for l, ys in enumerate(series):
+        ax.plot(steps, ys, label=_layer_label(layer_ids, l), lw=1.4)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+
+
+def plot_drop_and_alpha(records, path, layer_ids=None, adaptive=None, figsize=None, dpi=100):
+    """Two panels over training: drop rate per MoE layer (fraction of the k*T
+    assignments over capacity) and the auxiliary-loss coefficient alpha per layer
+    (adaptive, Skywork section 3.2, or the fixed one; `adaptive` labels which,
+    None = unknown)."""
+    tr = _moe_train_records(records, "drop_rate")
+    if not tr:
+        return None
+    steps = [r["iter"] for r in tr]
+    L = len(tr[0]["moe"])
+    has_alpha = all("alpha" in r for r in tr)
+    figsize = figsize or (11.0 if has_alpha else 6.0, 4.0)
+    fig = _figure(figsize, dpi)
+    axes = fig.subplots(1, 2 if has_alpha else 1, squeeze=False).ravel()
+    drops = [[100 * r["moe"][l]["drop_rate"] for r in tr] for l in range(L)]
+    _line_panel(axes[0], steps, drops, layer_ids, "dropped assignments (%)", "Drop rate (training batches)"
+                + (" - dropless" if max(map(max, drops)) == 0 else ""))
+    axes[0].set_ylim(bottom=0, top=max(1.0, 1.1 * max(map(max, drops))))
+    if has_alpha:
+        alphas = [[r["alpha"][l] for r in tr] for l in range(len(tr[0]["alpha"]))]
+        constant = len({a for s in alphas for a in s}) == 1
+        how = {True: " (adaptive)", False: " (fixed)", None: ""}[adaptive]
+        _line_panel(axes[1], steps, alphas, layer_ids, "alpha (aux-loss coefficient)",
+                    "Aux-loss coefficient per layer" + how + (": all layers equal" if constant else ""))
+        fmt = ScalarFormatter(useOffset=False)       # plain numbers with as many digits as the ticks need
+        fmt.set_scientific(False)
+        axes[1].yaxis.set_major_formatter(fmt)
+        if constant:
+            axes[1].set_ylim(0, 1.5 * alphas[0][0] if alphas[0][0] > 0 else 1e-2)
+    axes[0].legend(fontsize=8, loc="best")
+    fig.suptitle("Capacity drops and load-balancing pressure")
+    return _save(fig, path)
+
+
+def plot_gate_sharpness(records, path, layer_ids=None, figsize=None, dpi=100):
+    """Max1/Max2 and Max2/Max3 of the sorted gate probabilities (mean over tokens)
+    per MoE layer over training: ~1 means a flat gate, larger means sharper
+    (Skywork gating logit normalisation raises them)."""
+    tr = _moe_train_records(records, "max1_max2")
+    if not tr:
+        return None
+    steps = [r["iter"] for r in tr]
+    L = len(tr[0]["moe"])
+    has23 = "max2_max3" in tr[0]["moe"][0]
+    figsize = figsize or (11.0 if has23 else 6.0, 4.0)
+    fig = _figure(figsize, dpi)
+    axes = fig.subplots(1, 2 if has23 else 1, squeeze=False).ravel()
+    _line_panel(axes[0], steps, [[r["moe"][l]["max1_max2"] for r in tr] for l in range(L)],
+                layer_ids, "mean Max1 / Max2", "Top-1 vs top-2 gate probability")
+    if has23:
+        _line_panel(axes[1], steps, [[r["moe"][l]["max2_max3"] for r in tr] for l in range(L)],
+                    layer_ids, "mean Max2 / Max3", "Top-2 vs top-3 gate probability")
+    axes[0].legend(fontsize=8, loc="best")
+    fig.suptitle("Gate sharpness over training (1 = flat gate)")
+    return _save(fig, path)
+
+
+def plot_domain_specialization(usage, domain_names, path, layer_ids=None, lory=False, figsize=None, dpi=100):
+    """Per layer, a domains x experts heatmap: the fraction of each domain's
+    assignments that goes to each expert (routed), or the domain's mean merge
+    weights (Lory). usage: (L, D, E) or a list of {domain: [E]} dicts."""
+    if usage is None or len(usage) == 0:
+        return None
+    if isinstance(usage[0], dict):
+        domain_names = list(usage[0])
+        usage = [[u[d] for d in domain_names] for u in usage]
+    U = np.asarray(usage, dtype=float)
+    L, D, E = U.shape
+    rows, cols = _grid(L)
+    figsize = figsize or (max(4.0, 0.45 * E + 1.6) * cols + 1.5, max(2.0, 0.4 * D + 1.2) * rows + 0.8)
+    fig = _figure(figsize, dpi)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    norm = _load_norm(E, U.max())
+    for l in range(L):
+        ax = axes[l]
+        im = ax.imshow(U[l], cmap="RdBu_r", norm=norm, aspect="auto")
+        _annotate(ax, im, U[l], max_cells=48)
+        ax.set_title(_layer_label(layer_ids, l), fontsize=10)
+        ax.set_xticks(range(E))
+        ax.set_xlabel("expert")
+        ax.set_yticks(range(D), domain_names if l % cols == 0 else [""] * D)
+    for ax in axes[L:]:
+        ax.set_visible(False)
+    what = "mean merge weight" if lory else "share of the domain's assignments"
+    fig.suptitle(f"Domain specialisation ({what})")
+    fig.colorbar(im, ax=list(axes[:L]), shrink=0.8, aspect=30, label=f"mean weight (1/{E} = uniform)" if lory
+                 else f"share (1/{E} = balanced)")
+    return _save(fig, path)
+
+
+def plot_expert_similarity(matrices, path, layer_ids=None, to_dense=None, figsize=None, dpi=100):
+    """Per layer, the (E, E) cosine similarity of the experts' weights (1 right
+    after a noiseless upcycle, falls as experts specialise); to_dense: optional
+    per-layer (E,) similarity of each expert to its dense source, in the title.
+    The colour range is shared by all layers and starts just below the smallest
+    off-diagonal value, so that small differences stay visible."""
+    if matrices is None or len(matrices) == 0:
+        return None
+    Ms, L, E, cols, fig, axes = _pair_grid(matrices, figsize, dpi, title_pad=0.5, extra_h=0.6)
+    off_min = min(float(m[~np.eye(E, dtype=bool)].min()) if E > 1 else 1.0 for m in Ms)
+    lo = min(math.floor(off_min * 20) / 20, 0.95)
+    for l, M in enumerate(Ms):
+        ax = axes[l]
+        im = ax.imshow(M, cmap="viridis", vmin=lo, vmax=1.0)
+        if E <= 8:
+            _annotate(ax, im, M)
+        off = (M.sum() - np.trace(M)) / (E * (E - 1)) if E > 1 else 1.0
+        t = f"{_layer_label(layer_ids, l)}: mean {off:.3f}"
+        if to_dense is not None and l < len(to_dense) and to_dense[l] is not None:
+            t += f"\nto dense source: {np.mean(to_dense[l]):.3f}"
+        ax.set_title(t, fontsize=9)
+        _expert_pair_axes(ax, E, first_col=l % cols == 0)
+    for ax in axes[L:]:
+        ax.set_visible(False)
+    fig.suptitle("Expert weight cosine similarity (mean = off-diagonal mean)")
+    fig.colorbar(im, ax=list(axes[:L]), shrink=0.8, aspect=30, label="cosine similarity")
+    return _save(fig, path)
+
+
+def _pair_grid(matrices, figsize, dpi, title_pad, extra_h):
+    """A grid of square panels, one per layer, for (E, E) expert x expert matrices.
+    Returns (matrices as float arrays, L, E, columns, figure, flat axes)."""
+    Ms = [np.asarray(m, dtype=float) for m in matrices]
+    L, E = len(Ms), Ms[0].shape[0]
+    rows, cols = _grid(L)
+    side = max(2.8, 0.32 * E + 1.4)
+    figsize = figsize or (side * cols + 1.4, (side + title_pad) * rows + extra_h)
+    fig = _figure(figsize, dpi)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    return Ms, L, E, cols, fig, axes
+
+
+def _expert_pair_axes(ax, E, first_col):
+    """Ticks and labels of an (E, E) expert x expert panel."""
+    ticks = range(E) if E <= 16 else range(0, E, max(1, E // 8))
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_xlabel("expert")
+    if first_col:
+        ax.set_ylabel("expert")
+
+
+def plot_coactivation(matrices, path, layer_ids=None, figsize=None, dpi=100):
+    """Per layer, the (E, E) expert-pair co-activation: fraction of tokens that use
+    experts i and j together (diagonal: fraction of tokens that use i)."""
+    if matrices is None or len(matrices) == 0:
+        return None
+    Ms, L, E, cols, fig, axes = _pair_grid(matrices, figsize, dpi, title_pad=0.3, extra_h=0.8)
+    # the diagonal (fraction of tokens using i) is the load, shown elsewhere; blank it
+    # so the pair structure gets the whole colour range
+    Ms = [np.where(np.eye(E, dtype=bool), np.nan, M) for M in Ms]
+    vmax = max(float(np.nanmax(m)) if E > 1 else 0.0 for m in Ms) or 1.0
+    for l, M in enumerate(Ms):
+        ax = axes[l]
+        im = ax.imshow(M, cmap="magma", vmin=0, vmax=vmax)
+        if E <= 8:
+            _annotate(ax, im, M)
+        ax.set_title(_layer_label(layer_ids, l), fontsize=10)
+        _expert_pair_axes(ax, E, first_col=l % cols == 0)
+    for ax in axes[L:]:
+        ax.set_visible(False)
+    fig.suptitle("Expert co-activation: fraction of tokens routed to both (diagonal blank)")
+    fig.colorbar(im, ax=list(axes[:L]), shrink=0.8, aspect=30, label="fraction of tokens")
+    return _save(fig, path)
+
+
+def plot_loss_curves(records, path, title=None, figsize=None, dpi=100):
+    """Training loss (logged mean over each log interval) and the periodic eval
+    losses (train and val splits on fixed batches) against the step."""
+    tr = [r for r in records if r.get("split") == "train" and "loss" in r]
+    ev = [r for r in records if r.get("split") == "eval" and "val_loss" in r]
+    if not tr and not ev:
+        return None
+    fig = _figure(figsize or (7.0, 4.2), dpi)
+    ax = fig.add_subplot()
+    if tr:
+        ax.plot([r["iter"] for r in tr], [r["loss"] for r in tr], lw=1, alpha=0.6, label="train (logged)")
+    if ev:
+        ax.plot([r["iter"] for r in ev], [r["train_loss"] for r in ev], "o-", ms=3, label="train (eval batches)")
+        ax.plot([r["iter"] for r in ev], [r["val_loss"] for r in ev], "s-", ms=3, label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title(title or "Loss curves")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_similarity_over_training(records, path, layer_ids=None, figsize=None, dpi=100):
+    """Mean pairwise expert similarity per layer at each eval (upcycled runs log it)."""
+    ev = [r for r in records if r.get("split") == "eval" and r.get("expert_similarity")]
+    if not ev:
+        return None
+    fig = _figure(figsize or (6.5, 4.0), dpi)
+    ax = fig.add_subplot()
+    L = len(ev[0]["expert_similarity"])
+    _line_panel(ax, [r["iter"] for r in ev], [[r["expert_similarity"][l] for r in ev] for l in range(L)],
+                layer_ids, "mean pairwise cosine", "Expert similarity over training")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def make_plots(run_dir, result=None, records=None, out_dir=None, dpi=100, log=None):
+    """Write every plot that has data for this run into out_dir (default
+    run_dir/plots). result: evaluate_checkpoint's dict (eval-based plots);
+    records: metrics.jsonl records (loaded if None). Returns (paths, notes): notes
+    say which plots were skipped and why."""
+    out_dir = out_dir or os.path.join(run_dir, "plots")
+    records = load_metrics(run_dir) if records is None else records
+    layers = (result or {}).get("layers") or []
+    ids = [L["layer"] for L in layers] or None
+    lory = bool(layers) and layers[0]["kind"] == "lory"
+    routed = [L for L in layers if L["kind"] == "routed"]
+    paths, notes = [], []
+
+    def do(name, fn, *args, why, **kw):
+        p = fn(*args, os.path.join(out_dir, name + ".png"), **kw)
+        if p is None:
+            notes.append(f"skipped {name}: {why}")
+        else:
+            paths.append(p)
+
+    dense_why = "no routing (dense model)" if result and result["kind"] == "dense" else "no data"
+    do("loss_curves", plot_loss_curves, records, why="no metrics.jsonl records", dpi=dpi,
+       title=f"Loss curves: {os.path.basename(os.path.abspath(run_dir))}")
+    do("expert_load", plot_expert_load, [L["load_fraction"] for L in routed],
+       why=dense_why if not lory else "Lory merges experts (see domain_specialization)", layer_ids=ids, dpi=dpi)
+    do("load_over_training", plot_load_over_training, records, why=f"{dense_why} in metrics.jsonl",
+       layer_ids=ids, dpi=dpi)
+    do("drop_rate_alpha", plot_drop_and_alpha, records,
+       why="no routed MoE records in metrics.jsonl" + (" (Lory drops nothing)" if lory else ""), layer_ids=ids,
+       adaptive=((result or {}).get("train_config") or {}).get("adaptive_aux"), dpi=dpi)
+    do("gate_sharpness", plot_gate_sharpness, records,
+       why="no routed MoE records in metrics.jsonl" + (" (Lory has no top-k gate)" if lory else ""),
+       layer_ids=ids, dpi=dpi)
+    usage = [L["domain_merge_weights"] for L in layers] if lory else [L["domain_usage"] for L in routed]
+    do("domain_specialization", plot_domain_specialization, usage, None, why=dense_why, layer_ids=ids,
+       lory=lory, dpi=dpi)
+    do("coactivation", plot_coactivation, [L["coactivation"] for L in routed],
+       why=dense_why if not lory else "Lory has no per-token expert choice", layer_ids=ids, dpi=dpi)
+    to_dense = [L.get("similarity_to_dense") for L in layers]
+    do("expert_similarity", plot_expert_similarity, [L["expert_similarity"] for L in layers], why=dense_why,
+       layer_ids=ids, to_dense=to_dense if any(t is not None for t in to_dense) else None, dpi=dpi)
+    do("similarity_over_training", plot_similarity_over_training, records,
+       why="only upcycled runs log expert similarity", layer_ids=ids, dpi=dpi)
+    if log is not None:
+        for n in notes:
+            log(f"note: {n}")
+    return paths, notes
+
+
+def plot_compare(runs, path, figsize=None, dpi=100):
+    """One figure for several runs: val loss vs step, val loss vs tokens (with the
+    logged train loss faint), and a bar chart of each run's final val loss.
+    runs: list of (name, records, row)."""
+    fig = _figure(figsize or (15.0, 4.6), dpi)
+    a1, a2, a3 = fig.subplots(1, 3)
+    colors = [f"C{i}" for i in range(10)]
+    for i, (name, recs, row) in enumerate(runs):
+        c = colors[i % 10]
+        tr = [r for r in recs if r.get("split") == "train" and "loss" in r]
+        ev = [r for r in recs if r.get("split") == "eval" and "val_loss" in r]
+        for ax, x in ((a1, "iter"), (a2, "tokens")):
+            if tr:
+                ax.plot([r[x] for r in tr], [r["loss"] for r in tr], color=c, lw=0.8, alpha=0.3)
+            if ev:
+                ax.plot([r[x] for r in ev], [r["val_loss"] for r in ev], "o-", color=c, ms=3, label=name)
+    # zoom on where the runs end: the first evaluations (loss ~ log V) would
+    # otherwise squash the differences that matter
+    finals = [ev[-1]["val_loss"] for _, recs, _ in runs
+              for ev in [[r for r in recs if r.get("split") == "eval" and "val_loss" in r]] if ev]
+    zoomed = False
+    if finals:
+        lows = [r.get("val_loss", r.get("loss")) for _, recs, _ in runs for r in recs
+                if r.get("split") in ("train", "eval") and r.get("val_loss", r.get("loss")) is not None]
+        top = max(finals) + max(2 * (max(finals) - min(finals)), 0.5)
+        bottom = min(lows) - 0.05 * (top - min(lows))
+        zoomed = max(lows) > top
+        for ax in (a1, a2):
+            ax.set_ylim(bottom, top)
+    for ax, xl in ((a1, "step"), (a2, "tokens")):
+        ax.set_xlabel(xl)
+        ax.set_ylabel("loss (nats/token)" + (" - zoomed" if zoomed else ""))
+        ax.grid(alpha=0.3)
+    a1.set_title("Val loss vs step (faint: train)", fontsize=10)
+    a2.set_title("Val loss vs tokens (faint: train)", fontsize=10)
+    a2.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
+    a1.legend(fontsize=8)
+    names = [n for n, _, _ in runs]
+    vals = [row.get("eval_val_loss", row.get("val_loss")) for _, _, row in runs]
+    vals = [np.nan if v is None else v for v in vals]
+    bars = a3.barh(range(len(runs)), vals, color=colors[:len(runs)])
+    a3.bar_label(bars, fmt="%.4f", padding=3, fontsize=8)
+    a3.set_yticks(range(len(runs)), names)
+    a3.invert_yaxis()
+    finite = [v for v in vals if np.isfinite(v)]
+    if finite:
+        lo, hi = min(finite), max(finite)
+        pad = max(0.05 * (hi - lo), 0.02 * hi, 1e-3)
+        a3.set_xlim(max(0.0, lo - 4 * pad), hi + 3 * pad)
+    evaluated = any("eval_val_loss" in row for _, _, row in runs)
+    a3.set_xlabel("val loss" + (" (eval.py, same fixed batches)" if evaluated else " (last eval in metrics.jsonl)"))
+    a3.set_title("Final val loss", fontsize=10)
+    fig.suptitle("Run comparison")
+    return _save(fig, path)
+
+
+# ============================================================================ CLI
+
+def main(argv=None):
+    p = ArgumentParser(prog="plot.py", description="Draw a run's figures from metrics.jsonl (and an eval JSON).")
+    p.add_argument("--run", required=True, help="run directory (train.py's out_dir, holding metrics.jsonl)")
+    p.add_argument("--eval", default=None, metavar="JSON",
+                   help="eval.py's result (python eval.py --ckpt=RUN --json > FILE) for the eval-based plots")
+    p.add_argument("--out", default=None, help="output folder (default RUN/plots)")
+    p.add_argument("--dpi", type=int, default=100)
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.run):
+        raise ValueError(f"--run={args.run} is not a run directory (pass train.py's out_dir)")
+    result = read_eval_json(args.eval) if args.eval else None
+    paths, _ = make_plots(args.run, result, out_dir=args.out, dpi=args.dpi, log=print)
+    print("plots:\n" + "\n".join(f"  {x}" for x in paths))
+    return 0
+
+
+def read_eval_json(path):
+    """eval.py's result dict from a file holding its --json output (the last line
+    that parses as a JSON object is taken, so a whole stdout capture works)."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for line in reversed(lines):
+        try:
+            res = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(res, dict) and "val_loss" in res:
+            return res
+    raise ValueError(f"{path} holds no eval.py result: write one with `python eval.py --ckpt=RUN --json > {path}`")
+
+
+def cli(argv=None):
+    """main() with user errors turned into one line on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except SystemExit as e:          # argparse: --help (0) or a usage error (already printed, 2)
+        return e.code
+    except (OSError, ValueError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

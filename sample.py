@@ -1,0 +1,127 @@
+"""
+Generate text from a trained model (nanoGPT's sample.py, for every checkpoint
+this project writes: dense, routed MoE, upcycled, Lory).
+
+    python sample.py --ckpt=out/demo/upcycled
+    python sample.py --ckpt=out/demo/upcycled --start="def " --num_samples=3 --max_new_tokens=200
+    python sample.py --ckpt=out/demo/dense --start=FILE:prompt.txt --temperature=0.7 --top_k=20 --seed=1
+
+The tokenizer is the one the run's data was prepared with (its meta.json). An empty
+--start begins at the end-of-text token, i.e. at the start of a document. Routed
+MoE layers route each token in eval mode; Lory layers merge their experts once,
+from the prompt (model.GPT.generate).
+"""
+import json
+import sys
+
+import torch
+
+from checkpoint import CheckpointError
+from cli import ArgumentParser, device_problem
+from data.dataset import load_meta
+from data.tokenizer import load_tokenizer
+from eval import EvalError, _prepare_hint, load_run, resolve_data_dir
+
+SEPARATOR = "---------------"
+
+
+def load_tokenizer_for(ckpt, data_dir=None):
+    """(tokenizer, start id) of the data a checkpoint was trained on. The start id is
+    the end-of-text token, or 0 for data without a document separator (char data)."""
+    d = resolve_data_dir(ckpt, data_dir)
+    try:
+        meta = load_meta(d)
+    except FileNotFoundError as e:
+        msg = str(e).splitlines()[0]
+        raise EvalError(f"no tokenizer metadata for this checkpoint: {msg}"
+                        + ("" if "prepare" in msg else f"; {_prepare_hint(d)}")) from None
+    start = meta.get("eot_token")
+    return load_tokenizer(meta), (0 if start is None else start)
+
+
+def read_start(start):
+    """The prompt text: --start as it is, or the contents of the file in --start=FILE:path."""
+    if not start.startswith("FILE:"):
+        return start
+    path = start[len("FILE:"):]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalError(f"--start=FILE:{path} cannot be read ({getattr(e, 'strerror', None) or e}): "
+                        f"pass an existing UTF-8 text file") from None
+
+
+def sample(ckpt_dir, prompt="", max_new_tokens=200, temperature=0.8, top_k=None, seed=0, data_dir=None,
+           device="cpu", num_samples=1):
+    """num_samples continuations of `prompt`, each decoded with its prompt (an empty
+    prompt is not shown). One generator seeded once draws them all in turn, so the
+    first sample does not depend on num_samples. Returns a list of strings."""
+    model, ckpt = load_run(ckpt_dir, device)
+    tok, start_id = load_tokenizer_for(ckpt, data_dir)
+    ids = tok.encode(prompt) if prompt else []
+    prompt_given = bool(ids)
+    ids = ids or [start_id]
+    if max(ids) >= model.config.vocab_size:
+        raise EvalError(f"the prompt encodes to token ids >= the model's vocab_size={model.config.vocab_size}")
+    idx = torch.tensor([ids], dtype=torch.long, device=device)        # (1, T)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    texts = []
+    with torch.no_grad():
+        for _ in range(num_samples):
+            out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+            text = out[0].tolist()
+            texts.append(tok.decode(text if prompt_given else text[1:]))
+    return texts
+
+
+def build_parser():
+    p = ArgumentParser(prog="sample.py", description="Generate text from a checkpoint (see the module docstring).")
+    p.add_argument("--ckpt", required=True, help="run directory (out_dir) or ckpt.pt")
+    p.add_argument("--start", default="", help='prompt text, or FILE:path to read it from a file (default: "")')
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="> 0; lower is more deterministic")
+    p.add_argument("--top_k", type=int, default=None, help="keep only the k most likely tokens (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps (default cpu)")
+    p.add_argument("--data_dir", default=None, help="default: the checkpoint config's data_dir or data/<dataset>")
+    p.add_argument("--json", action="store_true", help='stdout: one JSON object {"samples": [...]}')
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.num_samples < 1 or args.max_new_tokens < 0 or not args.temperature > 0 or (
+            args.top_k is not None and args.top_k < 1):
+        raise EvalError(f"need --num_samples >= 1, --max_new_tokens >= 0, --temperature > 0 and --top_k >= 1 (got "
+                        f"{args.num_samples}, {args.max_new_tokens}, {args.temperature}, {args.top_k})")
+    if device_problem(args.device):
+        raise EvalError(f"--device={args.device} {device_problem(args.device)}")
+    texts = sample(args.ckpt, read_start(args.start), args.max_new_tokens, args.temperature, args.top_k,
+                   args.seed, args.data_dir, args.device, args.num_samples)
+    if args.json:
+        print(json.dumps({"samples": texts}))
+    else:
+        for text in texts:
+            print(text)
+            print(SEPARATOR)
+    return 0
+
+
+def cli(argv=None):
+    """main() with user errors turned into one line on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except SystemExit as e:          # argparse: --help (0) or a usage error (already printed, 2)
+        return e.code
+    except (EvalError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
