@@ -30,14 +30,19 @@ far beyond their compute cost; the load average is printed in the header.
 import argparse
 import os
 import platform
+import re
 import statistics
+import subprocess
+import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile as tprofile
 
 import kernels
 from cli import ArgumentParser, device_problem
+from model import GPT, GPTConfig
 
 
 def machine(device):
@@ -149,7 +154,6 @@ def bench_one(args, E, device, dtype, impls, notes):
 
 def profile(cases, gy, device):
     """Print where the time goes (torch.profiler, self time by op) for each path."""
-    from torch.profiler import ProfilerActivity, profile as tprofile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for name, (fn, inputs) in cases.items():
         with tprofile(activities=acts) as prof:
@@ -169,11 +173,7 @@ def compile_report(arch, dtype="bf16", first_only=False, shape=(16384, 1024, 281
     the CPU interpreter cannot make. Argument specialisation mimics a real launch
     (pointers 16-byte aligned, ints divisible by 16 marked so, stride 1 constant).
     Returns the number of variants compiled; raises on a compile error."""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
+    import triton   # optional dependency (Linux; CUDA wheels bring it): imported only here
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
@@ -253,7 +253,6 @@ def bench_model(args, device):
     the dense model, the same shape with every FFN an 8-expert top-k MoE, and the dense
     model whose FFN width equals the MoE's active width (k * expert width: the same
     active FLOPs). Interleaved rounds, median ms/step; MFU on a known GPU."""
-    from model import GPT, GPTConfig
     B, T = args.model_batch, args.model_block
     base = dict(vocab_size=256, block_size=T, n_layer=4, n_head=4, n_embd=128)
     if device.type == "cuda":

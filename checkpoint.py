@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from model import GPT, GPTConfig
+
 FORMAT = "moe-upcycling/1"
 CKPT_NAME = "ckpt.pt"
 
@@ -85,7 +87,6 @@ def file_sha256(path):
 
 def load_model(path, device="cpu"):
     """Build the GPT a checkpoint describes and load its weights. Returns (model, ckpt)."""
-    from model import GPT, GPTConfig
     ckpt = load_checkpoint(path, map_location=device)
     model = GPT(GPTConfig.from_dict(ckpt["model_args"]))
     load_weights(model, ckpt["model"], path)

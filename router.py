@@ -9,7 +9,7 @@ keeps no counters; the only state is the DeepSeek-V3 selection bias, which
 train.py updates explicitly after each optimizer step. The expert computation
 itself lives in kernels.py.
 
-Router types (see ../shared/docs/METHODS.md sections 2, 3, 5, 6):
+Router types (see docs/METHODS.md sections 2, 3, 5, 6):
     topk_softmax   Mixtral: g = softmax(z[topk])  (= softmax -> topk -> renormalise,
                    Skywork-MoE eq. 2). With identical experts the layer equals the dense FFN.
     softmax_topk   GShard/Switch: g = softmax(z)[topk], no renormalisation (sum < 1).
@@ -47,7 +47,7 @@ class Routing:
 
 
 # -----------------------------------------------------------------------------
-# losses (METHODS.md section 3). All take fp32 tensors.
+# losses (docs/METHODS.md section 3). All take fp32 tensors.
 
 def switch_loss(probs, tokens_per_expert_demand, k):
     """Switch Transformer load-balancing loss, arXiv 2101.03961 eq. 4:
@@ -102,7 +102,7 @@ def capacity_keep_mask(expert_idx, priority, n_experts, capacity):
 
 @torch.no_grad()
 def routing_stats(logits, probs, tokens_per_expert, n_dropped, n_assign):
-    """Detached diagnostics of one layer (METHODS.md section 5).
+    """Detached diagnostics of one layer (docs/METHODS.md sections 2.1, 5 and 8).
 
     probs: (T, E) the gate distribution over all experts (after any logit
     normalisation). tokens_per_expert: (E,) kept assignments per expert.

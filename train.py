@@ -80,7 +80,7 @@ router_init_std = 0.02
 expert_impl = "auto"
 segment_len = 32
 lory_first_segment = "self"
-# MoE losses and balancing (METHODS.md section 3)
+# MoE losses and balancing (docs/METHODS.md section 3)
 aux_loss = "switch"          # 'switch' | 'skywork' | 'none'
 aux_loss_coef = 1e-2         # fixed coefficient (ignored when adaptive_aux is on)
 adaptive_aux = False         # Skywork per-layer coefficients from drop rates

@@ -1,6 +1,6 @@
 """
 Upcycling: turn a dense Llama-style checkpoint into a Mixture-of-Experts one
-(../shared/docs/METHODS.md section 4), offline (this CLI) or online (train.py
+(docs/METHODS.md section 4), offline (this CLI) or online (train.py
 with init_from=<dense out_dir>; both call the same functions, so the same seed
 gives bit-identical weights).
 
@@ -129,7 +129,8 @@ from dataclasses import asdict, fields
 
 import torch
 
-from checkpoint import CheckpointError, ckpt_path, file_sha256, load_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, ckpt_path, file_sha256, load_checkpoint, load_model, save_checkpoint
+from cli import ArgumentParser
 from model import GPT, GPTConfig
 
 WEIGHT_SCALINGS = ("auto", "none", "exact", "megatron")
@@ -560,8 +561,7 @@ def _opt_float(s):
 
 
 def build_parser():
-    from cli import ArgumentParser
-    p = ArgumentParser(prog="upcycle.py", description="Upcycle a dense checkpoint into an MoE checkpoint (METHODS.md section 4).")
+    p = ArgumentParser(prog="upcycle.py", description="Upcycle a dense checkpoint into an MoE checkpoint (docs/METHODS.md section 4).")
     a = p.add_argument
     a("--ckpt", required=True, help="dense out_dir or .pt file")
     a("--out_dir", required=True, help="where ckpt.pt is written")
@@ -635,7 +635,6 @@ def main(argv=None):
           f"function preserving: {o['function_preserving']}"
           + (f" ({o['preservation_note']})" if o["preservation_note"] else ""))
     if args.verify:
-        from checkpoint import load_model
         moe, _ = load_model(path)
         dense, _ = load_model(args.ckpt)
         print(f"  {moe.num_params() / 1e6:.2f}M parameters ({moe.num_params(active=True) / 1e6:.2f}M active); "

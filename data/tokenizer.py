@@ -18,6 +18,9 @@ import sys
 import tarfile
 import tempfile
 
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 GPT2_TIKTOKEN_PATH = os.path.join(DATA_DIR, "gpt2.tiktoken")
 GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -135,8 +138,6 @@ def fetch_gpt2_tiktoken(path=None, timeout=180):
 
 
 def _encoding_from_file(path):
-    import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
     if _sha256(path) != GPT2_SHA256:
         raise ValueError(f"{path} is not the GPT-2 merges file (sha256 mismatch): delete it and run "
                          f"`python data/tokenizer.py --fetch`")
@@ -161,7 +162,6 @@ def get_gpt2_encoding(fetch=True):
         except RuntimeError as e:
             reasons.append(str(e))
     try:
-        import tiktoken
         return tiktoken.get_encoding("gpt2")
     except Exception as e:
         reasons.append(f"tiktoken.get_encoding('gpt2'): {type(e).__name__}")

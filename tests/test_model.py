@@ -1,4 +1,4 @@
-"""Model tests (METHODS.md sections 1, 2, 7): MoE layer vs dense FFN, gradients,
+"""Model tests (docs/METHODS.md sections 1, 2, 7): MoE layer vs dense FFN, gradients,
 eval-mode routing, causality, GQA, tied embeddings, parameter/FLOP counting,
 config validation and two tiny training runs. Lory layers are tested elsewhere.
 """

@@ -1,4 +1,4 @@
-"""Router tests (METHODS.md sections 2, 3, 5): every router against a brute-force
+"""Router tests (docs/METHODS.md sections 2, 3, 5): every router against a brute-force
 reference on hand-built logits, capacity/dropping, the auxiliary losses, adaptive
 coefficients, gating-logit normalisation, noise and fp32 routing under autocast.
 

@@ -1,4 +1,4 @@
-"""Upcycling tests (METHODS.md section 4): function preservation of every exact
+"""Upcycling tests (docs/METHODS.md section 4): function preservation of every exact
 combination (upcycled logits == dense logits in fp32, same loss), the measured
 deviation of the approximate ones, the CLI's checkpoint, bad inputs, --force,
 determinism (online == offline) and the expert-similarity monitor.
