@@ -14,7 +14,8 @@ from data import tokenizer as tk
 from data.dataset import TokenDataset, load_meta
 from data.multidomain import prepare as md
 from data.shakespeare_char import prepare as sc
-from data.similarity import build, embed_documents, greedy_order, knn, same_domain_adjacency
+from data.similarity import build, embed_documents, ensure_similarity_order, greedy_order, knn, same_domain_adjacency
+from helpers import TINY, make_dataset, run_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["code", "prose", "math", "c"]
@@ -381,3 +382,22 @@ def test_shakespeare_no_network_no_input(tmp_path):
     assert p.returncode != 0 and p.stderr.startswith("error:") and "--input" in p.stderr
     assert p.stderr.strip().count("\n") == 0
     assert not os.path.exists(tmp_path / "sc" / "input.txt")
+
+
+def test_train_builds_similarity_order_on_first_use(tmp_path):
+    """train.py with batching='similarity' on data that has no similarity order yet
+    builds it, with progress output, identical to data/similarity.py's build; a
+    second call finds it current; a newer train.bin makes it stale again."""
+    data = make_dataset(str(tmp_path / "data"))
+    p = run_train(TINY + [f"--data_dir={data}", "--batching=similarity", "--max_iters=1", "--eval_interval=1",
+                          f"--out_dir={tmp_path / 'run'}"])
+    assert "building the similarity order" in p.stdout and "4/4 writing" in p.stdout
+    built = [open(os.path.join(data, f), "rb").read() for f in ("train_similarity.bin", "train_similarity_index.npy")]
+    ref = str(tmp_path / "ref")
+    make_dataset(ref)
+    build(ref, verbose=False)
+    assert built == [open(os.path.join(ref, f), "rb").read() for f in ("train_similarity.bin", "train_similarity_index.npy")]
+    assert ensure_similarity_order(data) is False                                 # current: nothing to do
+    later = os.path.getmtime(os.path.join(data, "train_similarity.bin")) + 5
+    os.utime(os.path.join(data, "train.bin"), (later, later))                     # train.bin re-prepared
+    assert ensure_similarity_order(data) is True
