@@ -611,13 +611,11 @@ def forward_backward(st, batches, cfg, env, alphas, stats):
     return lossf, step_loads, step_drops
 
 
-def all_reduce_mean(values, env):
-    """The mean over processes of a list of floats (the list itself without DDP)."""
-    if not env.ddp:
-        return values
+def all_reduce_sum(values, env):
+    """(n,) float32 tensor: the sum over DDP processes of a list of floats."""
     t = torch.tensor(values, device=env.device)
     dist.all_reduce(t)
-    return (t / env.world).tolist()
+    return t
 
 
 def optimizer_step(st, cfg):
@@ -643,7 +641,7 @@ def update_balancing(st, step_loads, step_drops, cfg, env):
         if ffn.router.router_type == "sigmoid":
             ffn.router.update_expert_bias(load, cfg["expert_bias_gamma"])
     if cfg["adaptive_aux"]:
-        st.aux_coef.update(all_reduce_mean(step_drops, env) if env.ddp else step_drops)
+        st.aux_coef.update((all_reduce_sum(step_drops, env) / env.world).tolist() if env.ddp else step_drops)
 
 
 def current_alphas(st, cfg):
@@ -749,7 +747,8 @@ def train(cfg):
         # ---- one optimizer step ----
         batches = get_batch(train_data, cfg, env, st.data_gen)
         lossf, step_loads, step_drops = forward_backward(st, batches, cfg, env, current_alphas(st, cfg), stats)
-        lossf = all_reduce_mean([lossf], env)[0]   # log the global batch's loss, not this rank's share
+        if env.ddp:   # log the global batch's loss, not this rank's share
+            lossf = all_reduce_sum([lossf], env).item() / env.world
         if not math.isfinite(lossf):
             return stop_not_finite("loss", lossf, st, cfg, env)
         optimizer_step(st, cfg)
