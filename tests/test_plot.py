@@ -4,14 +4,11 @@ plot.py command line) are byte-identical to those eval.py --plots draws."""
 import json
 import os
 import struct
-import subprocess
-import sys
 
 import pytest
 
 import eval as ev
 import plot
-from helpers import ROOT
 from metrics import load_metrics
 
 
@@ -73,22 +70,21 @@ def test_plots_without_data_are_skipped(runs, tmp_path):
             "expert_similarity.png"} <= names and "gate_sharpness.png" not in names
 
 
-def test_plots_from_files_match_eval_plots(runs, tmp_path):
+def test_plots_from_files_match_eval_plots(runs, tmp_path, capsys):
     """plot.py --eval=FILE (the eval JSON written to disk, metrics.jsonl read back)
     draws byte-identical PNGs to eval.py --plots on the same run."""
     run = runs["moe"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-    args = ["--batches=2", "--batch_size=4"]
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), f"--ckpt={run}", "--json", "--plots",
-                        f"--out={tmp_path / 'from_eval'}"] + args, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    (tmp_path / "eval.json").write_text(p.stdout)
+    capsys.readouterr()
+    assert ev.cli([f"--ckpt={run}", "--json", "--plots", f"--out={tmp_path / 'from_eval'}", "--batches=2",
+                   "--batch_size=4"]) == 0
+    stdout = capsys.readouterr().out
+    (tmp_path / "eval.json").write_text(stdout)
     assert plot.cli([f"--run={run}", f"--eval={tmp_path / 'eval.json'}", f"--out={tmp_path / 'from_files'}"]) == 0
     a, b = sorted(os.listdir(tmp_path / "from_eval")), sorted(os.listdir(tmp_path / "from_files"))
     assert a == b and len(a) >= 8
     for name in a:
         assert (tmp_path / "from_eval" / name).read_bytes() == (tmp_path / "from_files" / name).read_bytes(), name
-    res = json.loads(p.stdout.splitlines()[-1])
+    res = json.loads(stdout.splitlines()[-1])
     assert sorted(os.path.basename(x) for x in res["plots"]) == a
 
 
