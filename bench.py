@@ -5,6 +5,7 @@ Benchmark the expert kernels against the FLOP-matched dense SwiGLU FFN.
     python bench.py --experts=8 --impls=grouped,loop --repeats=10
     python bench.py --profile             # + a torch.profiler table of the first E
     python bench.py --model               # whole training steps: dense vs MoE vs FLOP-matched dense
+    python bench.py --decode              # generation tokens/s with and without the KV cache
     python bench.py --compile-only=90     # no GPU needed: compile the Triton kernels for
                                           # sm_90, report registers / spills / pipelining
 
@@ -297,6 +298,43 @@ def bench_model(args, device):
               + (f"  MFU {mfu * 100:.1f}%" if mfu is not None else ""))
 
 
+def bench_decode(args, device):
+    """Generation speed with and without the KV cache (model.generate, greedy): a
+    --decode_tokens continuation of a --decode_prompt-token random prompt, for each
+    batch size, on the demo-sized models (config/dense_small.py's shape: dense, every
+    FFN an 8-expert top-k MoE, Lory). tokens/s = batch * new tokens / seconds,
+    median of interleaved rounds; 'cache x' is the cached speed over recomputation.
+    The greedy tokens of both ways are compared too ('same')."""
+    from model import GPT, GPTConfig
+    base = dict(vocab_size=256, block_size=256, n_layer=4, n_head=4, n_embd=128)
+    E, k = args.model_experts, args.k
+    configs = {"dense": base,
+               f"moe {E}x{k} ({args.model_impl})": dict(base, moe_layers="all", n_experts=E, top_k=k,
+                                                         expert_impl=args.model_impl),
+               f"lory {E}": dict(base, moe_layers="all", n_experts=E, router="lory")}
+    repeats, N, P = args.repeats or 3, args.decode_tokens, args.decode_prompt
+    run = timer(device)
+    print(f"machine: {machine(device)}")
+    print(f"decoding: {P}-token prompt + {N} new tokens, greedy, block_size {base['block_size']}; "
+          f"median of {repeats} interleaved rounds")
+    print(f"{'model':<24} {'batch':>5} {'cache tok/s':>12} {'recompute tok/s':>16} {'cache x':>8} {'same':>5}")
+    g = torch.Generator().manual_seed(args.seed)
+    for B in args.decode_batches:
+        prompt = torch.randint(0, base["vocab_size"], (B, P), generator=g).to(device)
+        for name, c in configs.items():
+            torch.manual_seed(args.seed)
+            m = GPT(GPTConfig(**c)).to(device).eval()
+            outs, times = {}, {True: [], False: []}
+            for _ in range(repeats):
+                for use_cache in (True, False):
+                    def gen(use_cache=use_cache):
+                        outs[use_cache] = m.generate(prompt, N, temperature=0, use_cache=use_cache)
+                    times[use_cache].append(run(gen))
+            cached, recomputed = (statistics.median(times[c]) for c in (True, False))
+            print(f"{name:<24} {B:>5} {B * N / cached:>12,.0f} {B * N / recomputed:>16,.0f} "
+                  f"{recomputed / cached:>8.1f} {str(torch.equal(outs[True], outs[False])):>5}", flush=True)
+
+
 EXPERT_IMPLS = ("auto", *kernels.IMPLS)                                    # what moe_ffn(impl=...) takes
 BENCH_IMPLS = (*EXPERT_IMPLS, "grouped_mm", "grouped_padded", "grouped_slices")  # + bench-only aliases
 
@@ -309,15 +347,19 @@ def check_args(p, args):
         except ValueError:
             p.error(f"--{flag}={text!r} takes comma-separated integers")
     args.experts = ints("experts", args.experts)
+    args.decode_batches = ints("decode_batches", args.decode_batches)
+    if not args.decode_batches or min(args.decode_batches) < 1:
+        p.error(f"--decode_batches needs one or more batch sizes >= 1, got {args.decode_batches}")
     archs = ints("compile-only", args.compile_only)
     if args.compile_only and not archs:
         p.error("--compile-only needs compute capabilities like 90 or 80,90")
     if not args.experts or min(args.experts) < 1:
         p.error(f"--experts needs one or more counts >= 1, got {args.experts}")
-    for key in ("tokens", "d", "d_ff_expert", "repeats", "model_batch", "model_block", "model_experts"):
+    for key in ("tokens", "d", "d_ff_expert", "repeats", "model_batch", "model_block", "model_experts",
+                "decode_tokens", "decode_prompt"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             p.error(f"--{key}={getattr(args, key)} must be >= 1")
-    if not 1 <= args.k <= min(args.experts + ([args.model_experts] if args.model else [])):
+    if not 1 <= args.k <= min(args.experts + ([args.model_experts] if args.model or args.decode else [])):
         p.error(f"--k={args.k} must be between 1 and the smallest expert count")
     if args.warmup is not None and args.warmup < 0:
         p.error(f"--warmup={args.warmup} must be >= 0")
@@ -342,6 +384,11 @@ def main(argv=None):
     p.add_argument("--model_block", type=int, default=256)
     p.add_argument("--model_experts", type=int, default=8)
     p.add_argument("--model_impl", default="auto", help="expert kernel of the MoE model")
+    p.add_argument("--decode", action="store_true",
+                   help="time generation with and without the KV cache (see bench_decode)")
+    p.add_argument("--decode_batches", default="1,8", help="comma-separated batch sizes for --decode")
+    p.add_argument("--decode_tokens", type=int, default=256, help="new tokens per sequence for --decode")
+    p.add_argument("--decode_prompt", type=int, default=32, help="prompt tokens for --decode")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--tokens", type=int, default=None, help="T (CPU 4096, GPU 16384)")
     p.add_argument("--d", type=int, default=None, help="model width (CPU 256, GPU 1024)")
@@ -380,6 +427,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.model:
         return bench_model(args, device)
+    if args.decode:
+        return bench_decode(args, device)
     defaults = dict(tokens=16384, d=1024, d_ff_expert=2816, dtype="bfloat16", repeats=20, warmup=5,
                     impls="loop,grouped,grouped_padded,triton") if gpu else \
         dict(tokens=4096, d=256, d_ff_expert=704, dtype="float32", repeats=5, warmup=1, impls="loop,grouped,triton")

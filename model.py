@@ -20,8 +20,14 @@ up_proj (E, h, d), down_proj (E, d, h), so expert e of a dense FFN is one index 
 cross-entropy; routings has one entry per MoE layer (router.Routing for routed
 layers, a dict of merge weights/stats for Lory layers) with the unweighted
 auxiliary losses and statistics. train.py weights and logs them.
+
+Generation (`model.generate`) keeps a `KVCache`: the keys and values of every
+token seen so far, so that each new token costs one token's forward instead of
+the whole prefix's. `model(idx, cache=cache)` appends idx's keys/values to the
+cache and rotates them at their absolute positions.
 """
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -180,6 +186,50 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
+def causal_mask(pos, T, device=None):
+    """(T, pos+T) bool: query i sits at absolute position pos+i and sees keys 0..pos+i."""
+    return torch.ones(T, pos + T, dtype=torch.bool, device=device).tril(diagonal=pos)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens generated so far.
+
+    k, v: (n_layer, B, n_kv_head, T_max, head_dim) with T_max = block_size,
+    allocated once, on the first write, in the dtype and device of the keys
+    (bf16 under autocast). The first `pos` positions are filled. A forward with
+    the cache writes its T new tokens at pos..pos+T-1 in every layer and then
+    advances pos by T (GPT.forward does both).
+
+    Routed MoE layers must be dropless while a cache is in use: capacity drops
+    depend on which other tokens share the batch, so one token decoded alone
+    would be kept where the same token in a full-sequence forward may be dropped
+    (GPT.generate turns capacity off, see `dropless`).
+    """
+
+    def __init__(self, cfg):
+        self.n_layer, self.max_len = cfg.n_layer, cfg.block_size
+        self.k = self.v = None
+        self.pos = 0
+
+    def update(self, layer, k, v):
+        """Store k, v (B, Hkv, T, hd) at pos..pos+T-1 of `layer`; return the keys
+        and values of positions 0..pos+T-1, (B, Hkv, pos+T, hd) each (views)."""
+        B, H, T, hd = k.shape
+        if self.k is None:
+            shape = (self.n_layer, B, H, self.max_len, hd)
+            self.k = k.new_zeros(shape)
+            self.v = v.new_zeros(shape)
+        if B != self.k.shape[1]:
+            raise ValueError(f"KV cache holds a batch of {self.k.shape[1]} sequences, got {B}; start a new KVCache")
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+    def reset(self):
+        """Forget every token (the buffers are kept and overwritten)."""
+        self.pos = 0
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -191,16 +241,23 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None, layer_idx=0):
+        """x (B, T, d); cos/sin: the tables of x's absolute positions (T, hd/2).
+        With a cache, x follows the cache's pos earlier tokens and attends to them too."""
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        pos = 0 if cache is None else cache.pos
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)                                      # (B, Hkv, pos+T, hd)
         if self.n_kv_head != self.n_head:   # grouped-query attention: share each kv head
             rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        # pos == 0: the usual causal mask; one new token sees every key, needs none
+        mask = causal_mask(pos, T, x.device) if pos > 0 and T > 1 else None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -285,13 +342,14 @@ def make_ffn(cfg, layer_idx):
 class Block(nn.Module):
     def __init__(self, cfg, layer_idx):
         super().__init__()
+        self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.ffn = make_ffn(cfg, layer_idx)
 
-    def forward(self, x, cos, sin, prompt_weights=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, prompt_weights=None, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer_idx)
         h = self.ffn_norm(x)
         if prompt_weights is not None:
             out, routing = self.ffn(h, prompt_weights=prompt_weights)
@@ -337,20 +395,26 @@ class GPT(nn.Module):
         """(layer index, ffn module) of every MoE layer."""
         return [(l, b.ffn) for l, b in enumerate(self.blocks) if isinstance(b.ffn, (MoEFFN, LoryFFN))]
 
-    def forward(self, idx, targets=None, prompt_weights=None):
-        """idx (B, T) -> logits (B, T, V), loss (CE or None), routings (one per MoE layer)."""
+    def forward(self, idx, targets=None, prompt_weights=None, cache=None):
+        """idx (B, T) -> logits (B, T, V), loss (CE or None), routings (one per MoE layer).
+        With a KVCache, idx continues the cache's pos tokens (positions pos..pos+T-1)."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        pos = 0 if cache is None else cache.pos
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence length {pos + T} exceeds block_size {self.config.block_size}"
+                             + (f" ({pos} cached + {T} new tokens); reset the KVCache" if pos else ""))
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]   # (T, hd/2) at absolute positions
         x = self.drop(self.tok_emb(idx))                                # (B, T, d)
         routings, moe_i = [], 0
         for block in self.blocks:
             pw = None
             if prompt_weights is not None and isinstance(block.ffn, LoryFFN):
                 pw, moe_i = prompt_weights[moe_i], moe_i + 1
-            x, r = block(x, self.rope_cos, self.rope_sin, pw)
+            x, r = block(x, cos, sin, pw, cache)
             if r is not None:
                 routings.append(r)
+        if cache is not None:
+            cache.pos += T
         logits = self.lm_head(self.norm(x))                             # (B, T, V)
         loss = None
         if targets is not None:
@@ -410,23 +474,77 @@ class GPT(nn.Module):
         return weights
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Sample max_new_tokens after idx (B, T). Routed MoE layers use token-choice
-        routing in eval mode; Lory layers merge once from the prompt and reuse it."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
+        """Append max_new_tokens to idx (B, T); temperature <= 0 is greedy (argmax).
+
+        use_cache=True feeds the prompt once (prefill), then one token per step
+        through a KVCache. use_cache=False recomputes the whole context every step
+        (the reference that tests and bench.py compare with). Both compute the
+        same function, in eval mode only:
+        - routed MoE layers route each token on its own: capacity is off
+          (`dropless`), and expert choice falls back to token-choice top-k at
+          eval (router.py), because both would make a token's experts depend on
+          the other tokens in the batch;
+        - Lory layers merge once from the prompt (Lory section 3.4) and keep
+          those weights for every generated token;
+        - the context is at most block_size tokens. When the sequence outgrows
+          it, the window hops: the last block_size // 2 tokens become the new
+          context at positions 0.. (the cache is refilled from them in one
+          forward), so the cache costs one prefill per block_size // 2 tokens.
+        """
+        if self.training:
+            raise ValueError("generate needs model.eval(): dropout, router noise and expert choice's "
+                             "batch-wide selection are training-time behaviour")
+        if idx.shape[1] == 0:
+            raise ValueError("generate needs a prompt of at least one token (e.g. the end-of-text token)")
+        block_size = self.config.block_size
         prompt_weights = None
         if any(isinstance(f, LoryFFN) for _, f in self.moe_layers()):
-            prompt_weights = self.lory_prompt_weights(idx[:, -self.config.block_size:])
-        for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size:]
-            logits, _, _ = self(idx_cond, prompt_weights=prompt_weights)
-            logits = logits[:, -1, :] / max(temperature, 1e-6)
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            probs = F.softmax(logits, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
-            idx = torch.cat((idx, idx_next), dim=1)
+            prompt_weights = self.lory_prompt_weights(idx[:, -block_size:])
+        cache = KVCache(self.config) if use_cache else None
+        start = max(0, idx.shape[1] - block_size)            # first token of the context window
+        with dropless(self):
+            for _ in range(max_new_tokens):
+                if idx.shape[1] - start > block_size:        # window full: hop (see above)
+                    start = idx.shape[1] - max(1, block_size // 2)
+                    if cache is not None:
+                        cache.reset()
+                cached = 0 if cache is None else cache.pos  # context tokens already in the cache
+                logits, _, _ = self(idx[:, start + cached:], prompt_weights=prompt_weights, cache=cache)
+                idx_next = next_token(logits[:, -1, :], temperature, top_k, generator)   # (B, 1)
+                idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+
+def next_token(logits, temperature=1.0, top_k=None, generator=None):
+    """logits (B, V) -> next token ids (B, 1): argmax when temperature <= 0, else a
+    sample from softmax(logits / temperature) over the top_k most likely tokens."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@contextmanager
+def dropless(model):
+    """Capacity off in every routed MoE layer for the duration (generation). With a
+    capacity, whether a token is dropped depends on the other tokens of the batch:
+    the other sequences, and the whole prefix when it is recomputed. Decoding one
+    token per step from a cache would then compute a different function from a
+    full forward (and from the same prompt in another batch)."""
+    routers = [ffn.router for _, ffn in model.moe_layers() if isinstance(ffn, MoEFFN)]
+    saved = [r.eval_capacity_factor for r in routers]
+    for r in routers:
+        r.eval_capacity_factor = 0.0
+    try:
+        yield
+    finally:
+        for r, cf in zip(routers, saved):
+            r.eval_capacity_factor = cf
 
 
 # peak dense bf16 FLOP/s by GPU name (substring match, most specific first)
