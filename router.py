@@ -255,14 +255,17 @@ class Router(nn.Module):
 
 
 class SegmentRouter(nn.Module):
-    """Lory causal segment routing (arXiv 2405.03133 section 3.2, eq. 3).
+    """Lory causal segment routing (arXiv 2405.03133 section 3.1, eq. 3).
 
     Split each sequence into segments of segment_len tokens. The merge weights of
     segment j are softmax(R(mean h_{S_{j-1}})): they depend only on the previous
     segment, so segment j never sees its own future. Segment 1 has no previous
-    segment: first_segment="self" uses its own mean with a stop-gradient on the
-    router (Lory's rule; segment 1 then sees its own future at training time),
-    first_segment="uniform" gives it uniform weights (fully causal).
+    segment: first_segment="self" uses its own mean with a stop-gradient on
+    R(mean h_{S_1}) (Lory's rule, section 3.1: the whole router output is a
+    constant, so neither the router weight nor segment 1's hidden states, nor
+    the layers below them, learn through it; the forward pass still lets
+    segment 1 see its own future at training time), first_segment="uniform"
+    gives it uniform weights (fully causal).
     """
 
     def __init__(self, n_embd, n_experts, segment_len, first_segment="self", init_std=0.02):
@@ -275,10 +278,9 @@ class SegmentRouter(nn.Module):
     def reset_parameters(self):
         init_router_weight(self.weight, self.init_std)
 
-    def _weights(self, h_mean, detach_router=False):
-        w = self.weight.detach() if detach_router else self.weight
+    def _weights(self, h_mean):
         with torch.autocast(device_type=h_mean.device.type, enabled=False):
-            return F.softmax(F.linear(h_mean.float(), w.float()), dim=-1)
+            return F.softmax(F.linear(h_mean.float(), self.weight.float()), dim=-1)
 
     def forward(self, x):
         """x: (B, T, d), T a multiple of segment_len -> merge weights (B, S, E)."""
@@ -289,7 +291,9 @@ class SegmentRouter(nn.Module):
         if self.first_segment == "uniform":
             w_first = x.new_full((B, 1, self.n_experts), 1.0 / self.n_experts, dtype=torch.float32)
         else:
-            w_first = self._weights(seg_mean[:, :1], detach_router=True)
+            # Lory section 3.1: stop-gradient on R(mean h_{S_1}), the router output,
+            # not only on R's weight: no gradient reaches segment 1's hidden states
+            w_first = self._weights(seg_mean[:, :1]).detach()
         return torch.cat([w_first, w_prev], dim=1)                      # (B, S, E)
 
     def prompt_weights(self, x):
