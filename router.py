@@ -100,21 +100,38 @@ def capacity_keep_mask(expert_idx, priority, n_experts, capacity):
     return keep
 
 
+def capacity_overflow(demand, capacity):
+    """Assignments that a capacity of C per expert would drop: sum_i max(demand_i - C, 0).
+    demand: (E,) assignments per expert before dropping."""
+    return (demand.float() - capacity).clamp_min(0).sum()
+
+
+def _cv(load):
+    """Coefficient of variation std/mean (population std; 0 = balanced)."""
+    return load.std(unbiased=False) / load.mean().clamp_min(1e-9)
+
+
 @torch.no_grad()
-def routing_stats(logits, probs, tokens_per_expert, n_dropped, n_assign):
+def routing_stats(logits, probs, tokens_per_expert, n_dropped, n_assign, demand=None):
     """Detached diagnostics of one layer (METHODS.md section 5).
 
     probs: (T, E) the gate distribution over all experts (after any logit
     normalisation). tokens_per_expert: (E,) kept assignments per expert.
+    demand: (E,) assignments per expert before capacity dropping (default: the
+    kept ones). load_cv is on the kept load, demand_cv on the demand; only the
+    latter is comparable across capacity factors (a capacity clips the load).
     """
     E = probs.shape[1]
     load = tokens_per_expert.float()
+    demand = load if demand is None else demand.float()
     entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).mean()
     stats = {
         "tokens_per_expert": load,
+        "demand_per_expert": demand,
         "drop_rate": torch.tensor(n_dropped / max(n_assign, 1)),
         "gate_entropy": entropy,
-        "load_cv": load.std(unbiased=False) / load.mean().clamp_min(1e-9),
+        "load_cv": _cv(load),
+        "demand_cv": _cv(demand),
         "logit_abs": logits.abs().mean(),
     }
     if E >= 2:
@@ -224,8 +241,19 @@ class Router(nn.Module):
             "skywork": skywork_loss(probs),
             "z": z_loss(logits),
         }
-        stats = routing_stats(logits, probs, tokens_per_expert, T * k - expert_idx.numel(), T * k)
+        stats = routing_stats(logits, probs, tokens_per_expert, T * k - expert_idx.numel(), T * k, demand)
+        stats["adaptive_drop_rate"] = self._adaptive_drop_rate(stats["drop_rate"], demand, T, C)
         return Routing(token_idx, expert_idx, flat_gates, aux, stats)
+
+    def _adaptive_drop_rate(self, drop_rate, demand, T, C):
+        """The drop rate AdaptiveAuxCoef reads: the actual one when there is a
+        capacity, else (dropless) the share of assignments that capacity factor 1
+        would drop, from the demand. A dropless layer always drops 0, which would
+        switch Skywork's balancing off (alpha -> 0)."""
+        if C is not None:
+            return drop_rate
+        C1 = expert_capacity(T, self.n_experts, self.top_k, 1.0)
+        return capacity_overflow(demand, C1) / (T * self.top_k)
 
     def _expert_choice(self, logits, z, capacity_factor):
         """Expert choice (arXiv 2202.09368): S = softmax(z) (T, E); each expert takes
@@ -243,14 +271,18 @@ class Router(nn.Module):
         aux = {"switch": zero, "skywork": zero, "z": z_loss(logits)}
         stats = routing_stats(logits, probs, torch.full((E,), C, device=z.device), 0, T)
         stats["drop_rate"] = 1.0 - covered.float().mean()               # tokens no expert took
+        stats["adaptive_drop_rate"] = stats["drop_rate"]
         return Routing(token_idx, expert_idx, gates.reshape(-1), aux, stats)
 
     @torch.no_grad()
-    def update_expert_bias(self, tokens_per_expert, gamma=1e-3):
+    def update_expert_bias(self, demand_per_expert, gamma=1e-3):
         """DeepSeek-V3 aux-loss-free balancing (arXiv 2412.19437 section 2.1.2):
         b_i += gamma * sign(mean_load - load_i). Call after the optimizer step with
-        the step's training loads only."""
-        load = tokens_per_expert.float().to(self.expert_bias.device)
+        the step's training stats["demand_per_expert"]: the load *assigned* by the
+        biased top-k, before capacity dropping. The kept load is clipped at the
+        capacity C and can flip a sign: demand [40, 14, 3, 3] with C = 19 keeps
+        [19, 14, 3, 3], whose mean 9.75 would push under-loaded expert 1 down."""
+        load = demand_per_expert.float().to(self.expert_bias.device)
         self.expert_bias += gamma * torch.sign(load.mean() - load)
 
 
@@ -321,6 +353,12 @@ class AdaptiveAuxCoef:
         alpha_l <- beta * alpha_l + (1 - beta) * target_l
     The coefficient saturates once a layer drops more than alpha_max/xi = 5%.
     Saved in the checkpoint (state_dict) so that resume is exact.
+
+    Feed it each layer's Routing.stats["adaptive_drop_rate"]: the actual drop rate
+    when the layer has a capacity, and when it is dropless (capacity_factor <= 0)
+    the drop rate capacity factor 1 would give on the same demand. A dropless
+    layer's own drop rate is always 0, which would decay alpha as
+    alpha_max * beta^n (0.00049 after 300 steps) and silently switch balancing off.
     """
 
     def __init__(self, n_layers, xi=0.2, alpha_max=0.01, beta=0.99, alpha_init=0.01):
