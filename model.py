@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import IMPLS, merged_ffn, moe_ffn, swiglu
-from router import DROP_POLICIES, ROUTERS, Router, SegmentRouter
+from router import DROP_POLICIES, ROUTERS, Router, SegmentRouter, expert_choice_k
 
 EXPERT_IMPLS = ("auto", *IMPLS)   # kernels.moe_ffn paths
 
@@ -50,7 +50,7 @@ class GPTConfig:
     # ---- MoE (a dense model is moe_layers="none") ----
     moe_layers: str = "none"      # "none" | "all" | "every_other" (layers 1,3,5..) | "0,2,5"
     n_experts: int = 8
-    top_k: int = 2
+    top_k: int = 2                # (expert_choice ignores it: k = capacity_factor)
     expert_hidden: int = 0        # 0 -> ffn_hidden; smaller for fine-grained experts
     n_shared_experts: int = 0     # always-on experts of width expert_hidden (DeepSeekMoE)
     router: str = "topk_softmax"  # one of router.ROUTERS
@@ -122,6 +122,8 @@ class GPTConfig:
         if self.router == "expert_choice" and self.capacity_factor <= 0:
             bad("router='expert_choice' needs capacity_factor > 0 (each expert takes "
                 "C = T*capacity_factor/E tokens); it has no dropless mode")
+        if self.router == "expert_choice":
+            expert_choice_k(self.capacity_factor, self.n_experts)   # eval's k; raises ValueError
 
     def moe_layer_ids(self):
         spec = str(self.moe_layers).strip()

@@ -16,7 +16,8 @@ Router types (see ../shared/docs/METHODS.md sections 2, 3, 5, 6):
     sigmoid        DeepSeek-V3: s = sigmoid(z); select top-k of s + b; g = s[topk]/sum.
     expert_choice  Zhou et al. 2022: each expert takes its top-C tokens. NOT causal:
                    the choice for token t depends on tokens after t in the batch, so
-                   generation uses token-choice top-k on the same logits instead.
+                   eval and generation use token-choice top-k on the same logits
+                   instead, with k = capacity_factor (the experts per token it trained with).
     lory           Lory (arXiv 2405.03133): causal segment routing -> merge weights.
 """
 import math
@@ -76,6 +77,19 @@ def expert_capacity(n_tokens, n_experts, top_k, capacity_factor):
     if capacity_factor <= 0:
         return None
     return math.ceil(top_k * n_tokens / n_experts * capacity_factor)
+
+
+def expert_choice_k(capacity_factor, n_experts):
+    """Experts per token of expert choice's token-choice eval fallback: k = capacity_factor.
+    Training gives each token capacity_factor experts on average (E experts x
+    C = T * capacity_factor / E tokens), so a whole capacity_factor in 1..E is needed
+    for eval to run the compute the model trained with. Raises ValueError (one line)."""
+    cf = float(capacity_factor)
+    if cf != int(cf) or not 1 <= cf <= n_experts:
+        raise ValueError(f"router='expert_choice' trains with capacity_factor experts per token on average and "
+                         f"evaluates token-choice top-k with k = capacity_factor: capacity_factor={capacity_factor} "
+                         f"must be a whole number from 1 to n_experts={n_experts}")
+    return int(cf)
 
 
 def capacity_keep_mask(expert_idx, priority, n_experts, capacity):
@@ -170,6 +184,9 @@ class Router(nn.Module):
         self.drop_policy, self.gate_norm_lambda, self.noisy = drop_policy, gate_norm_lambda, noisy
         self.weight = nn.Parameter(torch.empty(n_experts, n_embd))
         self.init_std = init_std
+        # expert choice in eval mode: False = causal token-choice fallback (k = capacity_factor),
+        # True = the training routing (batch-wise top-C per expert), for eval to report both
+        self.eval_expert_choice = False
         if noisy:   # Shazeer et al. 2017 eq. 4: H = z + N(0,1) * softplus(W_noise x)
             self.noise_weight = nn.Parameter(torch.zeros(n_experts, n_embd))
         if router_type == "sigmoid":
@@ -207,10 +224,13 @@ class Router(nn.Module):
         z = self.normalise(z)
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
 
-        if self.router_type == "expert_choice" and self.training:
-            return self._expert_choice(logits, z, cf)
-        # (expert choice at eval/generation falls through to token-choice top-k on
-        # the same logits, with softmax-then-topk gates, as Lory's baseline does.)
+        if self.router_type == "expert_choice":
+            if self.training or self.eval_expert_choice:
+                return self._expert_choice(logits, z, self.capacity_factor)
+            # eval/generation: token-choice top-k on the same logits, with
+            # softmax-then-topk gates (as Lory's baseline does) and k = cf, the
+            # experts per token it trained with (not top_k)
+            k = expert_choice_k(self.capacity_factor, E)
 
         if self.router_type == "sigmoid":
             scores = torch.sigmoid(z)                                   # (T, E)
@@ -242,18 +262,18 @@ class Router(nn.Module):
             "z": z_loss(logits),
         }
         stats = routing_stats(logits, probs, tokens_per_expert, T * k - expert_idx.numel(), T * k, demand)
-        stats["adaptive_drop_rate"] = self._adaptive_drop_rate(stats["drop_rate"], demand, T, C)
+        stats["adaptive_drop_rate"] = self._adaptive_drop_rate(stats["drop_rate"], demand, T, k, C)
         return Routing(token_idx, expert_idx, flat_gates, aux, stats)
 
-    def _adaptive_drop_rate(self, drop_rate, demand, T, C):
+    def _adaptive_drop_rate(self, drop_rate, demand, T, k, C):
         """The drop rate AdaptiveAuxCoef reads: the actual one when there is a
         capacity, else (dropless) the share of assignments that capacity factor 1
         would drop, from the demand. A dropless layer always drops 0, which would
         switch Skywork's balancing off (alpha -> 0)."""
         if C is not None:
             return drop_rate
-        C1 = expert_capacity(T, self.n_experts, self.top_k, 1.0)
-        return capacity_overflow(demand, C1) / (T * self.top_k)
+        C1 = expert_capacity(T, self.n_experts, k, 1.0)
+        return capacity_overflow(demand, C1) / (T * k)
 
     def _expert_choice(self, logits, z, capacity_factor):
         """Expert choice (arXiv 2202.09368): S = softmax(z) (T, E); each expert takes

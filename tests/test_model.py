@@ -267,6 +267,8 @@ def test_peak_flops_table():
     (dict(moe_layers="all", router="switchy"), "router"),
     (dict(moe_layers="all", expert_hidden=-8), "expert_hidden"),
     (dict(moe_layers="all", router="expert_choice", capacity_factor=0.0), "capacity_factor"),
+    (dict(moe_layers="all", router="expert_choice", capacity_factor=1.5), "capacity_factor"),
+    (dict(moe_layers="all", n_experts=4, router="expert_choice", capacity_factor=8.0), "capacity_factor"),
     (dict(moe_layers="all", gate_norm_lambda=0.0), "gate_norm_lambda"),
     (dict(moe_layers="all", gate_norm_lambda=-1.0), "gate_norm_lambda"),
     (dict(moe_layers="all", n_experts=1, top_k=1, gate_norm_lambda=1.0), "gate_norm_lambda"),

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from router import (AdaptiveAuxCoef, Router, capacity_keep_mask, expert_capacity,  # noqa: E402
+from router import (AdaptiveAuxCoef, Router, capacity_keep_mask, expert_capacity, expert_choice_k,  # noqa: E402
                     routing_stats, skywork_loss, switch_loss, z_loss)
 
 
@@ -225,17 +225,50 @@ def test_expert_choice_capacity_and_bruteforce(T, E, cf):
     assert out.stats["drop_rate"].item() == pytest.approx(1 - covered.float().mean().item())
 
 
-def test_expert_choice_eval_falls_back_to_token_choice():
-    r = identity_router(4, 2, "expert_choice", capacity_factor=1.0)
+@pytest.mark.parametrize("cf", [1.0, 2.0])
+def test_expert_choice_eval_falls_back_to_token_choice_with_k_cf(cf):
+    """Training gives each token cf experts on average (E experts x C = T*cf/E
+    tokens); the causal eval fallback is token-choice top-k with k = cf, whatever
+    top_k says, so it evaluates the compute the model trained with."""
+    r = identity_router(4, 2, "expert_choice", capacity_factor=cf)
+    r.train()
+    assert r(Z).token_idx.numel() / 4 == cf                           # experts per token in training
     r.eval()
     out = r(Z)
+    k = int(cf)
     G = assignments(out, 4, 4)
     p = torch.softmax(Z, -1)
-    assert out.token_idx.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]        # k per token
+    assert out.token_idx.tolist() == [t for t in range(4) for _ in range(k)]   # k per token
     for t in range(4):
-        assert set(out.expert_idx[out.token_idx == t].tolist()) == TOP2[t]
-        idx = sorted(TOP2[t])
+        idx = p[t].topk(k).indices.tolist()
+        assert set(out.expert_idx[out.token_idx == t].tolist()) == set(idx)
         assert torch.allclose(G[t, idx], p[t, idx], atol=1e-6)         # softmax-then-topk gates
+    assert out.stats["drop_rate"].item() == 0.0
+
+
+@pytest.mark.parametrize("cf", [0.5, 1.5, 5.0])
+def test_expert_choice_eval_needs_a_whole_capacity_factor(cf):
+    r = identity_router(4, 2, "expert_choice", capacity_factor=cf)
+    r.train()
+    r(Z)                                                               # training takes any cf > 0
+    r.eval()
+    with pytest.raises(ValueError, match="capacity_factor"):
+        r(Z)
+    assert expert_choice_k(2.0, 4) == 2
+
+
+def test_expert_choice_eval_can_route_as_in_training():
+    """eval_expert_choice=True: eval mode (no noise, no dropout) with the training
+    routing, so eval can report the loss the model trained with beside the causal one."""
+    torch.manual_seed(0)
+    r = identity_router(4, 2, "expert_choice", capacity_factor=1.0)
+    x = torch.randn(12, 4)
+    ref = r.train()(x)
+    r.eval()
+    r.eval_expert_choice = True
+    out = r(x)
+    for a, b in [(out.token_idx, ref.token_idx), (out.expert_idx, ref.expert_idx), (out.gates, ref.gates)]:
+        assert torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------- capacity

@@ -131,12 +131,15 @@ def test_coarse_softmax_topk_zero_router_exact_random_router_approximate():
     assert TOL < dl < 1.0
 
 
-def test_expert_choice_exact_in_eval_only():
-    """Expert choice at eval is softmax-then-topk on the same logits: exact with a zero
-    router; in training each expert takes its top-C tokens, which is not preserving."""
+@pytest.mark.parametrize("cf", [1.0, 2.0])
+def test_expert_choice_exact_in_eval_only(cf):
+    """Expert choice at eval is softmax-then-topk on the same logits with k = capacity
+    factor (top_k is not used): exact with a zero router and W2 x E/cf; in training
+    each expert takes its top-C tokens, which is not preserving."""
     dense = make_dense()
-    moe = up(dense, n_experts=4, top_k=2, router="expert_choice", router_init_std=0.0, capacity_factor=1.0)
+    moe = up(dense, n_experts=4, top_k=2, router="expert_choice", router_init_std=0.0, capacity_factor=cf)
     o = moe.upcycle_info["options"]
+    assert o["activation_scale"] == 4 / cf
     assert o["function_preserving"] == "exact" and "eval mode only" in o["preservation_note"]
     assert compare(dense, moe)[0] <= TOL
 
