@@ -107,7 +107,8 @@ Public API
     upcycle_model(dense, options=None, **kw) -> GPT                  (dense: GPT | checkpoint dict)
     upcycle_from_checkpoint(path, options=None, device="cpu", **kw) -> (GPT, upcycled_from)
     upcycle_checkpoint(path, out_dir, options=None, force=False, **kw) -> (written path, GPTConfig, info)
-    expert_similarity(experts) -> (E, E);  mean_pairwise_similarity(experts) -> float
+    expert_similarity(experts) -> (E, E);  mean_pairwise_similarity(experts, granularity=1) -> float
+    mean_similarity_of_pairs(S, granularity=1) -> float   (same-shard pairs e = e' mod G of an (E, E) matrix)
     similarity_to_dense(experts, dense) -> (E,);  dense_ffn_weights(state_dict, layer) -> (W1, W3, W2)
 
 `options` (a dict, or keyword arguments; train.py passes its upcycle_options()):
@@ -514,15 +515,30 @@ def expert_similarity(experts):
     return v @ v.t()
 
 
-def mean_pairwise_similarity(experts):
-    """Mean off-diagonal cosine similarity of the experts (He et al.; Skywork):
-    1.0 right after a noiseless upcycle, falls as experts specialise. A float
-    (1.0 for a single expert)."""
-    S = expert_similarity(experts)
-    E = S.shape[0]
-    if E < 2:
+def mean_similarity_of_pairs(S, granularity=1):
+    """Mean of an (E, E) expert similarity matrix over the pairs e != e' that hold
+    the same shard of the dense FFN, e = e' mod G (every pair when G = 1). A float;
+    1.0 when there is no such pair (a single expert, or E = G)."""
+    E, G = S.shape[0], int(granularity)
+    if G < 1 or E % G:
+        raise ValueError(f"granularity={granularity} must be >= 1 and divide the {E} experts")
+    e = torch.arange(E, device=S.device)
+    pairs = (e[:, None] % G == e[None, :] % G) & (e[:, None] != e[None, :])   # (E, E)
+    if not pairs.any():
         return 1.0
-    return float((S.sum() - S.diagonal().sum()) / (E * (E - 1)))
+    return float(S[pairs].mean())
+
+
+def mean_pairwise_similarity(experts, granularity=1):
+    """Mean cosine similarity between copies of the same dense weights (He et al.;
+    Skywork): 1.0 right after a noiseless upcycle, falls as experts specialise.
+    granularity G: for a fine-grained upcycle expert e holds shard e mod G, and only
+    same-shard pairs (e = e' mod G) started as copies; pairs holding different
+    shards are unrelated weights (cosine ~0), so averaging over all pairs gives
+    about (E/G - 1)/(E - 1) at step 0 (0.43 at E=8, G=2), not 1.0. Pass the
+    upcycle's G (cfg.ffn_hidden // cfg.expert_hidden of an upcycled model), 1 for
+    coarse upcycling or a model trained from scratch (all pairs). A float."""
+    return mean_similarity_of_pairs(expert_similarity(experts), granularity)
 
 
 def dense_ffn_weights(state, layer):
