@@ -292,7 +292,7 @@ def bench_model(args, device):
     dense, matched = med["dense"], med[list(configs)[2]]
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     for name, (_, m) in steps.items():
-        mfu = m.estimate_mfu(B * T, med[name], gpu_name)
+        mfu = m.estimate_mfu(B * T, med[name], gpu_name, seq_len=T)
         print(f"{name:<34} {m.num_params() / 1e6:>7.2f}M {m.num_params(active=True) / 1e6:>7.2f}M "
               f"{med[name] * 1e3:>9.1f} {B * T / med[name]:>10,.0f} {med[name] / dense:>9.2f} {med[name] / matched:>10.2f}"
               + (f"  MFU {mfu * 100:.1f}%" if mfu is not None else ""))

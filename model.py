@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import IMPLS, merged_ffn, moe_ffn, swiglu
-from router import DROP_POLICIES, ROUTERS, Router, SegmentRouter
+from router import DROP_POLICIES, ROUTERS, Router, SegmentRouter, expert_choice_k
 
 EXPERT_IMPLS = ("auto", *IMPLS)   # kernels.moe_ffn paths
 
@@ -56,7 +56,7 @@ class GPTConfig:
     # ---- MoE (a dense model is moe_layers="none") ----
     moe_layers: str = "none"      # "none" | "all" | "every_other" (layers 1,3,5..) | "0,2,5"
     n_experts: int = 8
-    top_k: int = 2
+    top_k: int = 2                # (expert_choice ignores it: k = capacity_factor)
     expert_hidden: int = 0        # 0 -> ffn_hidden; smaller for fine-grained experts
     n_shared_experts: int = 0     # always-on experts of width expert_hidden (DeepSeekMoE)
     router: str = "topk_softmax"  # one of router.ROUTERS
@@ -128,6 +128,8 @@ class GPTConfig:
         if self.router == "expert_choice" and self.capacity_factor <= 0:
             bad("router='expert_choice' needs capacity_factor > 0 (each expert takes "
                 "C = T*capacity_factor/E tokens); it has no dropless mode")
+        if self.router == "expert_choice":
+            expert_choice_k(self.capacity_factor, self.n_experts)   # eval's k; raises ValueError
 
     def moe_layer_ids(self):
         spec = str(self.moe_layers).strip()
@@ -439,21 +441,42 @@ class GPT(nn.Module):
                 n -= int(per_expert * (cfg.n_experts - used))
         return n
 
-    def flops_per_token(self):
-        """Training FLOPs per token: 6 * N_active + 12 * L * d * T (PaLM appendix B;
-        the attention term with T = block_size). Embedding lookups are free."""
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token: 6 * N_active + 12 * L * d * T (PaLM appendix B),
+        T = seq_len, the sequence length the run trains at (train.py's block_size;
+        default: the model's block_size, the longest it takes). Embedding lookups are free."""
         cfg = self.config
+        T = cfg.block_size if seq_len is None else int(seq_len)
+        if not 0 < T <= cfg.block_size:
+            raise ValueError(f"seq_len={seq_len} must be between 1 and the model's block_size={cfg.block_size}")
         n_active = self.num_params(active=True, non_embedding=True)
         if cfg.tie_embeddings:   # the tied lm_head matmul is still a matmul
             n_active += self.tok_emb.weight.numel()
-        return 6 * n_active + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        return 6 * n_active + 12 * cfg.n_layer * cfg.n_embd * T
 
-    def estimate_mfu(self, tokens_per_iter, dt, device_name=None):
-        """Model FLOPs utilisation on a known GPU, else None (report tokens/s instead)."""
+    def estimate_mfu(self, tokens_per_device, dt, device_name=None, seq_len=None):
+        """Model FLOPs utilisation of ONE device on a known GPU, else None (report
+        tokens/s instead). tokens_per_device: the tokens this process handled in dt
+        seconds (under DDP a step's global tokens / world size); it is measured
+        against one device's peak, as per-device MFU is reported (e.g. Llama 3 meets
+        MoE's 46.8%). seq_len: the training sequence length (flops_per_token)."""
         peak = peak_flops(device_name)
         if peak is None or dt <= 0:
             return None
-        return self.flops_per_token() * tokens_per_iter / dt / peak
+        return self.flops_per_token(seq_len) * tokens_per_device / dt / peak
+
+    def throughput(self, global_tokens, dt, world_size=1, seq_len=None, device_name=None):
+        """What a training log line reports for one step (or a mean step) that
+        processed global_tokens across world_size processes in dt seconds:
+        {"tok_per_s": global tok/s, "tok_per_s_per_device", "mfu" (per device; only
+        on a GPU with a known peak)}. dt should time training steps only (no evals
+        or checkpoint saves)."""
+        per_device = global_tokens / world_size
+        out = {"tok_per_s": global_tokens / dt, "tok_per_s_per_device": per_device / dt}
+        mfu = self.estimate_mfu(per_device, dt, device_name, seq_len)
+        if mfu is not None:
+            out["mfu"] = mfu
+        return out
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()

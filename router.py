@@ -16,7 +16,8 @@ Router types (see docs/METHODS.md sections 2, 3, 5, 6):
     sigmoid        DeepSeek-V3: s = sigmoid(z); select top-k of s + b; g = s[topk]/sum.
     expert_choice  Zhou et al. 2022: each expert takes its top-C tokens. NOT causal:
                    the choice for token t depends on tokens after t in the batch, so
-                   generation uses token-choice top-k on the same logits instead.
+                   eval and generation use token-choice top-k on the same logits
+                   instead, with k = capacity_factor (the experts per token it trained with).
     lory           Lory (arXiv 2405.03133): causal segment routing -> merge weights.
 """
 import math
@@ -78,6 +79,19 @@ def expert_capacity(n_tokens, n_experts, top_k, capacity_factor):
     return math.ceil(top_k * n_tokens / n_experts * capacity_factor)
 
 
+def expert_choice_k(capacity_factor, n_experts):
+    """Experts per token of expert choice's token-choice eval fallback: k = capacity_factor.
+    Training gives each token capacity_factor experts on average (E experts x
+    C = T * capacity_factor / E tokens), so a whole capacity_factor in 1..E is needed
+    for eval to run the compute the model trained with. Raises ValueError (one line)."""
+    cf = float(capacity_factor)
+    if cf != int(cf) or not 1 <= cf <= n_experts:
+        raise ValueError(f"router='expert_choice' trains with capacity_factor experts per token on average and "
+                         f"evaluates token-choice top-k with k = capacity_factor: capacity_factor={capacity_factor} "
+                         f"must be a whole number from 1 to n_experts={n_experts}")
+    return int(cf)
+
+
 def capacity_keep_mask(expert_idx, priority, n_experts, capacity):
     """Which of the flat assignments fit in their expert's capacity.
 
@@ -100,21 +114,38 @@ def capacity_keep_mask(expert_idx, priority, n_experts, capacity):
     return keep
 
 
+def capacity_overflow(demand, capacity):
+    """Assignments that a capacity of C per expert would drop: sum_i max(demand_i - C, 0).
+    demand: (E,) assignments per expert before dropping."""
+    return (demand.float() - capacity).clamp_min(0).sum()
+
+
+def _cv(load):
+    """Coefficient of variation std/mean (population std; 0 = balanced)."""
+    return load.std(unbiased=False) / load.mean().clamp_min(1e-9)
+
+
 @torch.no_grad()
-def routing_stats(logits, probs, tokens_per_expert, n_dropped, n_assign):
+def routing_stats(logits, probs, tokens_per_expert, n_dropped, n_assign, demand=None):
     """Detached diagnostics of one layer (docs/METHODS.md sections 2.1, 5 and 8).
 
     probs: (T, E) the gate distribution over all experts (after any logit
     normalisation). tokens_per_expert: (E,) kept assignments per expert.
+    demand: (E,) assignments per expert before capacity dropping (default: the
+    kept ones). load_cv is on the kept load, demand_cv on the demand; only the
+    latter is comparable across capacity factors (a capacity clips the load).
     """
     E = probs.shape[1]
     load = tokens_per_expert.float()
+    demand = load if demand is None else demand.float()
     entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).mean()
     stats = {
         "tokens_per_expert": load,
+        "demand_per_expert": demand,
         "drop_rate": torch.tensor(n_dropped / max(n_assign, 1)),
         "gate_entropy": entropy,
-        "load_cv": load.std(unbiased=False) / load.mean().clamp_min(1e-9),
+        "load_cv": _cv(load),
+        "demand_cv": _cv(demand),
         "logit_abs": logits.abs().mean(),
     }
     if E >= 2:
@@ -153,6 +184,9 @@ class Router(nn.Module):
         self.drop_policy, self.gate_norm_lambda, self.noisy = drop_policy, gate_norm_lambda, noisy
         self.weight = nn.Parameter(torch.empty(n_experts, n_embd))
         self.init_std = init_std
+        # expert choice in eval mode: False = causal token-choice fallback (k = capacity_factor),
+        # True = the training routing (batch-wise top-C per expert), for eval to report both
+        self.eval_expert_choice = False
         if noisy:   # Shazeer et al. 2017 eq. 4: H = z + N(0,1) * softplus(W_noise x)
             self.noise_weight = nn.Parameter(torch.zeros(n_experts, n_embd))
         if router_type == "sigmoid":
@@ -190,10 +224,13 @@ class Router(nn.Module):
         z = self.normalise(z)
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
 
-        if self.router_type == "expert_choice" and self.training:
-            return self._expert_choice(logits, z, cf)
-        # (expert choice at eval/generation falls through to token-choice top-k on
-        # the same logits, with softmax-then-topk gates, as Lory's baseline does.)
+        if self.router_type == "expert_choice":
+            if self.training or self.eval_expert_choice:
+                return self._expert_choice(logits, z, self.capacity_factor)
+            # eval/generation: token-choice top-k on the same logits, with
+            # softmax-then-topk gates (as Lory's baseline does) and k = cf, the
+            # experts per token it trained with (not top_k)
+            k = expert_choice_k(self.capacity_factor, E)
 
         if self.router_type == "sigmoid":
             scores = torch.sigmoid(z)                                   # (T, E)
@@ -224,8 +261,19 @@ class Router(nn.Module):
             "skywork": skywork_loss(probs),
             "z": z_loss(logits),
         }
-        stats = routing_stats(logits, probs, tokens_per_expert, T * k - expert_idx.numel(), T * k)
+        stats = routing_stats(logits, probs, tokens_per_expert, T * k - expert_idx.numel(), T * k, demand)
+        stats["adaptive_drop_rate"] = self._adaptive_drop_rate(stats["drop_rate"], demand, T, k, C)
         return Routing(token_idx, expert_idx, flat_gates, aux, stats)
+
+    def _adaptive_drop_rate(self, drop_rate, demand, T, k, C):
+        """The drop rate AdaptiveAuxCoef reads: the actual one when there is a
+        capacity, else (dropless) the share of assignments that capacity factor 1
+        would drop, from the demand. A dropless layer always drops 0, which would
+        switch Skywork's balancing off (alpha -> 0)."""
+        if C is not None:
+            return drop_rate
+        C1 = expert_capacity(T, self.n_experts, k, 1.0)
+        return capacity_overflow(demand, C1) / (T * k)
 
     def _expert_choice(self, logits, z, capacity_factor):
         """Expert choice (arXiv 2202.09368): S = softmax(z) (T, E); each expert takes
@@ -243,26 +291,33 @@ class Router(nn.Module):
         aux = {"switch": zero, "skywork": zero, "z": z_loss(logits)}
         stats = routing_stats(logits, probs, torch.full((E,), C, device=z.device), 0, T)
         stats["drop_rate"] = 1.0 - covered.float().mean()               # tokens no expert took
+        stats["adaptive_drop_rate"] = stats["drop_rate"]
         return Routing(token_idx, expert_idx, gates.reshape(-1), aux, stats)
 
     @torch.no_grad()
-    def update_expert_bias(self, tokens_per_expert, gamma=1e-3):
+    def update_expert_bias(self, demand_per_expert, gamma=1e-3):
         """DeepSeek-V3 aux-loss-free balancing (arXiv 2412.19437 section 2.1.2):
         b_i += gamma * sign(mean_load - load_i). Call after the optimizer step with
-        the step's training loads only."""
-        load = tokens_per_expert.float().to(self.expert_bias.device)
+        the step's training stats["demand_per_expert"]: the load *assigned* by the
+        biased top-k, before capacity dropping. The kept load is clipped at the
+        capacity C and can flip a sign: demand [40, 14, 3, 3] with C = 19 keeps
+        [19, 14, 3, 3], whose mean 9.75 would push under-loaded expert 1 down."""
+        load = demand_per_expert.float().to(self.expert_bias.device)
         self.expert_bias += gamma * torch.sign(load.mean() - load)
 
 
 class SegmentRouter(nn.Module):
-    """Lory causal segment routing (arXiv 2405.03133 section 3.2, eq. 3).
+    """Lory causal segment routing (arXiv 2405.03133 section 3.1, eq. 3).
 
     Split each sequence into segments of segment_len tokens. The merge weights of
     segment j are softmax(R(mean h_{S_{j-1}})): they depend only on the previous
     segment, so segment j never sees its own future. Segment 1 has no previous
-    segment: first_segment="self" uses its own mean with a stop-gradient on the
-    router (Lory's rule; segment 1 then sees its own future at training time),
-    first_segment="uniform" gives it uniform weights (fully causal).
+    segment: first_segment="self" uses its own mean with a stop-gradient on
+    R(mean h_{S_1}) (Lory's rule, section 3.1: the whole router output is a
+    constant, so neither the router weight nor segment 1's hidden states, nor
+    the layers below them, learn through it; the forward pass still lets
+    segment 1 see its own future at training time), first_segment="uniform"
+    gives it uniform weights (fully causal).
     """
 
     def __init__(self, n_embd, n_experts, segment_len, first_segment="self", init_std=0.02):
@@ -275,10 +330,9 @@ class SegmentRouter(nn.Module):
     def reset_parameters(self):
         init_router_weight(self.weight, self.init_std)
 
-    def _weights(self, h_mean, detach_router=False):
-        w = self.weight.detach() if detach_router else self.weight
+    def _weights(self, h_mean):
         with torch.autocast(device_type=h_mean.device.type, enabled=False):
-            return F.softmax(F.linear(h_mean.float(), w.float()), dim=-1)
+            return F.softmax(F.linear(h_mean.float(), self.weight.float()), dim=-1)
 
     def forward(self, x):
         """x: (B, T, d), T a multiple of segment_len -> merge weights (B, S, E)."""
@@ -289,7 +343,9 @@ class SegmentRouter(nn.Module):
         if self.first_segment == "uniform":
             w_first = x.new_full((B, 1, self.n_experts), 1.0 / self.n_experts, dtype=torch.float32)
         else:
-            w_first = self._weights(seg_mean[:, :1], detach_router=True)
+            # Lory section 3.1: stop-gradient on R(mean h_{S_1}), the router output,
+            # not only on R's weight: no gradient reaches segment 1's hidden states
+            w_first = self._weights(seg_mean[:, :1]).detach()
         return torch.cat([w_first, w_prev], dim=1)                      # (B, S, E)
 
     def prompt_weights(self, x):
@@ -317,6 +373,12 @@ class AdaptiveAuxCoef:
         alpha_l <- beta * alpha_l + (1 - beta) * target_l
     The coefficient saturates once a layer drops more than alpha_max/xi = 5%.
     Saved in the checkpoint (state_dict) so that resume is exact.
+
+    Feed it each layer's Routing.stats["adaptive_drop_rate"]: the actual drop rate
+    when the layer has a capacity, and when it is dropless (capacity_factor <= 0)
+    the drop rate capacity factor 1 would give on the same demand. A dropless
+    layer's own drop rate is always 0, which would decay alpha as
+    alpha_max * beta^n (0.00049 after 300 steps) and silently switch balancing off.
     """
 
     def __init__(self, n_layers, xi=0.2, alpha_max=0.01, beta=0.99, alpha_init=0.01):

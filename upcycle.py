@@ -45,7 +45,7 @@ Weight scaling (`weight_scaling`)
 ---------------------------------
 Let s be the activation scale (Megatron `_get_moe_activation_scale`):
     s = E' * G^2 / k   softmax-then-topk gates (softmax_topk; expert_choice, whose
-                       eval/generation path is softmax-then-topk)
+                       eval/generation path is softmax-then-topk with k = capacity_factor)
     s = G              gates renormalised over the picked experts (topk_softmax, sigmoid)
     s = 1              lory (merge weights sum to 1; G must be 1)
 * "none":     no scaling.
@@ -107,7 +107,8 @@ Public API
     upcycle_model(dense, options=None, **kw) -> GPT                  (dense: GPT | checkpoint dict)
     upcycle_from_checkpoint(path, options=None, device="cpu", **kw) -> (GPT, upcycled_from)
     upcycle_checkpoint(path, out_dir, options=None, force=False, **kw) -> (written path, GPTConfig, info)
-    expert_similarity(experts) -> (E, E);  mean_pairwise_similarity(experts) -> float
+    expert_similarity(experts) -> (E, E);  mean_pairwise_similarity(experts, granularity=1) -> float
+    mean_similarity_of_pairs(S, granularity=1) -> float   (same-shard pairs e = e' mod G of an (E, E) matrix)
     similarity_to_dense(experts, dense) -> (E,);  dense_ffn_weights(state_dict, layer) -> (W1, W3, W2)
 
 `options` (a dict, or keyword arguments; train.py passes its upcycle_options()):
@@ -132,6 +133,7 @@ import torch
 from checkpoint import CheckpointError, ckpt_path, file_sha256, load_checkpoint, load_model, save_checkpoint
 from cli import ArgumentParser
 from model import GPT, GPTConfig
+from router import expert_choice_k
 
 WEIGHT_SCALINGS = ("auto", "none", "exact", "megatron")
 # fields that fix the dense parameter shapes, and ones that change the dense function
@@ -200,6 +202,8 @@ def target_config(dense_args, model_args=None, granularity=None, expansion_rate=
             raise ValueError(f"expert_hidden={eh} contradicts granularity={G} (d_ff/G = {d_ff // G})")
     E = int(args.get("n_experts", GPTConfig.n_experts))
     k = int(args.get("top_k", GPTConfig.top_k))
+    if args.get("router") == "expert_choice":   # evaluates with k = capacity_factor experts per token
+        k = expert_choice_k(args.get("capacity_factor", GPTConfig.capacity_factor), E)
     if expansion_rate not in (None, 0) and int(expansion_rate) * G != E:
         raise ValueError(f"expansion_rate*granularity = {int(expansion_rate)}*{G} = {int(expansion_rate) * G} "
                          f"does not match n_experts={E}")
@@ -224,9 +228,18 @@ def resolve_weight_scaling(weight_scaling, router, G):
     return weight_scaling
 
 
+def routed_k(cfg):
+    """Experts per token of the token-wise routing the upcycle must preserve: top_k,
+    or capacity_factor for expert choice (its eval fallback, router.expert_choice_k)."""
+    if cfg.router == "expert_choice":
+        return expert_choice_k(cfg.capacity_factor, cfg.n_experts)
+    return cfg.top_k
+
+
 def activation_scale(router, n_experts, G, top_k):
     """Megatron `_get_moe_activation_scale`: how much smaller the routed output is
-    than the dense FFN at upcycling time (see the module docstring)."""
+    than the dense FFN at upcycling time (see the module docstring). top_k: the
+    experts per token, routed_k(cfg)."""
     if router == "lory":
         return 1.0
     if router in ("softmax_topk", "expert_choice"):
@@ -242,7 +255,7 @@ def preservation(cfg, G, weight_scaling, expert_noise=0.0, shared_fraction=0.5):
     """('exact' | 'approximate', note): does the upcycled model compute the dense
     function at step 0, and under which caveats (see the module docstring)."""
     ws = resolve_weight_scaling(weight_scaling, cfg.router, G)
-    s = activation_scale(cfg.router, cfg.n_experts, G, cfg.top_k)
+    s = activation_scale(cfg.router, cfg.n_experts, G, routed_k(cfg))
     caveats = []
     if cfg.capacity_factor > 0 or cfg.eval_capacity_factor > 0:
         caveats.append("only while no assignment is dropped (capacity_factor > 0)")
@@ -255,7 +268,7 @@ def preservation(cfg, G, weight_scaling, expert_noise=0.0, shared_fraction=0.5):
             f"unscaled routed output is 1/{s:g} of the dense FFN"
         return "approximate", f"weight_scaling={ws} with activation scale {s:g}: {why}"
     if cfg.router in ("softmax_topk", "expert_choice"):
-        if cfg.router_init_std > 0 and cfg.n_experts != cfg.top_k:   # (k = E: all probs, sum 1)
+        if cfg.router_init_std > 0 and cfg.n_experts != routed_k(cfg):   # (k = E: all probs, sum 1)
             return "approximate", ("softmax-then-topk gates sum to an input-dependent value unless the router "
                                    "is zero (router_init_std=0)")
         if cfg.router == "expert_choice":
@@ -294,7 +307,7 @@ def upcycle_ffn(w1, w3, w2, cfg, G, weight_scaling="exact", expert_noise=0.0, sh
     dtype = w1.dtype
     w1, w3, w2 = (t.detach().to("cpu", torch.float32) for t in (w1, w3, w2))
     d_ff, d = w1.shape
-    E, k = cfg.n_experts, cfg.top_k
+    E, k = cfg.n_experts, routed_k(cfg)
     Ep, h = E // G, d_ff // G
     ws = resolve_weight_scaling(weight_scaling, cfg.router, G)
     out = {}
@@ -399,7 +412,7 @@ def upcycle_state_dict(dense_state, dense_args, options=None, **kw):
             "expert_hidden": cfg.expert_hidden, "moe_layers": cfg.moe_layers, "router": cfg.router,
             "router_init_std": cfg.router_init_std, "n_shared_experts": cfg.n_shared_experts,
             "shared_fraction": float(opts["shared_fraction"]) if cfg.n_shared_experts else None,
-            "weight_scaling": ws, "activation_scale": activation_scale(cfg.router, cfg.n_experts, G, cfg.top_k),
+            "weight_scaling": ws, "activation_scale": activation_scale(cfg.router, cfg.n_experts, G, routed_k(cfg)),
             "expert_noise": float(opts["expert_noise"]), "seed": int(opts["seed"]),
             "function_preserving": verdict, "preservation_note": note,
         },
@@ -503,15 +516,30 @@ def expert_similarity(experts):
     return v @ v.t()
 
 
-def mean_pairwise_similarity(experts):
-    """Mean off-diagonal cosine similarity of the experts (He et al.; Skywork):
-    1.0 right after a noiseless upcycle, falls as experts specialise. A float
-    (1.0 for a single expert)."""
-    S = expert_similarity(experts)
-    E = S.shape[0]
-    if E < 2:
+def mean_similarity_of_pairs(S, granularity=1):
+    """Mean of an (E, E) expert similarity matrix over the pairs e != e' that hold
+    the same shard of the dense FFN, e = e' mod G (every pair when G = 1). A float;
+    1.0 when there is no such pair (a single expert, or E = G)."""
+    E, G = S.shape[0], int(granularity)
+    if G < 1 or E % G:
+        raise ValueError(f"granularity={granularity} must be >= 1 and divide the {E} experts")
+    e = torch.arange(E, device=S.device)
+    pairs = (e[:, None] % G == e[None, :] % G) & (e[:, None] != e[None, :])   # (E, E)
+    if not pairs.any():
         return 1.0
-    return float((S.sum() - S.diagonal().sum()) / (E * (E - 1)))
+    return float(S[pairs].mean())
+
+
+def mean_pairwise_similarity(experts, granularity=1):
+    """Mean cosine similarity between copies of the same dense weights (He et al.;
+    Skywork): 1.0 right after a noiseless upcycle, falls as experts specialise.
+    granularity G: for a fine-grained upcycle expert e holds shard e mod G, and only
+    same-shard pairs (e = e' mod G) started as copies; pairs holding different
+    shards are unrelated weights (cosine ~0), so averaging over all pairs gives
+    about (E/G - 1)/(E - 1) at step 0 (0.43 at E=8, G=2), not 1.0. Pass the
+    upcycle's G (cfg.ffn_hidden // cfg.expert_hidden of an upcycled model), 1 for
+    coarse upcycling or a model trained from scratch (all pairs). A float."""
+    return mean_similarity_of_pairs(expert_similarity(experts), granularity)
 
 
 def dense_ffn_weights(state, layer):

@@ -114,3 +114,42 @@ def test_lory_config_errors():
         lory_cfg(capacity_factor=1.0)
     with pytest.raises(ValueError, match="lory_first_segment"):
         lory_cfg(lory_first_segment="future")
+
+
+def test_first_segment_stop_gradient_covers_its_hidden_states():
+    """Lory section 3.1: the stop-gradient is on R(h_1) -- the router *output* of
+    segment 1 -- so neither the router weight nor segment 1's hidden states (and
+    the layers below them) get gradient through segment 1's merge weights."""
+    torch.manual_seed(0)
+    r = SegmentRouter(16, 4, segment_len=4)
+    x = torch.randn(1, 12, 16, requires_grad=True)
+    w = r(x)                                                            # (1, 3, 4)
+    (w[:, 0] * torch.randn(1, 4)).sum().backward()
+    assert x.grad is None or x.grad.abs().max() == 0                    # nothing reaches h_1
+    # segment 2 routes on segment 1's mean: that path is causal and keeps its gradient
+    x.grad = None
+    (r(x)[:, 1] * torch.randn(1, 4)).sum().backward()
+    assert x.grad[0, :4].abs().max() > 0 and x.grad[0, 4:].abs().max() == 0
+
+
+def test_lory_ffn_segment1_gradient_only_through_the_ffn():
+    """In a LoryFFN, the gradient that reaches segment 1's inputs equals the one
+    with its merge weights held constant: no look-ahead can be learned through them."""
+    torch.manual_seed(0)
+    cfg = lory_cfg()
+    ffn = LoryFFN(cfg)
+    for p in (ffn.gate_proj, ffn.up_proj, ffn.down_proj):
+        torch.nn.init.normal_(p, std=0.2)
+    torch.nn.init.normal_(ffn.router.weight, std=0.5)
+    x = torch.randn(2, 32, 32, requires_grad=True)
+    y, out = ffn(x)
+    L = cfg.segment_len
+    g = torch.randn(2, L, 32)
+    (y[:, :L] * g).sum().backward()
+    # reference: segment 1 through one SwiGLU with its merge weights as constants
+    x_ref = x.detach()[:, :L].clone().requires_grad_(True)
+    w = out["merge_weights"][:, 0].detach()                             # (2, E)
+    y_ref = merged_ffn(x_ref[:, None], w[:, None], ffn.gate_proj, ffn.up_proj, ffn.down_proj)
+    (y_ref[:, 0] * g).sum().backward()
+    torch.testing.assert_close(x.grad[:, :L], x_ref.grad, rtol=1e-5, atol=1e-6)
+    assert x.grad[:, L:].abs().max() == 0

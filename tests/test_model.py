@@ -247,6 +247,33 @@ def test_flops_per_token_formula():
     assert model.estimate_mfu(1000, 0.0, "NVIDIA H100 80GB HBM3") is None
 
 
+def test_flops_per_token_uses_the_training_sequence_length():
+    """The attention term 12*L*d*T takes the T a run trains at, not block_size
+    (a 256-token model trained at 64 would otherwise be overstated)."""
+    model = GPT(count_cfg())                                            # block_size 16
+    assert model.flops_per_token(seq_len=8) == 6 * 5776 + 12 * 2 * 16 * 8
+    assert model.flops_per_token(seq_len=16) == model.flops_per_token() == 40800
+    h100 = "NVIDIA H100 80GB HBM3"
+    assert model.estimate_mfu(1000, 0.5, h100, seq_len=8) == pytest.approx(
+        (6 * 5776 + 12 * 2 * 16 * 8) * 1000 / 0.5 / 989e12)
+    with pytest.raises(ValueError, match="seq_len"):
+        model.flops_per_token(seq_len=32)                               # longer than the model takes
+
+
+def test_throughput_mfu_is_per_device_under_ddp():
+    """MFU is per device: a step's global tokens are shared by world_size devices,
+    each measured against one device's peak. tok/s is global."""
+    model = GPT(count_cfg())
+    h100 = "NVIDIA H100 80GB HBM3"
+    one = model.throughput(4000, 0.5, world_size=1, seq_len=8, device_name=h100)
+    four = model.throughput(4000, 0.5, world_size=4, seq_len=8, device_name=h100)
+    assert one["tok_per_s"] == four["tok_per_s"] == 8000                # global
+    assert four["tok_per_s_per_device"] == 2000
+    assert four["mfu"] == pytest.approx(one["mfu"] / 4)
+    assert four["mfu"] == pytest.approx(model.estimate_mfu(1000, 0.5, h100, seq_len=8))
+    assert "mfu" not in model.throughput(4000, 0.5, world_size=4, seq_len=8, device_name="cpu")
+
+
 def test_peak_flops_table():
     assert peak_flops(None) is None
     assert peak_flops("") is None
@@ -267,6 +294,8 @@ def test_peak_flops_table():
     (dict(moe_layers="all", router="switchy"), "router"),
     (dict(moe_layers="all", expert_hidden=-8), "expert_hidden"),
     (dict(moe_layers="all", router="expert_choice", capacity_factor=0.0), "capacity_factor"),
+    (dict(moe_layers="all", router="expert_choice", capacity_factor=1.5), "capacity_factor"),
+    (dict(moe_layers="all", n_experts=4, router="expert_choice", capacity_factor=8.0), "capacity_factor"),
     (dict(moe_layers="all", gate_norm_lambda=0.0), "gate_norm_lambda"),
     (dict(moe_layers="all", gate_norm_lambda=-1.0), "gate_norm_lambda"),
     (dict(moe_layers="all", n_experts=1, top_k=1, gate_norm_lambda=1.0), "gate_norm_lambda"),

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from router import (AdaptiveAuxCoef, Router, capacity_keep_mask, expert_capacity,  # noqa: E402
+from router import (AdaptiveAuxCoef, Router, capacity_keep_mask, expert_capacity, expert_choice_k,  # noqa: E402
                     routing_stats, skywork_loss, switch_loss, z_loss)
 
 
@@ -147,6 +147,61 @@ def test_update_expert_bias_moves_towards_balance():
     assert stats["load_cv"].item() < 0.5 * cv0
 
 
+def skewed_x(demand, E=4):
+    """Identity-router input whose top-1 choice gives `demand` tokens per expert,
+    expert e's tokens scoring 2 on e and a distinct small value elsewhere."""
+    rows = []
+    for e, n in enumerate(demand):
+        for i in range(n):
+            row = torch.full((E,), -1.0 - 0.01 * i)
+            row[e] = 2.0 - 0.01 * i
+            rows.append(row)
+    return torch.stack(rows)
+
+
+def test_routing_stats_report_demand_before_capacity():
+    """Finding 4: the issue's example, demand [40, 14, 3, 3] with C = ceil(60/4 * 1.25) = 19."""
+    r = identity_router(4, 1, "sigmoid", capacity_factor=1.25)
+    out = r(skewed_x([40, 14, 3, 3]))
+    assert out.stats["tokens_per_expert"].tolist() == [19, 14, 3, 3]     # after dropping
+    assert out.stats["demand_per_expert"].tolist() == [40, 14, 3, 3]     # before
+    d = torch.tensor([40.0, 14, 3, 3])
+    assert out.stats["demand_cv"].item() == pytest.approx((d.std(unbiased=False) / d.mean()).item(), rel=1e-6)
+    assert out.stats["load_cv"].item() < out.stats["demand_cv"].item()  # clipping hides imbalance
+
+
+def test_update_expert_bias_from_demand_has_the_right_sign():
+    """DeepSeek-V3 balances assigned load. On the clipped load [19, 14, 3, 3] (mean 9.75)
+    expert 1 looks over-loaded and would be pushed down; on the demand (mean 15) it is
+    under-loaded and goes up."""
+    r = identity_router(4, 1, "sigmoid", capacity_factor=1.25)
+    out = r(skewed_x([40, 14, 3, 3]))
+    r.update_expert_bias(out.stats["demand_per_expert"], gamma=0.1)
+    assert torch.allclose(r.expert_bias, torch.tensor([-0.1, 0.1, 0.1, 0.1]))
+
+
+@pytest.mark.parametrize("router_type", ["topk_softmax", "sigmoid"])
+def test_adaptive_drop_rate_when_dropless_is_the_capacity_1_rate(router_type):
+    """Finding 3: dropless drops nothing, so Skywork's controller is fed the drop rate
+    capacity factor 1 would give: C = 60/4 = 15, expert 0 overflows by 40 - 15 = 25."""
+    r = identity_router(4, 1, router_type, capacity_factor=0.0)
+    out = r(skewed_x([40, 14, 3, 3]))
+    assert out.stats["drop_rate"].item() == 0.0
+    assert out.stats["adaptive_drop_rate"].item() == pytest.approx(25 / 60)
+    c = AdaptiveAuxCoef(1)
+    for _ in range(300):
+        c.update([out.stats["adaptive_drop_rate"]])
+    assert c.alpha[0] == pytest.approx(0.01)                            # balancing stays on
+    # with a capacity the controller reads the actual drop rate (40 - 19 = 21 of 60)
+    r.capacity_factor = 1.25
+    out = r(skewed_x([40, 14, 3, 3]))
+    assert out.stats["drop_rate"].item() == pytest.approx(21 / 60)
+    assert out.stats["adaptive_drop_rate"].item() == pytest.approx(21 / 60)
+    # balanced routing: nothing to drop at capacity 1 either
+    r.capacity_factor = 0.0
+    assert r(skewed_x([15, 15, 15, 15])).stats["adaptive_drop_rate"].item() == 0.0
+
+
 # ----------------------------------------------------------------------------- expert choice
 
 @pytest.mark.parametrize("T,E,cf", [(8, 4, 1.0), (10, 4, 1.0), (12, 3, 0.5), (6, 4, 2.0)])
@@ -170,17 +225,50 @@ def test_expert_choice_capacity_and_bruteforce(T, E, cf):
     assert out.stats["drop_rate"].item() == pytest.approx(1 - covered.float().mean().item())
 
 
-def test_expert_choice_eval_falls_back_to_token_choice():
-    r = identity_router(4, 2, "expert_choice", capacity_factor=1.0)
+@pytest.mark.parametrize("cf", [1.0, 2.0])
+def test_expert_choice_eval_falls_back_to_token_choice_with_k_cf(cf):
+    """Training gives each token cf experts on average (E experts x C = T*cf/E
+    tokens); the causal eval fallback is token-choice top-k with k = cf, whatever
+    top_k says, so it evaluates the compute the model trained with."""
+    r = identity_router(4, 2, "expert_choice", capacity_factor=cf)
+    r.train()
+    assert r(Z).token_idx.numel() / 4 == cf                           # experts per token in training
     r.eval()
     out = r(Z)
+    k = int(cf)
     G = assignments(out, 4, 4)
     p = torch.softmax(Z, -1)
-    assert out.token_idx.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]        # k per token
+    assert out.token_idx.tolist() == [t for t in range(4) for _ in range(k)]   # k per token
     for t in range(4):
-        assert set(out.expert_idx[out.token_idx == t].tolist()) == TOP2[t]
-        idx = sorted(TOP2[t])
+        idx = p[t].topk(k).indices.tolist()
+        assert set(out.expert_idx[out.token_idx == t].tolist()) == set(idx)
         assert torch.allclose(G[t, idx], p[t, idx], atol=1e-6)         # softmax-then-topk gates
+    assert out.stats["drop_rate"].item() == 0.0
+
+
+@pytest.mark.parametrize("cf", [0.5, 1.5, 5.0])
+def test_expert_choice_eval_needs_a_whole_capacity_factor(cf):
+    r = identity_router(4, 2, "expert_choice", capacity_factor=cf)
+    r.train()
+    r(Z)                                                               # training takes any cf > 0
+    r.eval()
+    with pytest.raises(ValueError, match="capacity_factor"):
+        r(Z)
+    assert expert_choice_k(2.0, 4) == 2
+
+
+def test_expert_choice_eval_can_route_as_in_training():
+    """eval_expert_choice=True: eval mode (no noise, no dropout) with the training
+    routing, so eval can report the loss the model trained with beside the causal one."""
+    torch.manual_seed(0)
+    r = identity_router(4, 2, "expert_choice", capacity_factor=1.0)
+    x = torch.randn(12, 4)
+    ref = r.train()(x)
+    r.eval()
+    r.eval_expert_choice = True
+    out = r(x)
+    for a, b in [(out.token_idx, ref.token_idx), (out.expert_idx, ref.expert_idx), (out.gates, ref.gates)]:
+        assert torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------- capacity

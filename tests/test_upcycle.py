@@ -131,12 +131,15 @@ def test_coarse_softmax_topk_zero_router_exact_random_router_approximate():
     assert TOL < dl < 1.0
 
 
-def test_expert_choice_exact_in_eval_only():
-    """Expert choice at eval is softmax-then-topk on the same logits: exact with a zero
-    router; in training each expert takes its top-C tokens, which is not preserving."""
+@pytest.mark.parametrize("cf", [1.0, 2.0])
+def test_expert_choice_exact_in_eval_only(cf):
+    """Expert choice at eval is softmax-then-topk on the same logits with k = capacity
+    factor (top_k is not used): exact with a zero router and W2 x E/cf; in training
+    each expert takes its top-C tokens, which is not preserving."""
     dense = make_dense()
-    moe = up(dense, n_experts=4, top_k=2, router="expert_choice", router_init_std=0.0, capacity_factor=1.0)
+    moe = up(dense, n_experts=4, top_k=2, router="expert_choice", router_init_std=0.0, capacity_factor=cf)
     o = moe.upcycle_info["options"]
+    assert o["activation_scale"] == 4 / cf
     assert o["function_preserving"] == "exact" and "eval mode only" in o["preservation_note"]
     assert compare(dense, moe)[0] <= TOL
 
@@ -487,3 +490,28 @@ def test_similarity_to_dense_fine_grained_shards():
         # same shard -> 1, different shards -> unrelated random weights (~0)
         assert torch.allclose(S[0, 2], torch.tensor(1.0), atol=1e-5)
         assert abs(float(S[0, 1])) < 0.2
+
+
+@pytest.mark.parametrize("G", [2, 4])
+def test_mean_similarity_over_same_shard_pairs(G):
+    """A noiseless fine-grained upcycle: experts e and e' hold the same shard iff
+    e = e' mod G, and only those pairs were copies. Over them the mean is 1.0; over
+    all pairs it is diluted by the different-shard pairs, which never were copies."""
+    dense = make_dense()
+    f = up(dense, granularity=G, n_experts=8, top_k=G).blocks[0].ffn
+    assert U.mean_pairwise_similarity(f, granularity=G) == pytest.approx(1.0, abs=1e-5)
+    S = U.expert_similarity(f)
+    E = 8
+    same = [(a, b) for a in range(E) for b in range(E) if a != b and a % G == b % G]
+    diff = [(a, b) for a in range(E) for b in range(E) if a % G != b % G]
+    ref_all = (sum(float(S[a, b]) for a, b in same + diff)) / (E * (E - 1))
+    assert U.mean_pairwise_similarity(f) == pytest.approx(ref_all, abs=1e-6)   # default: all pairs
+    assert U.mean_pairwise_similarity(f) < 0.6
+    # after noise, the same-shard mean is the mean over exactly those pairs
+    g = up(dense, granularity=G, n_experts=8, top_k=G, expert_noise=0.3).blocks[0].ffn
+    Sg = U.expert_similarity(g)
+    ref = sum(float(Sg[a, b]) for a, b in same) / len(same)
+    assert U.mean_pairwise_similarity(g, granularity=G) == pytest.approx(ref, abs=1e-6) and ref < 0.99
+    assert U.mean_similarity_of_pairs(Sg, G) == pytest.approx(ref, abs=1e-6)
+    with pytest.raises(ValueError, match="granularity"):
+        U.mean_pairwise_similarity(f, granularity=3)                    # 8 experts are not groups of 3
