@@ -737,9 +737,12 @@ def hidden_router_rows(model, windows, expert_domain):
     windows: {domain: (B, T) token windows of that domain}; expert_domain: a domain per expert.
     For each MoE layer l in order (so the rows already set shape the later layers' inputs):
         m_D   = mean over the tokens of domain D of ffn_input(model, windows[D], l)    (d,)
-        c_D   = m_D - mean over domains of m_D'   (the part all domains share would give
-                every expert the same logit; mergekit removes it with negative prompts)
+        m     = mean over domains of m_D
+        c_D   = (m_D - m) minus its component along m   (the part all domains share: mergekit
+                removes it with negative prompts; here it is what every token carries, and
+                row . m = 0 keeps it from favouring one expert for every token)
         row_e = c_{D(e)} / ||c_{D(e)}||           (unit norm, as mergekit normalises its gates)
+    A token at its domain's mean then scores highest on its own domain's row (Cauchy-Schwarz).
     Experts that share a domain share a row (a virtual group, like fine-grained upcycling's)."""
     was = model.training
     model.eval()
@@ -748,7 +751,10 @@ def hidden_router_rows(model, windows, expert_domain):
     rows = {}
     for l, ffn in model.moe_layers():
         m = torch.stack([ffn_input(model, windows[D], l).float().mean((0, 1)) for D in doms])   # (n_dom, d)
-        c = m - m.mean(0, keepdim=True)
+        mean = m.mean(0)                                                                        # (d,)
+        u = mean / mean.norm().clamp_min(1e-12)
+        c = m - mean
+        c = c - (c @ u)[:, None] * u                                                            # row . mean = 0
         c = c / c.norm(dim=1, keepdim=True).clamp_min(1e-12)
         rows[l] = c[pick]                                                                       # (E, d)
         ffn.router.weight.copy_(rows[l])
