@@ -100,6 +100,30 @@ dense model trained 300 AdamW steps):
     none with G=2                                 0.36; trained 3.0 (output halved)
     expert_noise=0.01                             0.11
 
+Beyond copies: Drop-Upcycling, Branch-Train-MiX, hidden-state router init
+--------------------------------------------------------------------------
+    python upcycle.py --ckpt=out/dense --out_dir=out/drop --method=drop --drop_ratio=0.5
+    python upcycle.py --ckpt=out/b0,out/b1,out/b2,out/b3 --out_dir=out/btx --method=btx --n_experts=4
+    python upcycle.py --ckpt=out/dense --out_dir=out/h --n_experts=4 --router_init=hidden --domains=code,prose,math,c
+
+* Drop-Upcycling (Nakamura et al., arXiv 2502.19261, section 3): after the copies are
+  made, every expert re-initialises its own random share drop_ratio of its channels
+  (rows of W1/W3, columns of W2; one set per expert for the three matrices) from the
+  replaced weights' mean and std (drop_upcycle). drop_ratio=0 is copy-upcycling bit for
+  bit. The draws come after the router's, so the routers equal copy-upcycling's.
+* Branch-Train-MiX (Sukhbaatar et al., arXiv 2403.07816, section 2): N dense branches of
+  one model, each trained on its own domain (TokenDataset(domains=D) samples one), -> one
+  MoE whose expert e is branch e // (E/N)'s FFN; everything else is the branches' mean
+  (btx_merge).
+  N identical branches with top-k-then-softmax gates give the dense model back.
+* router_init="hidden" (mergekit-moe's `hidden` gate mode): router row e is the unit
+  direction of the mean FFN input, at that layer, of text from expert e's domain, centred
+  over the domains and made orthogonal to their overall mean (hidden_router_rows). With
+  topk_softmax and G=1 upcycling stays exact, since any router is.
+Online use (train.py, later): upcycle_from_checkpoint with options["drop_ratio"], or
+btx_from_checkpoints(paths, options); then router_init_hidden(model, data_dir, domains)
+and upcycled_from["options"].update(its result).
+
 Public API
 ----------
     target_config(dense_args, model_args=None, granularity=None, expansion_rate=None) -> (GPTConfig, G)
@@ -109,6 +133,11 @@ Public API
     upcycle_checkpoint(path, out_dir, options=None, force=False, **kw) -> (written path, GPTConfig, info)
     expert_similarity(experts) -> (E, E);  mean_pairwise_similarity(experts) -> float
     similarity_to_dense(experts, dense) -> (E,);  dense_ffn_weights(state_dict, layer) -> (W1, W3, W2)
+    drop_upcycle(gate, up, down, ratio, generator) -> (gate, up, down, channels (E, n))
+    btx_merge(dense_states, dense_args, options=None, names=None, **kw) -> (state_dict, GPTConfig, info)
+    btx_from_checkpoints(paths, options=None, device="cpu") -> (GPT, upcycled_from)
+    btx_checkpoint(paths, out_dir, options=None, force=False, hidden=None) -> (written path, GPTConfig, info)
+    router_init_hidden(model, data_dir, domains, n_windows=16, ...) -> dict for info["options"]
 
 `options` (a dict, or keyword arguments; train.py passes its upcycle_options()):
     model_args       target GPTConfig fields (dict or GPTConfig): MoE fields (n_experts,
@@ -121,6 +150,7 @@ Public API
     expert_noise     relative std of the noise on the expert copies (0 = none)
     shared_fraction  share of the dense function given to the shared expert(s) (0.5)
     seed             torch.Generator seed for router rows and noise (0)
+    drop_ratio       Drop-Upcycling's re-initialised share of each expert's channels (0 = copies)
 """
 import argparse
 import math
@@ -400,7 +430,8 @@ def upcycle_state_dict(dense_state, dense_args, options=None, **kw):
     _check_keys(state, cfg, "the upcycled state dict")   # guards against model.py drifting
     verdict, note = preservation(cfg, G, ws, opts["expert_noise"], opts["shared_fraction"])
     if opts["drop_ratio"] > 0:
-        verdict, note = "approximate", f"drop_ratio={opts['drop_ratio']:g} re-initialises that share of every expert's channels"
+        verdict, note = "approximate", (f"drop_ratio={opts['drop_ratio']:g} re-initialises that share of "
+                                        f"every expert's channels")
     info = {
         "method": ("drop_upcycling" if opts["drop_ratio"] > 0 else
                    "sparse_upcycling" if G == 1 else "fine_grained_virtual_groups"),

@@ -327,7 +327,7 @@ def test_hidden_router_for_btx_branches_from_their_configs(tmp_path, four_domain
     dense = make_dense(seed=4)
     paths = [save_dense(dense, tmp_path / f"b{i}", config={"domains": DOMAINS[i]}) for i in range(4)]
     rc = U.main([f"--ckpt={','.join(paths)}", f"--out_dir={tmp_path / 'btx'}", "--method=btx", "--n_experts=8",
-                 "--top_k=2", "--router_init=hidden", f"--data_dir={four_domains}", "--verify=false"])
+                 "--top_k=2", "--router_init=hidden", f"--data_dir={four_domains}"])   # and --verify
     assert rc == 0
     moe, ckpt = load_model(str(tmp_path / "btx"))
     o = ckpt["upcycled_from"]["options"]
@@ -339,18 +339,19 @@ def test_hidden_router_for_btx_branches_from_their_configs(tmp_path, four_domain
 
 def test_hidden_router_bad_inputs(tmp_path, four_domains, capsys):
     src = save_dense(make_dense(), tmp_path / "dense")
-    base = [f"--ckpt={src}", f"--out_dir={tmp_path / 'out'}", "--n_experts=4", f"--data_dir={four_domains}"]
+    base = [f"--ckpt={src}", f"--out_dir={tmp_path / 'out'}", "--n_experts=4"]
+    data = f"--data_dir={four_domains}"
     cases = [
-        (["--router_init=hidden"], "--domains"),
-        (["--router_init=hidden", "--domains=dom0,code"], "unknown domain(s) code"),
-        (["--router_init=hidden", "--domains=dom0,dom1,dom2"], "divides n_experts=4"),
-        (["--router_init=hidden", "--domains=dom1"], "at least 2 different domains"),
-        (["--domains=dom0,dom1"], "--router_init=hidden only"),
-        (["--router_init=hidden", "--domains=dom0,dom1", f"--data_dir={tmp_path / 'nodata'}"], "does not exist"),
+        ([data, "--router_init=hidden"], "--domains"),
+        ([data, "--router_init=hidden", "--domains=dom0,code"], "unknown domain(s) code"),
+        ([data, "--router_init=hidden", "--domains=dom0,dom1,dom2"], "divides n_experts=4"),
+        ([data, "--router_init=hidden", "--domains=dom1"], "at least 2 different domains"),
+        ([data, "--domains=dom0,dom1"], "--router_init=hidden only"),
+        ([f"--data_dir={tmp_path / 'nodata'}", "--router_init=hidden", "--domains=dom0,dom1"], "does not exist"),
     ]
     capsys.readouterr()
     for args, msg in cases:
-        rc = U.main([*base[:3], *(a for a in base[3:] if not any(x.startswith("--data_dir") for x in args)), *args])
+        rc = U.main([*base, *args])
         lines = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and msg in lines[0], (args, lines)
         assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
