@@ -779,16 +779,17 @@ def hidden_router_rows(model, windows, expert_domain):
     model.eval()
     doms = list(dict.fromkeys(expert_domain))
     pick = torch.tensor([doms.index(D) for D in expert_domain])
-    rows = {}
+    rows, dev = {}, model.tok_emb.weight.device
     for l, ffn in model.moe_layers():
-        m = torch.stack([ffn_input(model, windows[D], l).float().mean((0, 1)) for D in doms])   # (n_dom, d)
-        mean = m.mean(0)                                                                        # (d,)
+        m = torch.stack([ffn_input(model, windows[D].to(dev), l).float().mean((0, 1)).cpu()
+                         for D in doms])                                        # (n_domains, d)
+        mean = m.mean(0)                                                        # (d,)
         u = mean / mean.norm().clamp_min(1e-12)
         c = m - mean
-        c = c - (c @ u)[:, None] * u                                                            # row . mean = 0
+        c = c - (c @ u)[:, None] * u                                            # row . mean = 0
         c = c / c.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        rows[l] = c[pick]                                                                       # (E, d)
-        ffn.router.weight.copy_(rows[l])
+        rows[l] = c[pick]                                                       # (E, d)
+        ffn.router.weight.copy_(rows[l].to(dev))
     model.train(was)
     return rows
 
