@@ -100,6 +100,30 @@ dense model trained 300 AdamW steps):
     none with G=2                                 0.36; trained 3.0 (output halved)
     expert_noise=0.01                             0.11
 
+Beyond copies: Drop-Upcycling, Branch-Train-MiX, hidden-state router init
+--------------------------------------------------------------------------
+    python upcycle.py --ckpt=out/dense --out_dir=out/drop --method=drop --drop_ratio=0.5
+    python upcycle.py --ckpt=out/b0,out/b1,out/b2,out/b3 --out_dir=out/btx --method=btx --n_experts=4
+    python upcycle.py --ckpt=out/dense --out_dir=out/h --n_experts=4 --router_init=hidden --domains=code,prose,math,c
+
+* Drop-Upcycling (Nakamura et al., arXiv 2502.19261, section 3): after the copies are
+  made, every expert re-initialises its own random share drop_ratio of its channels
+  (rows of W1/W3, columns of W2; one set per expert for the three matrices) from the
+  replaced weights' mean and std (drop_upcycle). drop_ratio=0 is copy-upcycling bit for
+  bit. The draws come after the router's, so the routers equal copy-upcycling's.
+* Branch-Train-MiX (Sukhbaatar et al., arXiv 2403.07816, section 2): N dense branches of
+  one model, each trained on its own domain (TokenDataset(domains=D) samples one), -> one
+  MoE whose expert e is branch e // (E/N)'s FFN; everything else is the branches' mean
+  (btx_merge).
+  N identical branches with top-k-then-softmax gates give the dense model back.
+* router_init="hidden" (mergekit-moe's `hidden` gate mode): router row e is the unit
+  direction of the mean FFN input, at that layer, of text from expert e's domain, centred
+  over the domains and made orthogonal to their overall mean (hidden_router_rows). With
+  topk_softmax and G=1 upcycling stays exact, since any router is.
+Online use (train.py, later): upcycle_from_checkpoint with options["drop_ratio"], or
+btx_from_checkpoints(paths, options); then router_init_hidden(model, data_dir, domains)
+and upcycled_from["options"].update(its result).
+
 Public API
 ----------
     target_config(dense_args, model_args=None, granularity=None, expansion_rate=None) -> (GPTConfig, G)
@@ -110,6 +134,11 @@ Public API
     expert_similarity(experts) -> (E, E);  mean_pairwise_similarity(experts, granularity=1) -> float
     mean_similarity_of_pairs(S, granularity=1) -> float   (same-shard pairs e = e' mod G of an (E, E) matrix)
     similarity_to_dense(experts, dense) -> (E,);  dense_ffn_weights(state_dict, layer) -> (W1, W3, W2)
+    drop_upcycle(gate, up, down, ratio, generator) -> (gate, up, down, channels (E, n))
+    btx_merge(dense_states, dense_args, options=None, names=None, **kw) -> (state_dict, GPTConfig, info)
+    btx_from_checkpoints(paths, options=None, device="cpu") -> (GPT, upcycled_from)
+    btx_checkpoint(paths, out_dir, options=None, force=False, hidden=None) -> (written path, GPTConfig, info)
+    router_init_hidden(model, data_dir, domains, n_windows=16, ...) -> dict for info["options"]
 
 `options` (a dict, or keyword arguments; train.py passes its upcycle_options()):
     model_args       target GPTConfig fields (dict or GPTConfig): MoE fields (n_experts,
@@ -122,8 +151,10 @@ Public API
     expert_noise     relative std of the noise on the expert copies (0 = none)
     shared_fraction  share of the dense function given to the shared expert(s) (0.5)
     seed             torch.Generator seed for router rows and noise (0)
+    drop_ratio       Drop-Upcycling's re-initialised share of each expert's channels (0 = copies)
 """
 import argparse
+import math
 import os
 import sys
 from dataclasses import asdict, fields
@@ -132,6 +163,7 @@ import torch
 
 from checkpoint import CheckpointError, ckpt_path, file_sha256, load_checkpoint, load_model, save_checkpoint
 from cli import ArgumentParser
+from data.dataset import TokenDataset
 from model import GPT, GPTConfig
 from router import expert_choice_k
 
@@ -140,7 +172,8 @@ WEIGHT_SCALINGS = ("auto", "none", "exact", "megatron")
 SHAPE_KEYS = ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "ffn_hidden", "tie_embeddings")
 FUNCTION_KEYS = ("rope_theta", "norm_eps")
 OPTION_DEFAULTS = {"model_args": None, "granularity": None, "expansion_rate": None,
-                   "weight_scaling": "auto", "expert_noise": 0.0, "shared_fraction": 0.5, "seed": 0}
+                   "weight_scaling": "auto", "expert_noise": 0.0, "shared_fraction": 0.5, "seed": 0,
+                   "drop_ratio": 0.0}
 FFN_MATS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -294,6 +327,9 @@ def _options(options, kw):
         raise ValueError(f"expert_noise={opts['expert_noise']} must be >= 0")
     if not 0 <= opts["shared_fraction"] <= 1:
         raise ValueError(f"shared_fraction={opts['shared_fraction']} must be in [0, 1]")
+    if not 0 <= opts["drop_ratio"] <= 1:
+        raise ValueError(f"drop_ratio={opts['drop_ratio']} must be in [0, 1] (the share of each expert's "
+                         f"channels Drop-Upcycling re-initialises; 0.5 is the paper's best)")
     return opts
 
 
@@ -403,10 +439,16 @@ def upcycle_state_dict(dense_state, dense_args, options=None, **kw):
         w1, w3, w2 = (dense_state[p + m + ".weight"] for m in FFN_MATS)
         layer = upcycle_ffn(w1, w3, w2, cfg, G, ws, opts["expert_noise"], opts["shared_fraction"], gen)
         state.update({p + name: t for name, t in layer.items()})
+    if opts["drop_ratio"] > 0:   # after every router/noise draw, so the routers equal copy-upcycling's
+        drop_upcycle_layers(state, moe_ids, opts["drop_ratio"], gen)
     _check_keys(state, cfg, "the upcycled state dict")   # guards against model.py drifting
     verdict, note = preservation(cfg, G, ws, opts["expert_noise"], opts["shared_fraction"])
+    if opts["drop_ratio"] > 0:
+        verdict, note = "approximate", (f"drop_ratio={opts['drop_ratio']:g} re-initialises that share of "
+                                        f"every expert's channels")
     info = {
-        "method": "sparse_upcycling" if G == 1 else "fine_grained_virtual_groups",
+        "method": ("drop_upcycling" if opts["drop_ratio"] > 0 else
+                   "sparse_upcycling" if G == 1 else "fine_grained_virtual_groups"),
         "options": {
             "n_experts": cfg.n_experts, "top_k": cfg.top_k, "granularity": G, "expansion_rate": cfg.n_experts // G,
             "expert_hidden": cfg.expert_hidden, "moe_layers": cfg.moe_layers, "router": cfg.router,
@@ -414,6 +456,7 @@ def upcycle_state_dict(dense_state, dense_args, options=None, **kw):
             "shared_fraction": float(opts["shared_fraction"]) if cfg.n_shared_experts else None,
             "weight_scaling": ws, "activation_scale": activation_scale(cfg.router, cfg.n_experts, G, routed_k(cfg)),
             "expert_noise": float(opts["expert_noise"]), "seed": int(opts["seed"]),
+            "drop_ratio": float(opts["drop_ratio"]),
             "function_preserving": verdict, "preservation_note": note,
         },
     }
@@ -459,32 +502,352 @@ def upcycle_from_checkpoint(path, options=None, device="cpu", **kw):
     return model.to(device), upcycled_from
 
 
-def upcycle_checkpoint(path, out_dir, options=None, force=False, **kw):
-    """Offline upcycling (the CLI): write out_dir/ckpt.pt, an MoE checkpoint that
-    train.py can resume (--init_from=resume) and eval.py can read. iter_num 0,
-    optimizer None, best_val_loss 1e9, aux_coef None, rng None; the dense
-    checkpoint's "config" is kept. Refuses to overwrite out_dir/ckpt.pt unless
-    force, and never overwrites the source. Returns (path written, cfg, info)."""
-    src = os.path.abspath(ckpt_path(path))
+def _check_out_dir(paths, out_dir, force):
+    """Refuse to overwrite a source checkpoint, or out_dir/ckpt.pt without force."""
     dst = os.path.abspath(os.path.join(out_dir, "ckpt.pt"))
-    if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
-        raise ValueError(f"--out_dir={out_dir} holds the source checkpoint {src}; choose another out_dir")
+    for path in paths:
+        src = os.path.abspath(ckpt_path(path))
+        if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
+            raise ValueError(f"--out_dir={out_dir} holds the source checkpoint {src}; choose another out_dir")
     if os.path.exists(dst) and not force:
         raise ValueError(f"{dst} already exists; pass --force to overwrite it")
-    dense = _load_dense(path)
-    moe_state, cfg, info = upcycle_state_dict(dense["model"], dense["model_args"], options, **kw)
+
+
+def _save_moe(out_dir, cfg, moe_state, config, upcycled_from):
+    """Write a step-0 MoE checkpoint (no optimizer, no RNG state) atomically."""
     ckpt = {
         "model_args": asdict(cfg),
         "model": moe_state,
         "optimizer": None,
         "iter_num": 0,
         "best_val_loss": 1e9,
-        "config": dense.get("config"),
+        "config": config,
         "rng": None,
         "aux_coef": None,
-        "upcycled_from": {"path": src, "sha256": file_sha256(src), **info},
+        "upcycled_from": upcycled_from,
     }
-    return save_checkpoint(ckpt, out_dir), cfg, info
+    return save_checkpoint(ckpt, out_dir)
+
+
+def upcycle_checkpoint(path, out_dir, options=None, force=False, hidden=None, **kw):
+    """Offline upcycling (the CLI): write out_dir/ckpt.pt, an MoE checkpoint that
+    train.py can resume (--init_from=resume) and eval.py can read. iter_num 0,
+    optimizer None, best_val_loss 1e9, aux_coef None, rng None; the dense
+    checkpoint's "config" is kept. Refuses to overwrite out_dir/ckpt.pt unless
+    force, and never overwrites the source. hidden: None, or the keyword arguments
+    of router_init_hidden (data_dir, domains, ...) for router_init="hidden".
+    Returns (path written, cfg, info)."""
+    _check_out_dir([path], out_dir, force)
+    src = os.path.abspath(ckpt_path(path))
+    dense = _load_dense(path)
+    moe_state, cfg, info = upcycle_state_dict(dense["model"], dense["model_args"], options, **kw)
+    if hidden is not None:
+        moe_state = _with_hidden_router(moe_state, cfg, info, hidden)
+    upcycled_from = {"path": src, "sha256": file_sha256(src), **info}
+    return _save_moe(out_dir, cfg, moe_state, dense.get("config"), upcycled_from), cfg, info
+
+
+# ----------------------------------------------------------------------------- beyond copies (issue 16)
+# Drop-Upcycling, Branch-Train-MiX and a router initialised from hidden states. Every expert
+# of a copy-upcycled model starts identical; these give the experts (or the router) a
+# reason to differ from step 0.
+
+def _redraw(w, generator):
+    """Fresh values of w's shape from N(mean(w), std(w)^2), in fp32."""
+    return torch.randn(w.shape, generator=generator) * w.std() + w.mean()
+
+
+def drop_upcycle(gate, up, down, ratio, generator):
+    """Drop-Upcycling (Nakamura et al., arXiv 2502.19261, section 3, "diversity
+    re-initialization"): in every expert, re-initialise a random share `ratio` of its
+    intermediate channels and keep the rest of the dense copy.
+
+    gate, up: (E, h, d), channel j = row j of W1 / W3; down: (E, d, h), channel j = column j
+    of W2. For each expert e in turn: S_e = floor(ratio * h) channels drawn without
+    replacement (torch.randperm); then for W1, W3, W2 in that order the weights at S_e are
+    replaced by draws from N(mu, sigma^2), where mu and sigma are the mean and std of the
+    weights they replace (the original weights' statistics; the authors' conversion script
+    computes them on the selected channels too). Each expert gets its own S_e, one set for
+    all three matrices as in the paper; the released script draws a separate set per matrix.
+    (It also permutes the channels first, which does not change an FFN, so it is left out.)
+    Returns (gate, up, down, channels): new tensors in the input dtype, channels (E, |S|)
+    sorted. ratio=0 returns the inputs themselves and draws nothing."""
+    E, h, d = gate.shape
+    n = math.floor(ratio * h + 1e-9)                                     # |S| = floor(r * h)
+    if n == 0:
+        return gate, up, down, torch.zeros(E, 0, dtype=torch.long)
+    dtype = gate.dtype
+    gate, up, down = (t.detach().to("cpu", torch.float32).clone() for t in (gate, up, down))
+    picks = []
+    for e in range(E):
+        S = torch.randperm(h, generator=generator)[:n].sort().values     # (n,)
+        gate[e, S] = _redraw(gate[e, S], generator)                      # (n, d) rows
+        up[e, S] = _redraw(up[e, S], generator)
+        down[e, :, S] = _redraw(down[e, :, S], generator)                # (d, n) columns
+        picks.append(S)
+    return gate.to(dtype), up.to(dtype), down.to(dtype), torch.stack(picks)
+
+
+def drop_upcycle_layers(state, layers, ratio, generator):
+    """drop_upcycle on the expert stacks of every layer in `layers` of an MoE state dict,
+    in place, layer by layer. Returns {layer: (E, |S|) re-initialised channels}."""
+    out = {}
+    for l in layers:
+        names = [f"blocks.{l}.ffn.{m}" for m in FFN_MATS]
+        *stacks, out[l] = drop_upcycle(*(state[k] for k in names), ratio, generator)
+        state.update(zip(names, stacks))
+    return out
+
+
+def average_tensors(tensors):
+    """Element-wise mean of same-shape tensors: summed in float64, divided, rounded once to
+    their dtype, so N identical tensors average to themselves bit for bit."""
+    return (torch.stack([t.double() for t in tensors]).sum(0) / len(tensors)).to(tensors[0].dtype)
+
+
+def check_branches(dense_args, names):
+    """The GPTConfig the BTX branches share. ValueError (one line, naming both files) when
+    a branch is an MoE or differs from the first in shape, vocabulary or RoPE/norm."""
+    cfgs = []
+    for args, name in zip(dense_args, names):
+        c = GPTConfig.from_dict(_as_dict(args))
+        if c.is_moe:
+            raise ValueError(f"{name} is an MoE checkpoint (moe_layers={c.moe_layers!r}); BTX merges dense branches")
+        cfgs.append(c)
+    for c, name in zip(cfgs[1:], names[1:]):
+        diff = [f"{k} {getattr(cfgs[0], k)} vs {getattr(c, k)}" for k in SHAPE_KEYS + FUNCTION_KEYS
+                if getattr(cfgs[0], k) != getattr(c, k)]
+        if diff:
+            raise ValueError(f"{names[0]} and {name} differ ({'; '.join(diff)}): BTX merges branches trained "
+                             f"from one dense model, which share its shape and vocabulary")
+    return cfgs[0]
+
+
+def btx_ffn(ffns, branch, cfg, weight_scaling, generator):
+    """One BTX MoE layer (tensors named relative to blocks.{l}.ffn.): expert e is the FFN of
+    branch branch[e] (ffns[b] = (W1 (d_ff, d), W3 (d_ff, d), W2 (d, d_ff)) of branch b), and a
+    new router drawn exactly as upcycle_ffn draws it for G=1 (same seed, same rows)."""
+    E, d, dtype = cfg.n_experts, cfg.n_embd, ffns[0][0].dtype
+    out = {"router.weight": torch.randn(E, d, generator=generator) * cfg.router_init_std
+           if cfg.router_init_std > 0 else torch.zeros(E, d)}
+    if cfg.router_noise and cfg.router != "lory":
+        out["router.noise_weight"] = torch.zeros(E, d)
+    if cfg.router == "sigmoid":
+        out["router.expert_bias"] = torch.zeros(E)
+    g1, g3, g2 = (torch.stack([ffns[b][i].float() for b in branch]) for i in range(3))  # (E, h, d) x2, (E, d, h)
+    s = activation_scale(cfg.router, E, 1, cfg.top_k)
+    if weight_scaling == "exact":
+        g2 = g2 * s
+    elif weight_scaling == "megatron":
+        c = s ** (1.0 / 3.0)
+        g1, g3, g2 = g1 * c, g3 * c, g2 * c
+    out["gate_proj"], out["up_proj"], out["down_proj"] = (t.to(dtype).contiguous() for t in (g1, g3, g2))
+    return out
+
+
+def btx_merge(dense_states, dense_args, options=None, names=None, **kw):
+    """Branch-Train-MiX (Sukhbaatar et al., arXiv 2403.07816, section 2, the "MiX" step):
+    N dense branches of one seed model, each trained on its own domain -> one MoE.
+
+    In every MoE layer expert e is the FFN of branch e // (E/N) (E must be a multiple of N;
+    E = N is the paper's one expert per branch). Every other parameter (attention, norms,
+    embeddings, the FFNs of layers that stay dense) is the element-wise mean over the
+    branches (average_tensors). The router is new (btx_ffn; router_init_hidden can replace
+    it) and is what the MoE then trains. Weight scaling as for G=1 upcycling.
+    dense_states: N state dicts; dense_args: N GPTConfig dicts (or one for all); names: how
+    errors and info name the branches (file paths). options/kw as upcycle_state_dict's,
+    without granularity > 1, shared experts, expert_noise and drop_ratio (not defined for
+    BTX). Returns (state_dict, cfg, info)."""
+    N = len(dense_states)
+    if N < 2:
+        raise ValueError(f"BTX merges 2 or more dense branches, got {N}")
+    names = list(names) if names else [f"branch {b}" for b in range(N)]
+    args_list = list(dense_args) if isinstance(dense_args, (list, tuple)) else [dense_args] * N
+    dense_cfg = check_branches(args_list, names)
+    for state, name in zip(dense_states, names):
+        _check_keys(state, dense_cfg, name)
+    opts = _options(options, kw)
+    cfg, G = target_config(dense_cfg, opts["model_args"], opts["granularity"], opts["expansion_rate"])
+    if G != 1 or cfg.n_shared_experts or opts["expert_noise"] or opts["drop_ratio"]:
+        raise ValueError("BTX takes whole branch FFNs as experts: granularity, n_shared_experts, expert_noise "
+                         "and drop_ratio do not apply")
+    E = cfg.n_experts
+    if E % N:
+        raise ValueError(f"n_experts={E} is not a multiple of the {N} branches (expert e takes branch e // (E/N))")
+    ws = resolve_weight_scaling(opts["weight_scaling"], cfg.router, 1)
+    gen = torch.Generator().manual_seed(int(opts["seed"]))
+    moe_ids = cfg.moe_layer_ids()
+    prefixes = tuple(f"blocks.{l}.ffn." for l in moe_ids)
+    state = {k: average_tensors([s[k] for s in dense_states]) for k in dense_states[0] if not k.startswith(prefixes)}
+    branch = [e // (E // N) for e in range(E)]
+    for l in moe_ids:
+        layer = btx_ffn([dense_ffn_weights(s, l) for s in dense_states], branch, cfg, ws, gen)
+        state.update({f"blocks.{l}.ffn.{name}": t for name, t in layer.items()})
+    _check_keys(state, cfg, "the merged state dict")
+    verdict, note = preservation(cfg, 1, ws)
+    if not all(torch.equal(dense_states[0][k], s[k]) for s in dense_states[1:] for k in dense_states[0]):
+        verdict, note = "approximate", f"the {N} branches differ: experts are different FFNs, the rest is their mean"
+    info = {
+        "method": "branch_train_mix",
+        "options": {
+            "n_experts": E, "top_k": cfg.top_k, "moe_layers": cfg.moe_layers, "router": cfg.router,
+            "router_init_std": cfg.router_init_std, "weight_scaling": ws,
+            "activation_scale": activation_scale(cfg.router, E, 1, cfg.top_k), "seed": int(opts["seed"]),
+            "branches": names, "expert_branch": branch,
+            "function_preserving": verdict, "preservation_note": note,
+        },
+    }
+    return state, cfg, info
+
+
+def _load_branches(paths):
+    """(checkpoints, absolute file names) of BTX branch checkpoints."""
+    names = [os.path.abspath(ckpt_path(p)) for p in paths]
+    return [_load_dense(p) for p in paths], names
+
+
+def _branch_record(names):
+    """What upcycled_from keeps of the branches. path/sha256 stay None: there is no single
+    dense source, so similarity-to-dense monitors skip a BTX model."""
+    return {"path": None, "sha256": None,
+            "branch_files": [{"path": n, "sha256": file_sha256(n)} for n in names]}
+
+
+def btx_from_checkpoints(paths, options=None, device="cpu", **kw):
+    """BTX in memory (for train.py): dense branch checkpoints -> (MoE GPT on `device`,
+    upcycled_from). Raises ValueError for a missing, corrupt, MoE or mismatched branch."""
+    ckpts, names = _load_branches(paths)
+    state, cfg, info = btx_merge([c["model"] for c in ckpts], [c["model_args"] for c in ckpts], options, names, **kw)
+    model = GPT(cfg)
+    model.load_state_dict(state)
+    model.upcycle_info = info
+    return model.to(device), {**_branch_record(names), **info}
+
+
+def btx_checkpoint(paths, out_dir, options=None, force=False, hidden=None, **kw):
+    """BTX offline (the CLI): merge the branch checkpoints `paths` into out_dir/ckpt.pt, a
+    step-0 MoE checkpoint like upcycle_checkpoint's (config: the first branch's). hidden as
+    in upcycle_checkpoint; its domains default to the branches' config["domains"] (one
+    each). Returns (path written, cfg, info)."""
+    _check_out_dir(paths, out_dir, force)
+    ckpts, names = _load_branches(paths)
+    state, cfg, info = btx_merge([c["model"] for c in ckpts], [c["model_args"] for c in ckpts], options, names, **kw)
+    if hidden is not None:
+        if not hidden.get("domains"):
+            hidden = {**hidden, "domains": _branch_domains(ckpts, names)}
+        state = _with_hidden_router(state, cfg, info, hidden)
+    return _save_moe(out_dir, cfg, state, ckpts[0].get("config"), {**_branch_record(names), **info}), cfg, info
+
+
+def _branch_domains(ckpts, names):
+    """The one domain each branch trained on (its config["domains"]), for router_init=hidden."""
+    doms = [str((c.get("config") or {}).get("domains") or "") for c in ckpts]
+    bad = [n for n, d in zip(names, doms) if not d or "," in d]
+    if bad:
+        raise ValueError(f"router_init=hidden needs one domain per branch: {bad[0]} records none (or several); "
+                         f"pass --domains=D1,D2,... (one per branch)")
+    return doms
+
+
+def expert_domains(domains, n_experts):
+    """One domain name per expert. `domains` (comma string or list) has n names, n dividing
+    n_experts; expert e takes domains[e // (n_experts / n)], i.e. with BTX the domain of
+    its branch, and with n = n_experts its own."""
+    names = [d.strip() for d in domains.split(",")] if isinstance(domains, str) else [str(d) for d in domains]
+    names = [d for d in names if d]
+    if not names or n_experts % len(names):
+        raise ValueError(f"domains={','.join(names)!r} has {len(names)} names; router_init=hidden needs a number "
+                         f"that divides n_experts={n_experts} (expert e takes name e // (n_experts / n))")
+    m = n_experts // len(names)
+    return [names[e // m] for e in range(n_experts)]
+
+
+@torch.no_grad()
+def ffn_input(model, idx, layer):
+    """(B, T, d) input of block `layer`'s FFN, the vector its router reads:
+    ffn_norm(x + attn(attn_norm(x))), with blocks 0..layer-1 run as GPT.forward runs them."""
+    x = model.tok_emb(idx)                                              # (B, T, d)
+    for block in model.blocks[:layer]:
+        x, _ = block(x, model.rope_cos, model.rope_sin)
+    b = model.blocks[layer]
+    return b.ffn_norm(x + b.attn(b.attn_norm(x), model.rope_cos, model.rope_sin))
+
+
+@torch.no_grad()
+def hidden_router_rows(model, windows, expert_domain):
+    """router_init="hidden" (mergekit-moe's `hidden` gate mode): router row e points along
+    the mean FFN input of the text expert e should take. Sets every MoE layer's
+    router.weight in place and returns {layer: (E, d) rows}.
+
+    windows: {domain: (B, T) token windows of that domain}; expert_domain: a domain per expert.
+    For each MoE layer l in order (so the rows already set shape the later layers' inputs):
+        m_D   = mean over the tokens of domain D of ffn_input(model, windows[D], l)    (d,)
+        m     = mean over domains of m_D
+        c_D   = (m_D - m) minus its component along m   (the part all domains share: mergekit
+                removes it with negative prompts; here it is what every token carries, and
+                row . m = 0 keeps it from favouring one expert for every token)
+        row_e = c_{D(e)} / ||c_{D(e)}||           (unit norm, as mergekit normalises its gates)
+    A token at its domain's mean then scores highest on its own domain's row (Cauchy-Schwarz).
+    Experts that share a domain share a row (a virtual group, like fine-grained upcycling's)."""
+    was = model.training
+    model.eval()
+    doms = list(dict.fromkeys(expert_domain))
+    pick = torch.tensor([doms.index(D) for D in expert_domain])
+    rows, dev = {}, model.tok_emb.weight.device
+    for l, ffn in model.moe_layers():
+        m = torch.stack([ffn_input(model, windows[D].to(dev), l).float().mean((0, 1)).cpu()
+                         for D in doms])                                        # (n_domains, d)
+        mean = m.mean(0)                                                        # (d,)
+        u = mean / mean.norm().clamp_min(1e-12)
+        c = m - mean
+        c = c - (c @ u)[:, None] * u                                            # row . mean = 0
+        c = c / c.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        rows[l] = c[pick]                                                       # (E, d)
+        ffn.router.weight.copy_(rows[l].to(dev))
+    model.train(was)
+    return rows
+
+
+def router_init_hidden(model, data_dir, domains, n_windows=16, block_size=None, split="train", seed=0):
+    """Set every MoE router of `model` from hidden states (hidden_router_rows): n_windows
+    windows of block_size tokens (default the model's) of each domain, drawn from
+    data_dir's split with TokenDataset(domains=D) and a Generator seeded with `seed`.
+    domains: see expert_domains (at least 2 different names). Returns what to record in
+    info["options"] (router_init, its domains and data, and the preservation verdict when
+    a non-zero router breaks it)."""
+    cfg = model.config
+    names = expert_domains(domains, cfg.n_experts)
+    if len(set(names)) < 2:
+        raise ValueError(f"router_init=hidden needs at least 2 different domains (got {names[0]!r} for every "
+                         f"expert): rows are the domains' mean hidden states minus their average")
+    G = cfg.ffn_hidden // cfg.expert_hidden
+    if any(len(set(names[i:i + G])) > 1 for i in range(0, cfg.n_experts, G)):
+        raise ValueError(f"granularity {G}: the {G} experts of a virtual group must take the same domain "
+                         f"(give n_experts / {G} or fewer domains)")
+    T = block_size or cfg.block_size
+    windows = {}
+    for D in dict.fromkeys(names):
+        ds = TokenDataset(data_dir, split, domains=D)
+        if ds.meta["vocab_size"] != cfg.vocab_size:
+            raise ValueError(f"{data_dir} has vocab_size={ds.meta['vocab_size']}, the model {cfg.vocab_size}: "
+                             f"use the data the model was trained on")
+        windows[D] = ds.get_batch(n_windows, T, torch.Generator().manual_seed(seed))[0]
+    hidden_router_rows(model, windows, names)
+    out = {"router_init": "hidden", "router_init_domains": names, "router_init_data": os.path.abspath(data_dir),
+           "router_init_windows": n_windows}
+    if cfg.router in ("softmax_topk", "expert_choice") and cfg.n_experts != cfg.top_k:
+        out.update(function_preserving="approximate",
+                   preservation_note="softmax-then-topk gates sum to an input-dependent value with a non-zero "
+                                     "(hidden-state) router")
+    return out
+
+
+def _with_hidden_router(state, cfg, info, hidden):
+    """state with its routers from router_init_hidden(**hidden); records it in info."""
+    model = GPT(cfg)
+    model.load_state_dict(state)
+    info["options"].update(router_init_hidden(model, **hidden))
+    return {k: v.detach().to(state[k].dtype) for k, v in model.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------- similarity monitor
@@ -591,8 +954,19 @@ def _opt_float(s):
 def build_parser():
     p = ArgumentParser(prog="upcycle.py", description="Upcycle a dense checkpoint into an MoE checkpoint (docs/METHODS.md section 4).")
     a = p.add_argument
-    a("--ckpt", required=True, help="dense out_dir or .pt file")
+    a("--ckpt", required=True, help="dense out_dir or .pt file; with --method=btx a comma list A,B,C,D")
     a("--out_dir", required=True, help="where ckpt.pt is written")
+    a("--method", default="copy", choices=METHODS,
+      help="copy: sparse upcycling; drop: Drop-Upcycling; btx: Branch-Train-MiX of the --ckpt branches")
+    a("--drop_ratio", type=float, default=None, help="--method=drop: share of each expert's channels "
+      f"re-initialised (default {DEFAULT_DROP_RATIO})")
+    a("--router_init", default="random", choices=ROUTER_INITS,
+      help="random: normal(0, router_init_std) rows; hidden: rows from mean hidden states per domain")
+    a("--domains", default="", help="--router_init=hidden: one domain per expert, or fewer dividing n_experts "
+      "(btx default: each branch's config domains)")
+    a("--data_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "multidomain"),
+      help="--router_init=hidden: the prepared dataset the domains come from")
+    a("--router_init_windows", type=int, default=16, help="--router_init=hidden: windows per domain")
     a("--n_experts", type=int, default=8, help="E = expansion_rate * granularity")
     a("--top_k", type=int, default=2)
     a("--granularity", type=int, default=1, help="G: shards per dense FFN (fine-grained upcycling)")
@@ -619,6 +993,9 @@ def build_parser():
     return p
 
 
+METHODS = ("copy", "drop", "btx")
+ROUTER_INITS = ("random", "hidden")
+DEFAULT_DROP_RATIO = 0.5   # Drop-Upcycling's best ratio (arXiv 2502.19261)
 MODEL_FLAGS = ("n_experts", "top_k", "moe_layers", "router", "router_init_std", "router_noise", "gate_norm_lambda",
                "n_shared_experts", "capacity_factor", "eval_capacity_factor", "drop_policy", "expert_impl",
                "segment_len", "lory_first_segment")
@@ -640,14 +1017,43 @@ def logit_difference(dense_model, moe_model, n_tokens=64, seed=0):
     return float((a - b).abs().max())
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def cli_plan(args):
+    """(checkpoint paths, options, hidden) from the parsed flags; ValueError (one line) for
+    flags that do not fit together."""
+    paths = [p.strip() for p in args.ckpt.split(",") if p.strip()]
+    if args.method == "btx" and len(paths) < 2:
+        raise ValueError("--method=btx merges 2 or more dense branches: --ckpt=A,B[,C,...]")
+    if args.method != "btx" and len(paths) != 1:
+        raise ValueError(f"--ckpt names {len(paths)} checkpoints; only --method=btx takes a list")
+    if args.drop_ratio is not None and args.method != "drop":
+        raise ValueError("--drop_ratio applies to --method=drop only")
+    if args.domains and args.router_init != "hidden":
+        raise ValueError("--domains is used by --router_init=hidden only")
+    if args.router_init == "hidden" and not args.domains and args.method != "btx":
+        raise ValueError("--router_init=hidden needs --domains=D1,D2,... (one per expert, or fewer dividing n_experts)")
+    if args.router_init_windows < 1:
+        raise ValueError(f"--router_init_windows={args.router_init_windows} must be >= 1")
     model_args = {k: getattr(args, k) for k in MODEL_FLAGS}
     options = {"model_args": model_args, "granularity": args.granularity, "expansion_rate": args.expansion_rate,
                "weight_scaling": args.weight_scaling, "expert_noise": args.expert_noise,
                "shared_fraction": args.shared_fraction, "seed": args.seed}
+    if args.method == "drop":
+        options["drop_ratio"] = DEFAULT_DROP_RATIO if args.drop_ratio is None else args.drop_ratio
+    hidden = None
+    if args.router_init == "hidden":
+        hidden = {"data_dir": args.data_dir, "domains": args.domains, "n_windows": args.router_init_windows,
+                  "seed": args.seed}
+    return paths, options, hidden
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
-        path, cfg, info = upcycle_checkpoint(args.ckpt, args.out_dir, options, force=args.force)
+        paths, options, hidden = cli_plan(args)
+        if args.method == "btx":
+            path, cfg, info = btx_checkpoint(paths, args.out_dir, options, force=args.force, hidden=hidden)
+        else:
+            path, cfg, info = upcycle_checkpoint(paths[0], args.out_dir, options, force=args.force, hidden=hidden)
     except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -655,18 +1061,26 @@ def main(argv=None):
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     o = info["options"]
-    print(f"upcycled {os.path.abspath(ckpt_path(args.ckpt))} -> {path}")
-    print(f"  {info['method']}: layers {cfg.moe_layer_ids()}, {cfg.n_experts} experts "
-          f"(E'={o['expansion_rate']} x G={o['granularity']}, width {cfg.expert_hidden}) top-{cfg.top_k}, "
-          f"router {cfg.router} (init std {cfg.router_init_std}), shared {cfg.n_shared_experts}")
+    print(f"upcycled {', '.join(os.path.abspath(ckpt_path(p)) for p in paths)} -> {path}")
+    if args.method == "btx":
+        print(f"  {info['method']}: layers {cfg.moe_layer_ids()}, {cfg.n_experts} experts top-{cfg.top_k}, "
+              f"expert e from branch {o['expert_branch']}, non-expert weights averaged over {len(paths)} branches")
+    else:
+        print(f"  {info['method']}: layers {cfg.moe_layer_ids()}, {cfg.n_experts} experts "
+              f"(E'={o['expansion_rate']} x G={o['granularity']}, width {cfg.expert_hidden}) top-{cfg.top_k}, "
+              f"router {cfg.router} (init std {cfg.router_init_std}), shared {cfg.n_shared_experts}"
+              + (f", drop_ratio {o['drop_ratio']:g}" if o["drop_ratio"] else ""))
+    if o.get("router_init") == "hidden":
+        print(f"  router init from hidden states: expert domains {o['router_init_domains']}")
     print(f"  weight scaling {o['weight_scaling']} (activation scale {o['activation_scale']:g}); "
           f"function preserving: {o['function_preserving']}"
           + (f" ({o['preservation_note']})" if o["preservation_note"] else ""))
     if args.verify:
         moe, _ = load_model(path)
-        dense, _ = load_model(args.ckpt)
+        dense, _ = load_model(paths[0])
+        vs = "the first branch" if args.method == "btx" else "dense"
         print(f"  {moe.num_params() / 1e6:.2f}M parameters ({moe.num_params(active=True) / 1e6:.2f}M active); "
-              f"max |logit diff| vs dense on a random batch: {logit_difference(dense, moe):.3g}")
+              f"max |logit diff| vs {vs} on a random batch: {logit_difference(dense, moe):.3g}")
     return 0
 
 

@@ -9,6 +9,12 @@ TokenDataset draws nanoGPT-style random windows (get_batch) for training and fix
 seeded windows with the domain of every target token (fixed_batches) for evaluation.
 With batching="similarity" the train split is read from train_similarity.bin (the same
 documents in the order written by data/similarity.py: similar documents next to each other).
+
+domains="code" (or "code,prose", or a list) restricts a TokenDataset to those domains'
+documents: it reads the split as if the file held only them, in file order (a "view"), so
+windows never contain a token of another domain. Training a Branch-Train-MiX branch on one
+domain (Sukhbaatar et al., arXiv 2403.07816, section 2) uses it. Without a filter every
+code path, and the random stream a generator sees, is the same as before the filter existed.
 """
 import json
 import os
@@ -93,13 +99,13 @@ def load_split(data_dir, split, meta=None):
 
 
 class TokenDataset:
-    """One split of a prepared dataset.
+    """One split of a prepared dataset, optionally only some domains (domains="code").
 
-    len(ds) is the number of tokens. get_batch draws random windows; fixed_batches gives
-    deterministic evaluation windows plus the domain of each target token.
+    len(ds) is the number of tokens (of the chosen domains). get_batch draws random windows;
+    fixed_batches gives deterministic evaluation windows plus the domain of each target token.
     """
 
-    def __init__(self, data_dir, split, batching="random"):
+    def __init__(self, data_dir, split, batching="random", domains=None):
         if batching not in BATCHINGS:
             raise ValueError(f"batching={batching!r} is not one of {', '.join(BATCHINGS)}")
         if batching == "similarity" and split != "train":
@@ -113,6 +119,36 @@ class TokenDataset:
         self.offsets = np.ascontiguousarray(self.index[:, 0])
         self.domain_names = list(self.meta["domains"])
         self.n_domains = len(self.domain_names)
+        self.domains = None           # ids of the chosen domains, None = all (no view)
+        if domains is not None:
+            self._select_domains(domains)
+
+    def _select_domains(self, domains):
+        """Keep only the documents of `domains`: positions 0..n_tokens-1 then address the
+        concatenation of those documents (the view), mapped to file positions by _file_pos."""
+        names = [d.strip() for d in domains.split(",")] if isinstance(domains, str) else [str(d) for d in domains]
+        names = [d for d in names if d]
+        unknown = [d for d in names if d not in self.domain_names]
+        if not names or unknown:
+            what = f"unknown domain(s) {', '.join(unknown)}" if unknown else f"domains={domains!r} names no domain"
+            raise ValueError(f"{what} for {self.data_dir}: choose from {', '.join(self.domain_names)}")
+        self.domains = sorted({self.domain_names.index(d) for d in names})
+        docs = np.flatnonzero(np.isin(self.index[:, 2], self.domains))
+        if len(docs) == 0:
+            raise ValueError(f"{self.bin_path} has no document of domain(s) {', '.join(names)}: "
+                             f"choose other domains or prepare more data")
+        self.index = self.index[docs]                                    # (n_docs_kept, 3)
+        lengths = self.index[:, 1]
+        self.view_offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        self.offsets = self.view_offsets                                 # domain_of works in the view
+        self.n_tokens = int(lengths.sum())
+
+    def _file_pos(self, positions):
+        """View positions -> positions in {file}.bin (the identity without a domain filter)."""
+        if self.domains is None:
+            return positions
+        doc = np.searchsorted(self.view_offsets, positions, side="right") - 1
+        return self.index[doc, 0] + (positions - self.view_offsets[doc])
 
     def __len__(self):
         return self.n_tokens
@@ -123,12 +159,14 @@ class TokenDataset:
 
     def _check_block_size(self, block_size):
         if block_size < 1 or self.n_tokens < block_size + 1:
-            raise ValueError(f"{self.bin_path} has {self.n_tokens} tokens, too few for block_size={block_size} "
+            what = f"{self.bin_path}" + (f" (domains {', '.join(self.domain_names[d] for d in self.domains)})"
+                                          if self.domains is not None else "")
+            raise ValueError(f"{what} has {self.n_tokens} tokens, too few for block_size={block_size} "
                              f"(need at least block_size+1): use a smaller block_size or prepare more data")
 
     def _windows(self, starts, block_size):
         """(x, y) int64 tensors (B, T) for windows starting at `starts`."""
-        idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(block_size + 1)
+        idx = self._file_pos(np.asarray(starts, dtype=np.int64)[:, None] + np.arange(block_size + 1))
         buf = torch.from_numpy(self._tokens()[idx].astype(np.int64))
         return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
 

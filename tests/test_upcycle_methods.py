@@ -1,0 +1,399 @@
+"""Beyond copy-upcycling (issue 16): Drop-Upcycling (arXiv 2502.19261), Branch-Train-MiX
+(arXiv 2403.07816), the hidden-state router init (mergekit-moe's `hidden` gate mode) and
+the data loader's domain filter that BTX branch training needs.
+
+Tiny models (2 layers, d=32, d_ff=96) and the synthetic 4-domain dataset of
+tests/helpers.py, whose domains use disjoint slices of the vocabulary.
+"""
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import upcycle as U  # noqa: E402
+from checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: E402
+from data.dataset import TokenDataset  # noqa: E402
+from helpers import make_dataset  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+D_FF = 96    # GPTConfig's Llama rule for n_embd=32
+VOCAB = 65   # make_dataset: eot 0 + 4 domains x 16 tokens
+DOMAINS = ["dom0", "dom1", "dom2", "dom3"]
+
+
+def dense_cfg(**kw):
+    return GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=VOCAB,
+                                tie_embeddings=False), **kw})
+
+
+def make_dense(seed=0, **kw):
+    """A dense GPT whose FFN matters: W1/W3/W2 and lm_head ~ N(0, 1/fan_in), fp32."""
+    torch.manual_seed(seed)
+    model = GPT(dense_cfg(**kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight")) or n == "lm_head.weight":
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+    return model.eval()
+
+
+def save_dense(model, path, config=None):
+    ckpt = {"model_args": asdict(model.config), "model": model.state_dict(), "optimizer": None, "iter_num": 100,
+            "best_val_loss": 1.0, "config": config or {"dataset": "multidomain"}, "rng": None, "aux_coef": None,
+            "upcycled_from": None}
+    save_checkpoint(ckpt, str(path))
+    return str(path)
+
+
+def moe_opts(n_experts=4, top_k=2, **kw):
+    return {"model_args": {"moe_layers": "all", "n_experts": n_experts, "top_k": top_k}, **kw}
+
+
+def logits(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x)[0]
+
+
+X = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
+
+
+def run_cli(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "upcycle.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+# ----------------------------------------------------------------------------- Drop-Upcycling
+
+def test_drop_ratio_zero_is_copy_upcycling_bit_for_bit(tmp_path):
+    dense = make_dense()
+    sd, args = dense.state_dict(), asdict(dense.config)
+    copy, _, info_c = U.upcycle_state_dict(sd, args, moe_opts(seed=3))
+    drop0, _, info_d = U.upcycle_state_dict(sd, args, moe_opts(seed=3, drop_ratio=0.0))
+    assert copy.keys() == drop0.keys()
+    assert all(torch.equal(copy[k], drop0[k]) for k in copy)
+    assert info_c == info_d and info_d["method"] == "sparse_upcycling"
+    # and through the CLI: --method=drop --drop_ratio=0 writes copy-upcycling's weights
+    src = save_dense(dense, tmp_path / "dense")
+    for name, extra in (("copy", []), ("drop0", ["--method=drop", "--drop_ratio=0"])):
+        rc = U.main([f"--ckpt={src}", f"--out_dir={tmp_path / name}", "--n_experts=4", "--verify=false", *extra])
+        assert rc == 0
+    a, b = load_checkpoint(str(tmp_path / "copy"))["model"], load_checkpoint(str(tmp_path / "drop0"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def changed_channels(expert_w, dense_w, dim):
+    """Indices of channels (rows for dim=0, columns for dim=1) where an expert differs from the dense."""
+    diff = (expert_w != dense_w).any(dim=1 - dim)
+    return set(torch.nonzero(diff).flatten().tolist())
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 1.0])
+def test_drop_reinitialises_exactly_one_channel_set_per_expert(ratio):
+    dense = make_dense()
+    sd, args = dense.state_dict(), asdict(dense.config)
+    E = 8
+    state, _, info = U.upcycle_state_dict(sd, args, moe_opts(n_experts=E, drop_ratio=ratio))
+    copy, _, _ = U.upcycle_state_dict(sd, args, moe_opts(n_experts=E))
+    n = int(ratio * D_FF)
+    assert info["method"] == "drop_upcycling" and info["options"]["drop_ratio"] == ratio
+    assert info["options"]["function_preserving"] == "approximate"
+    for l in range(2):
+        p = f"blocks.{l}.ffn."
+        w1, w3, w2 = (sd[p + m + ".weight"] for m in U.FFN_MATS)
+        sets = []
+        for e in range(E):
+            g, u, d = state[p + "gate_proj"][e], state[p + "up_proj"][e], state[p + "down_proj"][e]
+            S = changed_channels(g, w1, 0)
+            assert len(S) == n                                   # floor(r * d_ff) channels
+            assert changed_channels(u, w3, 0) == S                # the same set in W3 ...
+            assert changed_channels(d, w2, 1) == S                # ... and in W2's columns
+            keep = sorted(set(range(D_FF)) - S)
+            assert torch.equal(g[keep], w1[keep]) and torch.equal(u[keep], w3[keep])
+            assert torch.equal(d[:, keep], w2[:, keep])
+            sets.append(frozenset(S))
+        if ratio < 1:
+            assert len(set(sets)) == E                            # each expert its own subset
+    # routers are drawn before the re-initialisation: identical to copy-upcycling's
+    assert all(torch.equal(state[k], copy[k]) for k in state if ".router." in k)
+
+
+def test_drop_reinitialised_weights_have_the_replaced_weights_statistics():
+    """The paper's statistical re-init: new values ~ N(mean, std^2) of the weights they replace.
+    Dense matrices with distinct means and stds, so a wrong statistic (e.g. 0.02 or the
+    other matrix's) fails."""
+    g = torch.Generator().manual_seed(0)
+    h, d, E = 256, 64, 8
+    w1 = 0.3 + 0.05 * torch.randn(h, d, generator=g)
+    w3 = -0.2 + 0.1 * torch.randn(h, d, generator=g)
+    w2 = 0.01 + 0.02 * torch.randn(d, h, generator=g)
+    stacks = (w1.expand(E, h, d), w3.expand(E, h, d), w2.expand(E, d, h))
+    gate, up, down, channels = U.drop_upcycle(*stacks, 0.5, torch.Generator().manual_seed(1))
+    assert channels.shape == (E, 128)
+    for e in range(E):
+        S = channels[e]
+        for new, old in ((gate[e, S], w1[S]), (up[e, S], w3[S]), (down[e][:, S].t(), w2[:, S].t())):
+            assert not torch.equal(new, old)
+            # 8192 samples: the standard error of the mean is ~1% of the std
+            assert abs(float(new.mean() - old.mean())) < 0.05 * float(old.std())
+            assert abs(float(new.std() / old.std()) - 1) < 0.05
+    # ratio 0: the very same tensors, nothing drawn from the generator
+    gen = torch.Generator().manual_seed(5)
+    before = gen.get_state()
+    out = U.drop_upcycle(*stacks, 0.0, gen)
+    assert all(a is b for a, b in zip(out[:3], stacks)) and torch.equal(gen.get_state(), before)
+
+
+def test_drop_cli_matches_online_and_rejects_bad_ratio(tmp_path, capsys):
+    src = save_dense(make_dense(), tmp_path / "dense")
+    rc = U.main([f"--ckpt={src}", f"--out_dir={tmp_path / 'drop'}", "--method=drop", "--n_experts=4",
+                 "--seed=2", "--verify=false"])
+    assert rc == 0
+    ckpt = load_checkpoint(str(tmp_path / "drop"))
+    o = ckpt["upcycled_from"]["options"]
+    assert ckpt["upcycled_from"]["method"] == "drop_upcycling" and o["drop_ratio"] == 0.5   # the default
+    online, info = U.upcycle_from_checkpoint(src, moe_opts(seed=2, drop_ratio=0.5))
+    assert info["options"] == o
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in online.state_dict().items())
+    capsys.readouterr()
+    for bad in (["--method=drop", "--drop_ratio=1.5"], ["--drop_ratio=0.5"]):   # out of range; copy + ratio
+        rc = U.main([f"--ckpt={src}", f"--out_dir={tmp_path / 'bad'}", *bad])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "drop_ratio" in err[0], err
+        assert not os.path.exists(tmp_path / "bad" / "ckpt.pt")
+
+
+# ----------------------------------------------------------------------------- Branch-Train-MiX
+
+@pytest.mark.parametrize("n_experts", [4, 8])
+def test_btx_of_identical_branches_equals_the_dense_model(tmp_path, n_experts):
+    """Mixtral gates (top-k then softmax) sum to 1 over k copies of the same FFN, and the
+    float64 average of identical tensors is the tensor itself."""
+    dense = make_dense()
+    paths = [save_dense(dense, tmp_path / f"b{i}") for i in range(4)]
+    rc = U.main([f"--ckpt={','.join(paths)}", f"--out_dir={tmp_path / 'btx'}", "--method=btx",
+                 f"--n_experts={n_experts}", "--verify=false"])
+    assert rc == 0
+    moe, ckpt = load_model(str(tmp_path / "btx"))
+    assert ckpt["upcycled_from"]["method"] == "branch_train_mix"
+    assert ckpt["upcycled_from"]["options"]["function_preserving"] == "exact"
+    assert ckpt["upcycled_from"]["path"] is None and len(ckpt["upcycled_from"]["branch_files"]) == 4
+    sd = dense.state_dict()
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in sd.items() if ".ffn." not in k)
+    diff = float((logits(moe, X) - logits(dense, X)).abs().max())
+    print(f"BTX of 4 identical branches, {n_experts} experts: max |logit diff| vs dense {diff:.2g}")
+    assert diff < 1e-5, diff
+
+
+def test_btx_averages_exactly_and_takes_each_branch_ffn():
+    branches = [make_dense(seed=s) for s in (1, 2, 3)]
+    states = [b.state_dict() for b in branches]
+    # layer 0 stays dense (its FFN is averaged too), layer 1 becomes 6 experts, 2 per branch
+    opts = {"model_args": {"moe_layers": "1", "n_experts": 6, "top_k": 2}}
+    state, cfg, info = U.btx_merge(states, [asdict(b.config) for b in branches], opts, names=["A", "B", "C"])
+    assert info["options"]["expert_branch"] == [0, 0, 1, 1, 2, 2]
+    assert info["options"]["function_preserving"] == "approximate"
+    for k in states[0]:
+        if k.startswith("blocks.1.ffn."):
+            continue
+        ref = np.mean(np.stack([s[k].numpy().astype(np.float64) for s in states]), axis=0).astype(np.float32)
+        assert np.array_equal(state[k].numpy(), ref), k                   # exactly the mean
+    for e, b in enumerate(info["options"]["expert_branch"]):
+        w1, w3, w2 = U.dense_ffn_weights(states[b], 1)
+        assert torch.equal(state["blocks.1.ffn.gate_proj"][e], w1)
+        assert torch.equal(state["blocks.1.ffn.up_proj"][e], w3)
+        assert torch.equal(state["blocks.1.ffn.down_proj"][e], w2)
+    model = GPT(cfg)
+    model.load_state_dict(state)                                           # a loadable MoE
+    # the router is drawn as copy-upcycling draws it: same seed, same rows
+    copy, _, _ = U.upcycle_state_dict(states[0], asdict(branches[0].config), {**opts, "model_args": {
+        **opts["model_args"], "n_experts": 6}})
+    assert torch.equal(state["blocks.1.ffn.router.weight"], copy["blocks.1.ffn.router.weight"])
+
+
+@pytest.mark.parametrize("other, what", [({"vocab_size": 70, "n_embd": 64}, "vocab_size 65 vs 70; n_embd 32 vs 64")])
+def test_btx_mismatch_is_one_line_naming_both_files(tmp_path, other, what):
+    """In a subprocess: exit status 2 and a one-line message naming both files."""
+    a = save_dense(make_dense(), tmp_path / "a")
+    b = save_dense(make_dense(**other), tmp_path / "b")
+    p = run_cli(f"--ckpt={a},{b}", f"--out_dir={tmp_path / 'btx'}", "--method=btx", "--n_experts=4")
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and what in lines[0]
+    assert os.path.join(str(tmp_path), "a", "ckpt.pt") in lines[0] and os.path.join(str(tmp_path), "b", "ckpt.pt") in lines[0]
+    assert not os.path.exists(tmp_path / "btx")
+
+
+def test_btx_bad_inputs(tmp_path, capsys):
+    a = save_dense(make_dense(), tmp_path / "a")
+    b = save_dense(make_dense(seed=1), tmp_path / "b")
+    moe_dir = tmp_path / "moe"
+    assert U.main([f"--ckpt={a}", f"--out_dir={moe_dir}", "--n_experts=4", "--verify=false"]) == 0
+    cases = [
+        ([f"--ckpt={a}", "--method=btx"], "2 or more"),
+        ([f"--ckpt={a},{b}", "--method=btx", "--n_experts=3"], "multiple of the 2 branches"),
+        ([f"--ckpt={a},{moe_dir}", "--method=btx"], "is an MoE checkpoint"),
+        ([f"--ckpt={a},{b}"], "only --method=btx"),
+        ([f"--ckpt={a},{b}", "--method=btx", "--granularity=2", "--top_k=2"], "do not apply"),
+        ([f"--ckpt={a},{tmp_path / 'missing'}", "--method=btx"], "no checkpoint"),
+    ]
+    capsys.readouterr()
+    for args, msg in cases:
+        rc = U.main([*args, f"--out_dir={tmp_path / 'out'}", "--verify=false"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and msg in err[0], (args, err)
+        assert not os.path.exists(tmp_path / "out"), args
+
+
+# ----------------------------------------------------------------------------- router init from hidden states
+
+@pytest.fixture(scope="module")
+def four_domains(tmp_path_factory):
+    return make_dataset(str(tmp_path_factory.mktemp("data") / "four"), n_docs=80, vocab=VOCAB, n_domains=4)
+
+
+def own_expert_rate(model, data_dir, layer, n_windows=16):
+    """Share of held-out (val) tokens of each domain whose top-1 expert at `layer` is the
+    expert of that domain (expert e <-> DOMAINS[e]); read from the model's own routing."""
+    rates = []
+    for d, name in enumerate(DOMAINS):
+        x, _ = TokenDataset(data_dir, "val", domains=name).get_batch(n_windows, 32, torch.Generator().manual_seed(9))
+        model.eval()
+        with torch.no_grad():
+            r = model(x)[2][layer]
+        assert torch.equal(r.token_idx, torch.arange(x.numel()))   # top-1, dropless: one assignment per token
+        rates.append(float((r.expert_idx == d).float().mean()))
+    return rates
+
+
+@pytest.fixture(scope="module")
+def trained_dense(four_domains):
+    """A dense model trained 50 AdamW steps on the 4 domains (~1 s): enough for its hidden
+    states to tell the domains apart, which a random model's barely do (its FFN inputs are
+    mostly the current token's random embedding)."""
+    torch.manual_seed(0)
+    model = GPT(dense_cfg())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ds, g = TokenDataset(four_domains, "train"), torch.Generator().manual_seed(0)
+    for _ in range(50):
+        x, y = ds.get_batch(8, 32, g)
+        loss = model(x, y)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_hidden_router_init_sends_domain_tokens_to_their_expert(four_domains, trained_dense):
+    dense = trained_dense
+    model = U.upcycle_model(dense, moe_opts(n_experts=4, top_k=1))
+    before = [own_expert_rate(model, four_domains, l) for l in range(2)]
+    info = U.router_init_hidden(model, four_domains, "dom0,dom1,dom2,dom3", n_windows=16)
+    assert info["router_init"] == "hidden" and info["router_init_domains"] == DOMAINS
+    # reference rows from the FFN inputs a forward hook sees (the same windows: seed 0)
+    seen = {}
+    hooks = [ffn.register_forward_hook(lambda m, inp, out, l=l: seen.setdefault(l, []).append(inp[0]))
+             for l, ffn in model.moe_layers()]
+    with torch.no_grad():
+        for name in DOMAINS:
+            model(TokenDataset(four_domains, "train", domains=name).get_batch(16, 32, torch.Generator().manual_seed(0))[0])
+    for hk in hooks:
+        hk.remove()
+    for l, ffn in model.moe_layers():
+        m = torch.stack([h.reshape(-1, 32).mean(0) for h in seen[l]])          # (4 domains, d)
+        c = m - m.mean(0)
+        u = m.mean(0) / m.mean(0).norm()
+        c = c - torch.outer(c @ u, u)                                          # orthogonal to the mean
+        ref = c / c.norm(dim=1, keepdim=True)
+        assert torch.allclose(ffn.router.weight.detach(), ref, atol=1e-5)
+        rates = own_expert_rate(model, four_domains, l)
+        print(f"layer {l}: own-expert rate per domain {np.round(rates, 3)} (random router {np.round(before[l], 3)})")
+        assert min(rates) > 0.5, rates                                       # chance is 1/4
+    # still the dense function: top-1 softmax gates are 1 whatever the router says
+    assert float((logits(model, X) - logits(dense, X)).abs().max()) < 1e-5
+
+
+def test_hidden_router_for_btx_branches_from_their_configs(tmp_path, four_domains):
+    """Each BTX branch records its domain (config['domains']); experts of branch b get b's row."""
+    dense = make_dense(seed=4)
+    paths = [save_dense(dense, tmp_path / f"b{i}", config={"domains": DOMAINS[i]}) for i in range(4)]
+    rc = U.main([f"--ckpt={','.join(paths)}", f"--out_dir={tmp_path / 'btx'}", "--method=btx", "--n_experts=8",
+                 "--top_k=2", "--router_init=hidden", f"--data_dir={four_domains}"])   # and --verify
+    assert rc == 0
+    moe, ckpt = load_model(str(tmp_path / "btx"))
+    o = ckpt["upcycled_from"]["options"]
+    assert o["router_init_domains"] == [d for d in DOMAINS for _ in range(2)]
+    w = ckpt["model"]["blocks.0.ffn.router.weight"]
+    assert all(torch.equal(w[2 * b], w[2 * b + 1]) for b in range(4))       # a branch's experts share a row
+    assert not torch.equal(w[0], w[2])
+
+
+def test_hidden_router_bad_inputs(tmp_path, four_domains, capsys):
+    src = save_dense(make_dense(), tmp_path / "dense")
+    base = [f"--ckpt={src}", f"--out_dir={tmp_path / 'out'}", "--n_experts=4"]
+    data = f"--data_dir={four_domains}"
+    cases = [
+        ([data, "--router_init=hidden"], "--domains"),
+        ([data, "--router_init=hidden", "--domains=dom0,code"], "unknown domain(s) code"),
+        ([data, "--router_init=hidden", "--domains=dom0,dom1,dom2"], "divides n_experts=4"),
+        ([data, "--router_init=hidden", "--domains=dom1"], "at least 2 different domains"),
+        ([data, "--domains=dom0,dom1"], "--router_init=hidden only"),
+        ([f"--data_dir={tmp_path / 'nodata'}", "--router_init=hidden", "--domains=dom0,dom1"], "does not exist"),
+    ]
+    capsys.readouterr()
+    for args, msg in cases:
+        rc = U.main([*base, *args])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and msg in lines[0], (args, lines)
+        assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
+
+
+# ----------------------------------------------------------------------------- the loader's domain filter
+
+def test_domain_filter_samples_only_that_domain(four_domains):
+    band = (VOCAB - 1) // 4
+    for d, name in enumerate(DOMAINS):
+        ds = TokenDataset(four_domains, "train", domains=name)
+        x, y = ds.get_batch(64, 32, torch.Generator().manual_seed(0))
+        toks = torch.cat([x, y]).unique()
+        inside = (toks == 0) | ((toks >= 1 + d * band) & (toks < 1 + (d + 1) * band))   # eot or the domain's slice
+        assert bool(inside.all()), (name, toks)
+        full = TokenDataset(four_domains, "train")
+        assert len(ds) == int(full.index[full.index[:, 2] == d, 1].sum())
+        for _, _, dom in ds.fixed_batches(2, 4, 32):
+            assert bool((dom == d).all())
+
+
+def test_no_filter_keeps_the_stream_and_all_domains_equal_no_filter(four_domains):
+    plain = TokenDataset(four_domains, "train")
+    every = TokenDataset(four_domains, "train", domains=DOMAINS)
+    g1, g2, g3 = (torch.Generator().manual_seed(7) for _ in range(3))
+    tokens = np.fromfile(os.path.join(four_domains, "train.bin"), dtype=np.uint16).astype(np.int64)
+    for _ in range(3):
+        x, y = plain.get_batch(4, 32, g1)
+        starts = torch.randint(len(tokens) - 32, (4,), generator=g3).numpy()   # the nanoGPT draw
+        assert torch.equal(x, torch.from_numpy(tokens[starts[:, None] + np.arange(32)]))
+        assert torch.equal(y, torch.from_numpy(tokens[starts[:, None] + 1 + np.arange(32)]))
+        x2, y2 = every.get_batch(4, 32, g2)
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
+def test_domain_filter_errors(four_domains):
+    with pytest.raises(ValueError, match=r"unknown domain\(s\) code for .*choose from dom0, dom1, dom2, dom3"):
+        TokenDataset(four_domains, "train", domains="code")
+    with pytest.raises(ValueError, match="names no domain"):
+        TokenDataset(four_domains, "train", domains=",")
+    ds = TokenDataset(four_domains, "val", domains="dom0")
+    with pytest.raises(ValueError, match=r"domains dom0\) has \d+ tokens, too few"):
+        ds.get_batch(1, len(ds) + 5, torch.Generator())
