@@ -171,7 +171,7 @@ def model_args_from_hf(cfg):
         if arch == "MixtralForCausalLM":
             args.update(moe_layers="all", n_experts=int(cfg["num_local_experts"]),
                         top_k=int(cfg["num_experts_per_tok"]), expert_hidden=int(cfg["intermediate_size"]),
-                        router="topk_softmax", router_init_std=0.0)
+                        router="topk_softmax")
     except KeyError as e:
         raise ConvertError(f"config.json lacks {e.args[0]!r}, which {arch} needs") from None
     try:

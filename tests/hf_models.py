@@ -84,6 +84,7 @@ def save_fused(model, out):
     experts.down_proj) instead of the hub's per-expert keys save_pretrained writes."""
     from safetensors.torch import save_file
     os.makedirs(out, exist_ok=True)
+    model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(out)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
