@@ -19,6 +19,8 @@ Which Hugging Face class an export writes (each computes the same function):
                                             mlp_only_layers, a zero-width shared expert)
     sigmoid (+ shared experts), MoE layers  Glm4MoeForCausalLM (n_group 1, routed_scaling_factor 1,
     k..L-1                                  first_k_dense_replace k, partial_rotary_factor 1)
+    topk_softmax + shared experts, every    GraniteMoeSharedForCausalLM (multipliers 1, attention
+    layer MoE                               multiplier 1/sqrt(head_dim))
 
 Weight layout (both sides are read in model.py and transformers' modeling_llama.py):
 - RoPE: model.apply_rope rotates (first half, second half) pairs, as transformers'
@@ -35,6 +37,7 @@ Weight layout (both sides are read in model.py and transformers' modeling_llama.
   (or a copy) in the file.
 """
 import json
+import math
 import os
 import shutil
 import sys
@@ -333,9 +336,11 @@ def export_target(cfg, state):
             raise ConvertError("router='sigmoid' with 1 expert: Glm4MoeForCausalLM's group scores need 2")
         return "glm4_moe"
     if cfg.n_shared_experts:
-        raise ConvertError(f"n_shared_experts={cfg.n_shared_experts} with router={cfg.router!r}: the classes "
-                           f"with softmax routers (Qwen2-MoE) gate the shared expert by a sigmoid, which an "
-                           f"always-on shared expert cannot be written as")
+        if cfg.router == "topk_softmax" and len(moe) == cfg.n_layer:
+            return "granitemoeshared"
+        raise ConvertError(f"n_shared_experts={cfg.n_shared_experts} with router={cfg.router!r} and MoE layers "
+                           f"{moe}: GraniteMoeShared (always-on shared expert) takes topk_softmax with every layer "
+                           f"MoE only, and Qwen2-MoE gates its shared expert by a sigmoid")
     if cfg.router == "topk_softmax" and len(moe) == cfg.n_layer:
         return "mixtral"
     return "qwen2_moe"
@@ -345,7 +350,8 @@ def hf_config(cfg, target):
     """config.json for the target class (transformers 4 names: rope_theta, rope_scaling;
     transformers 5 reads them too)."""
     c = {"architectures": [{"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
-                            "qwen2_moe": "Qwen2MoeForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}[target]],
+                            "qwen2_moe": "Qwen2MoeForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
+                            "granitemoeshared": "GraniteMoeSharedForCausalLM"}[target]],
          "model_type": target, "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd,
          "intermediate_size": cfg.ffn_hidden, "num_hidden_layers": cfg.n_layer,
          "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
@@ -376,6 +382,11 @@ def hf_config(cfg, target):
                  n_shared_experts=cfg.n_shared_experts, n_group=1, topk_group=1, norm_topk_prob=True,
                  routed_scaling_factor=1.0, first_k_dense_replace=cfg.moe_layer_ids()[0], use_qk_norm=False,
                  partial_rotary_factor=1.0)
+    elif target == "granitemoeshared":   # its multipliers set to what a Llama computes
+        hd = cfg.n_embd // cfg.n_head
+        c.update(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k, intermediate_size=cfg.expert_hidden,
+                 shared_intermediate_size=cfg.n_shared_experts * cfg.expert_hidden, embedding_multiplier=1.0,
+                 logits_scaling=1.0, residual_multiplier=1.0, attention_multiplier=1.0 / math.sqrt(hd))
     return c
 
 
@@ -385,6 +396,15 @@ def hf_state(state, cfg, target):
     for l in cfg.moe_layer_ids():
         b, p = f"blocks.{l}.ffn.", f"model.layers.{l}."
         w1, w3, w2 = state[b + "gate_proj"], state[b + "up_proj"], state[b + "down_proj"]
+        if target == "granitemoeshared":   # fused hub layout: input_linear = cat(W1, W3) rows
+            m = p + "block_sparse_moe."
+            out[m + "router.layer.weight"] = state[b + "router.weight"]
+            out[m + "input_linear.weight"] = torch.cat([w1, w3], dim=1)
+            out[m + "output_linear.weight"] = w2
+            out[p + "shared_mlp.input_linear.weight"] = torch.cat(
+                [state[b + "shared.gate_proj.weight"], state[b + "shared.up_proj.weight"]], dim=0)
+            out[p + "shared_mlp.output_linear.weight"] = state[b + "shared.down_proj.weight"]
+            continue
         if target == "mixtral":
             out[p + "block_sparse_moe.gate.weight"] = state[b + "router.weight"]
             for e in range(cfg.n_experts):

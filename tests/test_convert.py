@@ -217,6 +217,7 @@ def moe_model(seed=0, **kw):
     (dict(moe_layers="every_other", router="topk_softmax"), "Qwen2MoeForCausalLM"),
     (dict(moe_layers="1,2", router="sigmoid", n_shared_experts=1), "Glm4MoeForCausalLM"),
     (dict(moe_layers="all", router="sigmoid"), "Glm4MoeForCausalLM"),
+    (dict(moe_layers="all", router="topk_softmax", n_shared_experts=2), "GraniteMoeSharedForCausalLM"),
 ])
 def test_export_other_routers(tmp_path, caplog, kw, target):
     model = moe_model(**kw)
@@ -378,7 +379,8 @@ def test_failed_write_leaves_nothing(hf_llamas, tmp_path, monkeypatch):
     (dict(moe_layers="all", router_noise=True), ["router_noise"]),
     (dict(moe_layers="all", eval_capacity_factor=1.0), ["eval_capacity_factor", "dropless"]),
     (dict(moe_layers="0", router="sigmoid"), ["sigmoid", "dense layers must come first"]),
-    (dict(moe_layers="all", n_shared_experts=1), ["n_shared_experts=1", "sigmoid"]),
+    (dict(moe_layers="1", n_shared_experts=1), ["n_shared_experts=1", "GraniteMoeShared"]),
+    (dict(moe_layers="all", router="softmax_topk", n_shared_experts=1), ["n_shared_experts=1", "sigmoid"]),
 ])
 def test_export_refusals(tmp_path, capsys, kw, words):
     save_model(moe_model(**kw), str(tmp_path / "c"))
