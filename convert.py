@@ -448,7 +448,7 @@ def export_hf(ckpt_dir, hf_dir):
         raise ConvertError(f"the checkpoint lacks tensor {missing[0]}: damaged or from another model")
     tensors = hf_state(state, cfg, target)
     config = hf_config(cfg, target)
-    src = os.path.dirname(os.path.abspath(os.path.join(ckpt_dir, "ckpt.pt") if os.path.isdir(ckpt_dir) else ckpt_dir))
+    src = tokenizer_dir(ckpt, ckpt_dir)
 
     def write(tmp):
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
@@ -457,10 +457,22 @@ def export_hf(ckpt_dir, hf_dir):
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"do_sample": False}, f, indent=2)
         for name in TOKENIZER_FILES:
-            if os.path.exists(os.path.join(src, name)):
+            if src and os.path.exists(os.path.join(src, name)):
                 shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
     write_atomically(hf_dir, write)
     return target
+
+
+def tokenizer_dir(ckpt, ckpt_dir):
+    """Where the HF tokenizer files of a checkpoint are: next to it, else next to the
+    dense checkpoint it was upcycled from, else in the HF directory it was imported
+    from (upcycle.py keeps the dense "config"). None when there are none."""
+    here = os.path.dirname(os.path.abspath(os.path.join(ckpt_dir, "ckpt.pt") if os.path.isdir(ckpt_dir) else ckpt_dir))
+    source = (ckpt.get("upcycled_from") or {}).get("path")
+    for d in (here, source and os.path.dirname(source), (ckpt.get("config") or {}).get("hf_dir")):
+        if d and os.path.exists(os.path.join(d, "tokenizer.json")):
+            return d
+    return None
 
 
 def GPT_state_keys(cfg):

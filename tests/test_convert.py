@@ -182,6 +182,8 @@ def test_upcycle_train_export_mixtral(hf_llamas, imported, tmp_path, caplog):
     U.upcycle_checkpoint(imported, up, {"model_args": {"moe_layers": "all", "n_experts": 8, "top_k": 2}})
     convert.export_hf(up, str(tmp_path / "hf0"))
     assert json.load(open(tmp_path / "hf0" / "config.json"))["architectures"] == ["MixtralForCausalLM"]
+    tok = os.path.join(hf_llamas[False][1], "tokenizer.json")   # found through upcycled_from
+    assert open(tmp_path / "hf0" / "tokenizer.json", "rb").read() == open(tok, "rb").read()
     mixtral0 = load_hf(str(tmp_path / "hf0"), caplog)
     # right after upcycling the exported Mixtral is the original Llama
     assert max_diff(load_model(up)[0], hf_llamas[False][0], ids()) < TOL
