@@ -180,8 +180,8 @@ class RMSNorm(nn.Module):
 
 
 def llama3_inv_freq(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_pos):
-    """Llama 3.1 RoPE scaling (Llama 3 paper arXiv 2407.21783; Meta's reference
-    `apply_scaling`): wavelengths 2*pi/f shorter than original_max_pos/high_freq_factor
+    """Llama 3.1 RoPE scaling (Meta's Llama 3.1 reference code, `apply_scaling`; the
+    Llama 3 paper arXiv 2407.21783 gives only theta = 500000): wavelengths 2*pi/f shorter than original_max_pos/high_freq_factor
     keep their frequency, ones longer than original_max_pos/low_freq_factor are divided
     by `factor`, and the band between interpolates linearly in original_max_pos/wavelength:
         s = (original_max_pos / wavelen - low) / (high - low),  f' = (1 - s) f / factor + s f."""
