@@ -364,14 +364,29 @@ def test_existing_output_is_never_touched(hf_llamas, imported, tmp_path, capsys)
     assert len(capsys.readouterr().err.strip().splitlines()) == 2
 
 
-def test_failed_write_leaves_nothing(hf_llamas, tmp_path, monkeypatch):
-    """A crash while writing (here: the checkpoint save) removes the temp dir."""
+def test_failed_write_leaves_nothing(hf_llamas, imported, tmp_path, monkeypatch):
+    """A crash while writing (the checkpoint save, the safetensors write) removes the temp dir."""
+    import safetensors.torch
+
     def boom(*a, **k):
         raise OSError("disk full")
     monkeypatch.setattr(convert, "save_checkpoint", boom)
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(OSError):
         convert.import_hf(hf_llamas[False][1], str(tmp_path / "o"))
+    with pytest.raises(OSError):
+        convert.export_hf(imported, str(tmp_path / "hf"))
     assert os.listdir(tmp_path) == []
+
+
+def test_import_bf16_upcasts_exactly(tmp_path):
+    hf = H.random_model(H.hf_config("llama"), seed=5).to(torch.bfloat16)
+    H.save(hf, str(tmp_path / "hf"), tokenizer=False)
+    convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "o"))
+    state = load_checkpoint(str(tmp_path / "o"))["model"]
+    assert state["blocks.1.attn.k_proj.weight"].dtype == torch.float32
+    assert torch.equal(state["blocks.1.attn.k_proj.weight"], hf.model.layers[1].self_attn.k_proj.weight.float())
+    assert torch.equal(state["lm_head.weight"], hf.lm_head.weight.float())
 
 
 @pytest.mark.parametrize("kw,words", [
