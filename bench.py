@@ -6,6 +6,9 @@ Benchmark the expert kernels against the FLOP-matched dense SwiGLU FFN.
     python bench.py --profile             # + a torch.profiler table of the first E
     python bench.py --model               # whole training steps: dense vs MoE vs FLOP-matched dense
     python bench.py --decode              # generation tokens/s with and without the KV cache
+    python bench.py --hf                  # this project vs transformers on the same weights:
+                                          # a random Llama and its upcycled, exported Mixtral
+    python bench.py --hf=HF_DIR           # the same for a local HF Llama / Mixtral directory
     python bench.py --compile-only=90     # no GPU needed: compile the Triton kernels for
                                           # sm_90, report registers / spills / pipelining
 
@@ -335,6 +338,104 @@ def bench_decode(args, device):
                   f"{recomputed / cached:>8.1f} {str(torch.equal(outs[True], outs[False])):>5}", flush=True)
 
 
+# the --hf model when no HF_DIR is given: a Llama of the --model bench's width class with GQA
+HF_BENCH_LLAMA = dict(vocab_size=256, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def hf_bench_models(hf_dir, tmp):
+    """[(name, project GPT, transformers model)] on the same weights: the HF model in
+    hf_dir (a random HF_BENCH_LLAMA when None) and, for a dense one, its upcycled
+    8x2 MoE exported to Mixtral. Both sides are loaded from the files convert.py wrote."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    import convert
+    from checkpoint import load_model
+    from upcycle import upcycle_checkpoint
+    if hf_dir is None:
+        torch.manual_seed(0)
+        hf_dir = os.path.join(tmp, "llama")
+        AutoModelForCausalLM.from_config(LlamaConfig(**HF_BENCH_LLAMA), dtype=torch.float32).save_pretrained(hf_dir)
+    convert.import_hf(hf_dir, os.path.join(tmp, "imported"))
+    pairs = [(os.path.join(tmp, "imported"), hf_dir)]
+    if not load_model(pairs[0][0])[0].config.is_moe:
+        upcycle_checkpoint(pairs[0][0], os.path.join(tmp, "moe"),
+                           {"model_args": {"moe_layers": "all", "n_experts": 8, "top_k": 2}})
+        convert.export_hf(os.path.join(tmp, "moe"), os.path.join(tmp, "mixtral"))
+        pairs.append((os.path.join(tmp, "moe"), os.path.join(tmp, "mixtral")))
+    out = []
+    for ckpt, hf in pairs:
+        ours = load_model(ckpt)[0]
+        theirs = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+        out.append((type(theirs).__name__, ours, theirs))
+    return out
+
+
+def bench_hf(args, device):
+    """Forward tokens/s (no grad) and training steps (forward, backward, AdamW) of this
+    project's model and transformers' on the same weights, interleaved rounds, median.
+    Ratios are transformers' time / ours: > 1 means this project is faster."""
+    import tempfile
+    B = args.model_batch
+    with tempfile.TemporaryDirectory() as tmp:
+        models = hf_bench_models(None if args.hf == "random" else args.hf, tmp)
+        print(f"machine: {machine(device)}")
+        print(f"same weights in this project and in transformers; batch {B} x T tokens, fp32; "
+              f"median of {args.repeats or 5} interleaved rounds; ratio = transformers time / ours")
+        print(f"{'model':<22} {'params':>8} {'T':>5} {'max|dlogit|':>12} {'fwd tok/s ours':>15} {'theirs':>10} "
+              f"{'ratio':>6} {'step ms ours':>13} {'theirs':>9} {'ratio':>6}")
+        for name, ours, theirs in models:
+            T = min(args.model_block, ours.config.block_size)
+            x = torch.randint(0, ours.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(args.seed))
+            ours, theirs, x = ours.to(device), theirs.to(device), x.to(device)
+            with torch.no_grad():
+                diff = (ours.eval()(x)[0] - theirs.eval()(x).logits).abs().max().item()
+            paths = hf_bench_paths(ours, theirs, x)
+            times = {k: [] for k in paths}
+            run = timer(device)
+            for _ in range(max(args.warmup or 1, 1)):
+                for f in paths.values():
+                    run(f)
+            for _ in range(args.repeats or 5):
+                for k, f in paths.items():
+                    times[k].append(run(f))
+            med = {k: statistics.median(t) for k, t in times.items()}
+            print(f"{name:<22} {ours.num_params() / 1e6:>7.2f}M {T:>5} {diff:>12.1e} "
+                  f"{B * T / med['fwd ours']:>15,.0f} {B * T / med['fwd theirs']:>10,.0f} "
+                  f"{med['fwd theirs'] / med['fwd ours']:>6.2f} {med['step ours'] * 1e3:>13.1f} "
+                  f"{med['step theirs'] * 1e3:>9.1f} {med['step theirs'] / med['step ours']:>6.2f}", flush=True)
+
+
+def hf_bench_paths(ours, theirs, x):
+    """The four timed closures: forward (eval, no grad) and training step, both sides."""
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-5)
+
+    @torch.no_grad()
+    def fwd_ours():
+        ours.eval()
+        ours(x)
+
+    @torch.no_grad()
+    def fwd_theirs():
+        theirs.eval()
+        theirs(x)
+
+    def step_ours():
+        ours.train()
+        _, loss, _ = ours(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    def step_theirs():
+        theirs.train()
+        theirs(x, labels=x).loss.backward()   # transformers shifts the labels itself
+        opt_theirs.step()
+        opt_theirs.zero_grad(set_to_none=True)
+    return {"fwd ours": fwd_ours, "fwd theirs": fwd_theirs, "step ours": step_ours, "step theirs": step_theirs}
+
+
 EXPERT_IMPLS = ("auto", *kernels.IMPLS)                                    # what moe_ffn(impl=...) takes
 BENCH_IMPLS = (*EXPERT_IMPLS, "grouped_mm", "grouped_padded", "grouped_slices")  # + bench-only aliases
 
@@ -371,6 +472,8 @@ def check_args(p, args):
             p.error(f"--impls: unknown {bad or 'empty list'}; valid: {', '.join(BENCH_IMPLS)}")
     if args.model_impl not in EXPERT_IMPLS:
         p.error(f"--model_impl={args.model_impl} must be one of {', '.join(EXPERT_IMPLS)}")
+    if args.hf and args.hf != "random" and not os.path.isfile(os.path.join(args.hf, "config.json")):
+        p.error(f"--hf={args.hf} is not a Hugging Face model directory (no config.json)")
     if args.device != "auto" and device_problem(args.device):
         p.error(f"--device={args.device} {device_problem(args.device)}")
     return archs
@@ -380,6 +483,8 @@ def main(argv=None):
     p = ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="store_true",
                    help="time whole training steps: dense vs MoE vs FLOP-matched dense (see bench_model)")
+    p.add_argument("--hf", nargs="?", const="random", default=None, metavar="HF_DIR",
+                   help="this project vs transformers on the same weights (see bench_hf); needs transformers")
     p.add_argument("--model_batch", type=int, default=8)
     p.add_argument("--model_block", type=int, default=256)
     p.add_argument("--model_experts", type=int, default=8)
@@ -429,6 +534,8 @@ def main(argv=None):
         return bench_model(args, device)
     if args.decode:
         return bench_decode(args, device)
+    if args.hf:
+        return bench_hf(args, device)
     defaults = dict(tokens=16384, d=1024, d_ff_expert=2816, dtype="bfloat16", repeats=20, warmup=5,
                     impls="loop,grouped,grouped_padded,triton") if gpu else \
         dict(tokens=4096, d=256, d_ff_expert=704, dtype="float32", repeats=5, warmup=1, impls="loop,grouped,triton")

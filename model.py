@@ -51,6 +51,12 @@ class GPTConfig:
     ffn_hidden: int = 0           # 0 -> 8/3 * n_embd rounded up to a multiple of 32 (Llama)
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
+    # RoPE frequency scaling of Llama 3.1 (rope_scaling type "llama3" in Hugging Face configs)
+    rope_scaling: str = "none"    # "none" | "llama3"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_pos: int = 8192
     norm_eps: float = 1e-5
     dropout: float = 0.0
     # ---- MoE (a dense model is moe_layers="none") ----
@@ -94,6 +100,13 @@ class GPTConfig:
             bad(f"head size n_embd/n_head={self.n_embd // self.n_head} must be even for rotary embeddings")
         if self.n_head % self.n_kv_head:
             bad(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        if self.rope_scaling not in ("none", "llama3"):
+            bad(f"rope_scaling={self.rope_scaling!r} must be 'none' or 'llama3'")
+        if self.rope_scaling == "llama3" and not (self.rope_factor > 0 and self.rope_original_max_pos > 0
+                                                  and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+            bad(f"rope_scaling='llama3' needs rope_factor > 0, rope_original_max_pos > 0 and 0 < "
+                f"rope_low_freq_factor < rope_high_freq_factor (got {self.rope_factor}, {self.rope_original_max_pos}, "
+                f"{self.rope_low_freq_factor}, {self.rope_high_freq_factor})")
         layers = self.moe_layer_ids()   # validates the spec
         if not layers:
             return
@@ -174,9 +187,26 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_cache(seq_len, head_dim, theta, device=None):
-    """cos/sin tables (T, head_dim/2) for rotary embeddings (Su et al. 2021)."""
+def llama3_inv_freq(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_pos):
+    """Llama 3.1 RoPE scaling (Meta's Llama 3.1 reference code, `apply_scaling`; the
+    Llama 3 paper arXiv 2407.21783 gives only theta = 500000): wavelengths 2*pi/f shorter than original_max_pos/high_freq_factor
+    keep their frequency, ones longer than original_max_pos/low_freq_factor are divided
+    by `factor`, and the band between interpolates linearly in original_max_pos/wavelength:
+        s = (original_max_pos / wavelen - low) / (high - low),  f' = (1 - s) f / factor + s f."""
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen, high_wavelen = original_max_pos / low_freq_factor, original_max_pos / high_freq_factor
+    smooth = (original_max_pos / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+
+
+def rope_cache(seq_len, head_dim, theta, device=None, scaling=None):
+    """cos/sin tables (T, head_dim/2) for rotary embeddings (Su et al. 2021).
+    scaling: None, or llama3_inv_freq's keyword arguments."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, **scaling)
     angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
     return angles.cos(), angles.sin()
 
@@ -230,6 +260,12 @@ class KVCache:
     def reset(self):
         """Forget every token (the buffers are kept and overwritten)."""
         self.pos = 0
+def rope_scaling_of(cfg):
+    """llama3_inv_freq's arguments for cfg, or None (no scaling)."""
+    if cfg.rope_scaling != "llama3":
+        return None
+    return dict(factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                high_freq_factor=cfg.rope_high_freq_factor, original_max_pos=cfg.rope_original_max_pos)
 
 
 class Attention(nn.Module):
@@ -371,7 +407,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_cache(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta)
+        cos, sin = rope_cache(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta, scaling=rope_scaling_of(cfg))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)

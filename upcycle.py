@@ -170,7 +170,8 @@ from router import expert_choice_k
 WEIGHT_SCALINGS = ("auto", "none", "exact", "megatron")
 # fields that fix the dense parameter shapes, and ones that change the dense function
 SHAPE_KEYS = ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "ffn_hidden", "tie_embeddings")
-FUNCTION_KEYS = ("rope_theta", "norm_eps")
+FUNCTION_KEYS = ("rope_theta", "norm_eps", "rope_scaling", "rope_factor", "rope_low_freq_factor",
+                 "rope_high_freq_factor", "rope_original_max_pos")
 OPTION_DEFAULTS = {"model_args": None, "granularity": None, "expansion_rate": None,
                    "weight_scaling": "auto", "expert_noise": 0.0, "shared_fraction": 0.5, "seed": 0,
                    "drop_ratio": 0.0}

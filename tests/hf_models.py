@@ -1,0 +1,116 @@
+"""
+Tiny random Hugging Face models, written to a local directory with `transformers`
+(no hub access needed). The tests import them; the README uses the CLI:
+
+    python -m tests.hf_models --out=out/hf/tiny_llama                  # LlamaForCausalLM
+    python -m tests.hf_models --out=out/hf/tiny_mixtral --arch=mixtral
+
+Weights are random normal (std 0.02; RMSNorm weights 1 + 0.1 * normal, so that a
+dropped or swapped norm weight changes the logits). The tokenizer files are a
+small word-level tokenizer built with `tokenizers`, only so that the import has
+files to copy.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+# the shape the tests use: GQA (4 query heads, 2 kv heads), Llama 3 RoPE (theta 500000 and
+# llama3 scaling whose three frequency bands all occur at head_dim 16)
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=500000.0,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 32})
+# the README's model: train.py's default shape on byte data (vocab 256, block 256), plus GQA and llama3 RoPE
+README = dict(TINY, vocab_size=256, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+              max_position_embeddings=256, rope_scaling=dict(TINY["rope_scaling"], original_max_position_embeddings=64))
+
+
+def hf_config(arch="llama", tied=False, **overrides):
+    """A transformers config of the tiny shape. rope_theta/rope_scaling are passed as
+    transformers 5 takes them (rope_parameters)."""
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig
+    kw = dict(TINY, tie_word_embeddings=tied)
+    kw.update(overrides)
+    rope = dict(kw.pop("rope_scaling") or {"rope_type": "default"}, rope_theta=kw.pop("rope_theta"))
+    if arch == "llama":
+        return LlamaConfig(rope_parameters=rope, **kw)
+    if arch == "mistral":
+        return MistralConfig(rope_parameters=rope, sliding_window=None, **kw)
+    if arch == "mixtral":
+        kw.setdefault("num_local_experts", 4)
+        kw.setdefault("num_experts_per_tok", 2)
+        return MixtralConfig(rope_parameters=rope, **kw)
+    raise ValueError(f"unknown arch {arch!r}")
+
+
+def random_model(config, seed=0):
+    """AutoModelForCausalLM of `config` in fp32, eval mode, with seeded random weights."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * noise if "norm" in name else 0.02 * noise)
+    return model.eval()
+
+
+def write_tokenizer(out, vocab_size):
+    """A word-level tokenizer.json + tokenizer_config.json of vocab_size entries."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(os.path.join(out, "tokenizer.json"))
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>"}, f)
+
+
+def save(model, out, shard_size=None, tokenizer=True):
+    """save_pretrained as safetensors (sharded with an index when shard_size, e.g. "40KB")."""
+    kw = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(out, **kw)
+    if tokenizer:
+        write_tokenizer(out, model.config.vocab_size)
+    return out
+
+
+def save_fused(model, out):
+    """Write transformers 5's own parameter names (fused experts.gate_up_proj (E, 2I, d),
+    experts.down_proj) instead of the hub's per-expert keys save_pretrained writes."""
+    from safetensors.torch import save_file
+    os.makedirs(out, exist_ok=True)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(out)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="directory to write (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--arch", default="llama", choices=["llama", "mistral", "mixtral"])
+    p.add_argument("--shape", default="readme", choices=["readme", "tiny"],
+                   help="readme: vocab 256, d 128, 4 layers, block 256 (trains on data/multidomain); "
+                        "tiny: what the tests use (vocab 128, d 64, 2 layers)")
+    p.add_argument("--tied", action="store_true", help="tie the embeddings and the lm_head")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if os.path.exists(os.path.join(args.out, "config.json")):
+        p.exit(2, f"error: {args.out} already holds a model; choose another --out\n")
+    shape = README if args.shape == "readme" else TINY
+    model = random_model(hf_config(args.arch, args.tied, **shape), args.seed)
+    save(model, args.out)
+    print(f"wrote a random {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+          f"params) to {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""convert.py against transformers on the same weights: import (Llama, Mixtral in both
+MoE layouts), upcycle + train + export (Mixtral, Qwen2-MoE, GLM4-MoE), round trips,
+and every refusal (one line, exit 2, nothing left behind).
+
+Parity is max |logit difference| < 1e-5 in fp32 on random ids of the full block
+length; test_parity_catches_layout_mistakes shows the tolerance catches a transposed,
+permuted or dropped weight."""
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+import convert  # noqa: E402
+import eval as E  # noqa: E402
+import upcycle as U  # noqa: E402
+from checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: E402
+from helpers import ROOT, make_dataset, run_train  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from tests import hf_models as H  # noqa: E402
+
+TOL = 1e-5
+BLOCK = H.TINY["max_position_embeddings"]
+
+
+def ids(vocab=H.TINY["vocab_size"], B=2, T=BLOCK, seed=0):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(project_model, hf_model, x):
+    project_model.eval()
+    with torch.no_grad():
+        return (project_model(x)[0] - hf_model(x).logits).abs().max().item()
+
+
+def load_hf(path, caplog):
+    """AutoModelForCausalLM.from_pretrained with the loading report and the log checked:
+    no missing, unexpected or mis-shaped keys."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+    caplog.clear()
+    transformers.utils.logging.enable_propagation()   # transformers' load report reaches caplog
+    try:
+        with caplog.at_level(logging.WARNING):
+            model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
+    finally:
+        transformers.utils.logging.disable_propagation()
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    text = caplog.text.lower()
+    assert "missing" not in text and "unexpected" not in text and "mismatch" not in text, caplog.text
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_llamas(tmp_path_factory):
+    """{tied: (hf model, sharded HF dir)}."""
+    out = {}
+    for tied in (False, True):
+        d = str(tmp_path_factory.mktemp(f"llama_tied{tied}"))
+        m = H.random_model(H.hf_config("llama", tied=tied), seed=int(tied))
+        H.save(m, d, shard_size="40KB")
+        out[tied] = (m, d)
+    return out
+
+
+@pytest.fixture(scope="module")
+def imported(hf_llamas, tmp_path_factory):
+    """The untied Llama imported: OUT_DIR."""
+    out = str(tmp_path_factory.mktemp("imp") / "llama")
+    convert.import_hf(hf_llamas[False][1], out)
+    return out
+
+
+# ------------------------------------------------------------------ import
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_import_llama_matches_transformers(hf_llamas, tmp_path, tied):
+    hf, d = hf_llamas[tied]
+    assert os.path.exists(os.path.join(d, "model.safetensors.index.json"))      # really sharded
+    convert.import_hf(d, str(tmp_path / "o"))
+    model, ckpt = load_model(str(tmp_path / "o"))
+    cfg = model.config
+    assert (cfg.n_kv_head, cfg.rope_theta, cfg.rope_scaling, cfg.rope_original_max_pos) == (2, 500000.0, "llama3", 32)
+    assert cfg.tie_embeddings == tied and cfg.block_size == BLOCK
+    assert max_diff(model, hf, ids()) < TOL
+    for name in ("tokenizer.json", "tokenizer_config.json"):   # copied verbatim
+        assert open(os.path.join(d, name), "rb").read() == open(tmp_path / "o" / name, "rb").read()
+    # the llama3 scaling matters at this length: without it the logits move far beyond TOL
+    plain = GPT(GPTConfig(**{**asdict(cfg), "rope_scaling": "none"}))
+    plain.load_state_dict(model.state_dict())
+    assert max_diff(plain, hf, ids()) > 1e-3
+
+
+def test_parity_catches_layout_mistakes(hf_llamas, imported):
+    """A transposed, permuted (two kv heads swapped) or dropped (zeroed) weight moves
+    the logits by far more than TOL."""
+    hf = hf_llamas[False][0]
+    model, _ = load_model(imported)
+    x, hd = ids(), 16
+    mutations = {
+        "transposed q_proj": lambda s: s["blocks.0.attn.q_proj.weight"].copy_(s["blocks.0.attn.q_proj.weight"].T.clone()),
+        "permuted kv heads": lambda s: s["blocks.1.attn.k_proj.weight"].copy_(
+            torch.cat([s["blocks.1.attn.k_proj.weight"][hd:], s["blocks.1.attn.k_proj.weight"][:hd]])),
+        "dropped ffn_norm": lambda s: s["blocks.0.ffn_norm.weight"].fill_(1.0),
+        "rotate-half vs interleaved q": lambda s: s["blocks.0.attn.q_proj.weight"].copy_(
+            s["blocks.0.attn.q_proj.weight"].view(4, 2, hd // 2, 64).transpose(1, 2).reshape(64, 64).clone()),
+    }
+    for name, mutate in mutations.items():
+        m = GPT(model.config)
+        m.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            mutate(m.state_dict())
+        assert max_diff(m, hf, x) > 1e-3, name
+
+
+@pytest.mark.parametrize("layout", ["hub", "fused"])
+def test_import_mixtral_matches_transformers(tmp_path, layout):
+    hf = H.random_model(H.hf_config("mixtral", tied=False), seed=3)
+    d = str(tmp_path / "hf")
+    H.save(hf, d) if layout == "hub" else H.save_fused(hf, d)
+    from safetensors import safe_open
+    with safe_open(os.path.join(d, "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(("experts.0.w1" in k) == (layout == "hub") for k in keys)
+    assert any(k.endswith("gate_up_proj") == (layout == "fused") for k in keys)
+    convert.import_hf(d, str(tmp_path / "o"))
+    model, _ = load_model(str(tmp_path / "o"))
+    assert (model.config.moe_layers, model.config.n_experts, model.config.top_k, model.config.router) == \
+        ("all", 4, 2, "topk_softmax")
+    assert max_diff(model, hf, ids()) < TOL
+
+
+def test_import_mistral_without_sliding_window(tmp_path):
+    hf = H.random_model(H.hf_config("mistral"), seed=4)
+    H.save(hf, str(tmp_path / "hf"))
+    convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "o"))
+    assert max_diff(load_model(str(tmp_path / "o"))[0], hf, ids()) < TOL
+
+
+def test_load_check_catches_missing_and_unexpected_keys(imported, tmp_path, caplog):
+    """load_hf really sees transformers' report: an export with a renamed tensor fails it."""
+    from safetensors.torch import load_file, save_file
+    convert.export_hf(imported, str(tmp_path / "hf"))
+    f = str(tmp_path / "hf" / "model.safetensors")
+    state = load_file(f)
+    state["model.final_norm.weight"] = state.pop("model.norm.weight")
+    save_file(state, f, metadata={"format": "pt"})
+    with pytest.raises(AssertionError, match="model.norm.weight"):
+        load_hf(str(tmp_path / "hf"), caplog)
+
+
+# ------------------------------------------------------------------ upcycle, train, export
+
+def train_steps(model, n=3, seed=0):
+    """A few AdamW steps on random ids so that the experts and routers move apart."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for i in range(n):
+        x = ids(B=4, seed=100 + i)
+        _, loss, _ = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def save_model(model, out, config=None):
+    save_checkpoint({"model_args": asdict(model.config), "model": model.state_dict(), "config": config or {}}, out)
+    return out
+
+
+def test_upcycle_train_export_mixtral(hf_llamas, imported, tmp_path, caplog):
+    up = str(tmp_path / "up")
+    U.upcycle_checkpoint(imported, up, {"model_args": {"moe_layers": "all", "n_experts": 8, "top_k": 2}})
+    convert.export_hf(up, str(tmp_path / "hf0"))
+    assert json.load(open(tmp_path / "hf0" / "config.json"))["architectures"] == ["MixtralForCausalLM"]
+    tok = os.path.join(hf_llamas[False][1], "tokenizer.json")   # found through upcycled_from
+    assert open(tmp_path / "hf0" / "tokenizer.json", "rb").read() == open(tok, "rb").read()
+    mixtral0 = load_hf(str(tmp_path / "hf0"), caplog)
+    # right after upcycling the exported Mixtral is the original Llama
+    assert max_diff(load_model(up)[0], hf_llamas[False][0], ids()) < TOL
+    with torch.no_grad():
+        x = ids()
+        assert (mixtral0(x).logits - hf_llamas[False][0](x).logits).abs().max().item() < TOL
+    model = train_steps(load_model(up)[0])
+    g = model.blocks[0].ffn.gate_proj
+    assert (g[0] - g[1]).abs().max() > 1e-4                                        # experts differ now
+    save_model(model, str(tmp_path / "trained"))
+    convert.export_hf(str(tmp_path / "trained"), str(tmp_path / "hf1"))
+    mixtral = load_hf(str(tmp_path / "hf1"), caplog)
+    assert max_diff(model, mixtral, ids(seed=1)) < TOL
+    assert max_diff(model, mixtral0, ids(seed=1)) > 1e-3                           # training changed it
+
+
+def moe_model(seed=0, **kw):
+    base = dict(vocab_size=128, block_size=BLOCK, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, ffn_hidden=128,
+                tie_embeddings=False, rope_theta=500000.0, n_experts=4, top_k=2, expert_hidden=64)
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(**{**base, **kw}))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+            if name.endswith("router.weight"):
+                p.normal_(std=0.5)                  # decisive routing, different per expert
+    return m.eval()
+
+
+@pytest.mark.parametrize("kw,target", [
+    (dict(moe_layers="1", router="softmax_topk"), "Qwen2MoeForCausalLM"),
+    (dict(moe_layers="every_other", router="topk_softmax"), "Qwen2MoeForCausalLM"),
+    (dict(moe_layers="1,2", router="sigmoid", n_shared_experts=1), "Glm4MoeForCausalLM"),
+    (dict(moe_layers="all", router="sigmoid"), "Glm4MoeForCausalLM"),
+    (dict(moe_layers="all", router="topk_softmax", n_shared_experts=2), "GraniteMoeSharedForCausalLM"),
+])
+def test_export_other_routers(tmp_path, caplog, kw, target):
+    model = moe_model(**kw)
+    if kw["router"] == "sigmoid":   # a selection bias that changes the choice, as after aux-free balancing
+        for _, f in model.moe_layers():
+            f.router.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]))
+    save_model(model, str(tmp_path / "c"))
+    convert.export_hf(str(tmp_path / "c"), str(tmp_path / "hf"))
+    assert json.load(open(tmp_path / "hf" / "config.json"))["architectures"] == [target]
+    hf = load_hf(str(tmp_path / "hf"), caplog)
+    assert max_diff(model, hf, ids()) < TOL
+
+
+# ------------------------------------------------------------------ round trips
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_round_trip_is_bit_identical(imported, tmp_path, moe):
+    src = imported
+    if moe:
+        src = str(tmp_path / "up")
+        U.upcycle_checkpoint(imported, src, {"model_args": {"moe_layers": "all", "n_experts": 8, "top_k": 2}})
+        save_model(train_steps(load_model(src)[0]), str(tmp_path / "trained"))
+        src = str(tmp_path / "trained")
+    convert.export_hf(src, str(tmp_path / "hf"))
+    convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+    a, b = load_checkpoint(src), load_checkpoint(str(tmp_path / "back"))
+    assert set(a["model"]) == set(b["model"])
+    for k in a["model"]:
+        assert a["model"][k].dtype == b["model"][k].dtype and torch.equal(a["model"][k], b["model"][k]), k
+    assert b["model_args"] == a["model_args"]
+
+
+# ------------------------------------------------------------------ the tools accept an imported checkpoint
+
+def test_imported_checkpoint_in_eval_upcycle_train(imported, tmp_path, capsys):
+    data = make_dataset(str(tmp_path / "data"), vocab=128)
+    res = E.evaluate_checkpoint(imported, batches=2, batch_size=2, data_dir=data)
+    assert res["kind"] == "dense" and res["val_loss"] > 0
+    # without --data_dir there is no data of this model's vocabulary: one line, exit 2
+    assert E.cli(["--ckpt", imported, "--data_dir", str(tmp_path / "none")]) == 2
+    assert E.cli(["--ckpt", imported, "--sample", "--data_dir", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(l.startswith("error: ") for l in err)
+    assert U.main(["--ckpt", imported, "--out_dir", str(tmp_path / "up"), "--n_experts=4", "--top_k=2"]) == 0
+    shape = ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64", "--ffn_hidden=128",
+             "--tie_embeddings=False", "--rope_theta=500000.0"]
+    run = ["--device=cpu", "--batch_size=2", "--block_size=32", "--eval_iters=1", "--eval_interval=2",
+           "--max_iters=2", "--warmup_iters=1", f"--data_dir={data}"]
+    run_train(shape + run + [f"--init_from={imported}", "--moe_layers=all", "--n_experts=4", "--top_k=2",
+                             f"--out_dir={tmp_path}/online"])
+    online = load_checkpoint(str(tmp_path / "online"))
+    assert online["model_args"]["rope_scaling"] == "llama3" and online["iter_num"] == 2
+
+
+def test_old_checkpoints_without_rope_scaling_still_load(tmp_path):
+    m = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    args = {k: v for k, v in asdict(m.config).items() if not k.startswith("rope_") or k == "rope_theta"}
+    save_checkpoint({"model_args": args, "model": m.state_dict()}, str(tmp_path))
+    m2, _ = load_model(str(tmp_path))
+    assert m2.config.rope_scaling == "none" and torch.equal(m2.rope_cos, m.rope_cos)
+
+
+# ------------------------------------------------------------------ refusals
+
+def edit_hf(src, dst, config=None, drop=None, tensors=None):
+    """A copy of the HF dir src with config.json keys replaced and/or tensors edited."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    cfg = json.load(open(os.path.join(dst, "config.json")))
+    cfg.update(config or {})
+    json.dump(cfg, open(os.path.join(dst, "config.json"), "w"))
+    if drop or tensors:
+        for f in os.listdir(dst):
+            if f.endswith(".safetensors"):
+                state = load_file(os.path.join(dst, f))
+                if drop in state:
+                    state.pop(drop)
+                for k, v in (tensors or {}).items():
+                    if k in state:
+                        state[k] = v
+                save_file(state, os.path.join(dst, f), metadata={"format": "pt"})
+    return dst
+
+
+def refused(capsys, argv, words, out):
+    assert convert.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    for w in words:
+        assert w in err, (w, err)
+    assert not os.path.exists(out) and not [f for f in os.listdir(os.path.dirname(out)) if ".tmp-" in f]
+
+
+@pytest.mark.parametrize("config,drop,tensors,words", [
+    ({"attention_bias": True}, None, None, ["attention_bias"]),
+    ({"mlp_bias": True}, None, None, ["mlp_bias"]),
+    ({"hidden_act": "gelu"}, None, None, ["hidden_act", "gelu"]),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, None, None, ["yarn"]),
+    ({"head_dim": 32}, None, None, ["head_dim=32"]),
+    ({"architectures": ["Qwen2ForCausalLM"]}, None, None, ["Qwen2ForCausalLM", "not supported"]),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": 4096}, None, None, ["sliding_window=4096"]),
+    ({"hidden_size": 32, "head_dim": 8}, None, None, ["model.embed_tokens.weight", "shape"]),
+    (None, "model.layers.1.mlp.up_proj.weight", None, ["model.layers.1.mlp.up_proj.weight", "missing"]),
+    (None, None, {"model.layers.0.self_attn.k_proj.weight": torch.zeros(64, 64)},
+     ["model.layers.0.self_attn.k_proj.weight", "(64, 64)", "(32, 64)"]),
+    (None, None, {"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}, ["unexpected", "q_proj.bias"]),
+])
+def test_import_refusals(hf_llamas, tmp_path, capsys, config, drop, tensors, words):
+    src = edit_hf(hf_llamas[False][1], str(tmp_path / "hf"), config, drop, tensors)
+    if tensors and "q_proj.bias" in str(tensors):   # an extra tensor: add it to the first shard
+        from safetensors.torch import load_file, save_file
+        first = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))[0]
+        state = load_file(os.path.join(src, first))
+        state.update(tensors)
+        save_file(state, os.path.join(src, first), metadata={"format": "pt"})
+    refused(capsys, [f"--from_hf={src}", f"--out_dir={tmp_path}/o"], words, str(tmp_path / "o"))
+
+
+def test_import_refuses_pickles_and_damaged_files(hf_llamas, tmp_path, capsys):
+    d = tmp_path / "bin"
+    d.mkdir()
+    shutil.copy(os.path.join(hf_llamas[True][1], "config.json"), d)
+    (d / "pytorch_model.bin").write_bytes(b"not opened")
+    refused(capsys, [f"--from_hf={d}", f"--out_dir={tmp_path}/o"], ["pytorch_model.bin", "never unpickles"],
+            str(tmp_path / "o"))
+    bad = edit_hf(hf_llamas[False][1], str(tmp_path / "trunc"))
+    shard = os.path.join(bad, sorted(f for f in os.listdir(bad) if f.endswith(".safetensors"))[0])
+    open(shard, "r+b").truncate(100)
+    refused(capsys, [f"--from_hf={bad}", f"--out_dir={tmp_path}/o"], [os.path.basename(shard), "safetensors"],
+            str(tmp_path / "o"))
+    (tmp_path / "empty").mkdir()
+    refused(capsys, [f"--from_hf={tmp_path}/empty", f"--out_dir={tmp_path}/o"], ["config.json"], str(tmp_path / "o"))
+
+
+def test_existing_output_is_never_touched(hf_llamas, imported, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert convert.cli([f"--from_hf={hf_llamas[False][1]}", f"--out_dir={out}"]) == 2
+    assert convert.cli([f"--ckpt={imported}", f"--to_hf={out}"]) == 2
+    assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert len(capsys.readouterr().err.strip().splitlines()) == 2
+
+
+def test_failed_write_leaves_nothing(hf_llamas, imported, tmp_path, monkeypatch):
+    """A crash while writing (the checkpoint save, the safetensors write) removes the temp dir."""
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(convert, "save_checkpoint", boom)
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError):
+        convert.import_hf(hf_llamas[False][1], str(tmp_path / "o"))
+    with pytest.raises(OSError):
+        convert.export_hf(imported, str(tmp_path / "hf"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_import_bf16_upcasts_exactly(tmp_path):
+    hf = H.random_model(H.hf_config("llama"), seed=5).to(torch.bfloat16)
+    H.save(hf, str(tmp_path / "hf"), tokenizer=False)
+    convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "o"))
+    state = load_checkpoint(str(tmp_path / "o"))["model"]
+    assert state["blocks.1.attn.k_proj.weight"].dtype == torch.float32
+    assert torch.equal(state["blocks.1.attn.k_proj.weight"], hf.model.layers[1].self_attn.k_proj.weight.float())
+    assert torch.equal(state["lm_head.weight"], hf.lm_head.weight.float())
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(moe_layers="all", router="lory", segment_len=16), ["lory", "merges"]),
+    (dict(moe_layers="all", router="expert_choice", capacity_factor=1.0), ["expert_choice", "not causal"]),
+    (dict(moe_layers="all", gate_norm_lambda=1.0), ["gate_norm_lambda", "Skywork"]),
+    (dict(moe_layers="all", router_noise=True), ["router_noise"]),
+    (dict(moe_layers="all", eval_capacity_factor=1.0), ["eval_capacity_factor", "dropless"]),
+    (dict(moe_layers="0", router="sigmoid"), ["sigmoid", "dense layers must come first"]),
+    (dict(moe_layers="1", n_shared_experts=1), ["n_shared_experts=1", "GraniteMoeShared"]),
+    (dict(moe_layers="all", router="softmax_topk", n_shared_experts=1), ["n_shared_experts=1", "sigmoid"]),
+])
+def test_export_refusals(tmp_path, capsys, kw, words):
+    save_model(moe_model(**kw), str(tmp_path / "c"))
+    refused(capsys, [f"--ckpt={tmp_path}/c", f"--to_hf={tmp_path}/hf"], words, str(tmp_path / "hf"))
+
+
+def test_cli_subprocess(imported, tmp_path, capsys):
+    """The real entry point exits 0 and writes the HF files; bad flags exit 2 with one line."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "convert.py", f"--ckpt={imported}", f"--to_hf={tmp_path}/hf"],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "generation_config.json", "model.safetensors",
+                                                   "tokenizer.json", "tokenizer_config.json"]
+    for argv in ([f"--ckpt={imported}"], [f"--ckpt={imported}", f"--to_hf={tmp_path}/x", f"--from_hf={imported}"],
+                 ["--bogus=1"]):
+        assert convert.cli(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: "), err
