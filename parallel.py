@@ -53,8 +53,9 @@ numbers crossing 4 times (dispatch and return, forward and backward):
 import datetime
 import hashlib
 import json
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -83,11 +84,6 @@ class EPGroups:
     dp_group: object = None
     comm_bytes: int = 0
     comm_seconds: float = 0.0
-    comm_calls: int = field(default=0)
-
-    @property
-    def n_replicas(self):
-        return self.world // self.ep_size
 
     def owned(self, n_experts):
         """(lo, hi): the global expert indices this rank holds."""
@@ -211,9 +207,8 @@ def _exchange(x, out_splits, in_splits, ep):
     t0 = time.perf_counter()
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=ep.ep_group)
     ep.comm_seconds += time.perf_counter() - t0
-    row = x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
-    ep.comm_bytes += (sum(in_splits) - in_splits[ep.ep_rank]) * row
-    ep.comm_calls += 1
+    row_bytes = math.prod(x.shape[1:]) * x.element_size()
+    ep.comm_bytes += (sum(in_splits) - in_splits[ep.ep_rank]) * row_bytes
     return out
 
 
