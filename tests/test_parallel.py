@@ -129,8 +129,9 @@ def _match_worker(rank, world, port, out_dir, ep_size):
     ep = _init(rank, world, port, ep_size)
     results = {}
     for variant in VARIANTS:
-        torch.manual_seed(0)
+        torch.manual_seed(0 if rank < ep_size else 7)   # replicas outside the first EP group start wrong:
         model = parallel.build_sharded_model(config(variant), ep)
+        parallel.broadcast_parameters(model, ep)        # ... and get the first group's weights here
         opt = make_opt(model)
         out = [ep_step(model, opt, ep, s) for s in range(3)]
         results[variant] = ([o[0] for o in out], out[0][1], out[0][2], parallel.full_state_dict(model, ep))
