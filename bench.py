@@ -308,14 +308,14 @@ def _ep_bench_rank(rank, world, port, ep_size, args, out_path):
     over ep_size ranks (ep_size 1: the plain model, no dispatch), timed steps."""
     import torch.distributed as dist
     import parallel
-    from model import GPT, GPTConfig
+    from model import GPTConfig
     torch.set_num_threads(1)
     ep = parallel.init_distributed(ep_size, "gloo", init_method=f"tcp://127.0.0.1:{port}",
                                    rank=rank, world_size=world)
     cfg = GPTConfig(vocab_size=256, block_size=args["block"], n_layer=4, n_head=4, n_embd=128,
                     moe_layers="all", n_experts=8, top_k=args["k"], expert_impl="grouped")
     torch.manual_seed(0)
-    model = parallel.build_sharded_model(cfg, ep) if ep_size > 1 else GPT(cfg)
+    model = parallel.build_sharded_model(cfg, ep)   # ep_size 1: the plain model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, 256, (args["batch"], args["block"]), generator=torch.Generator().manual_seed(rank))
     times, comm = [], []

@@ -162,8 +162,11 @@ def routed_layers(model):
 def shard_model(model, ep):
     """Keep only this rank's experts in every routed MoE layer and attach ep, so that
     MoEFFN.forward dispatches through expert_parallel_ffn. Works on a full model
-    (slices it) or a meta-device one. Call before building the optimizer."""
+    (slices it) or a meta-device one. Call before building the optimizer.
+    ep_size 1: nothing to shard, every rank holds every expert (plain DDP)."""
     check_ep_config(model.config, ep.ep_size)   # refuses Lory, E not divisible by N
+    if ep.ep_size == 1:
+        return model
     lo, hi = ep.owned(model.config.n_experts)
     for ffn in routed_layers(model):
         for m in EXPERT_MATS:
