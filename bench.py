@@ -11,6 +11,8 @@ Benchmark the expert kernels against the FLOP-matched dense SwiGLU FFN.
     python bench.py --hf=HF_DIR           # the same for a local HF Llama / Mixtral directory
     python bench.py --compile-only=90     # no GPU needed: compile the Triton kernels for
                                           # sm_90, report registers / spills / pipelining
+    python bench.py --expert_parallel     # EP=1/2/4 in spawned gloo processes: step time and
+                                          # all-to-all bytes per step (see bench_expert_parallel)
 
 For every E the MoE layer (T tokens, top-k of E experts of width d_ff_expert) does the
 same matmul FLOPs as a dense SwiGLU FFN of width k * d_ff_expert on the same T tokens:
@@ -32,9 +34,11 @@ worker thread, which penalises the MoE paths (more, smaller ops than the dense F
 far beyond their compute cost; the load average is printed in the header.
 """
 import argparse
+import json
 import os
 import platform
 import re
+import socket
 import statistics
 import subprocess
 import tempfile
@@ -436,6 +440,83 @@ def hf_bench_paths(ours, theirs, x):
     return {"fwd ours": fwd_ours, "fwd theirs": fwd_theirs, "step ours": step_ours, "step theirs": step_theirs}
 
 
+def _ep_bench_rank(rank, world, port, ep_size, args, out_path):
+    """One spawned rank of bench_expert_parallel: demo-scale upcycled MoE, sharded
+    over ep_size ranks (ep_size 1: the plain model, no dispatch), timed steps."""
+    import torch.distributed as dist
+    import parallel
+    from model import GPTConfig
+    torch.set_num_threads(1)
+    ep = parallel.init_distributed(ep_size, "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                   rank=rank, world_size=world)
+    cfg = GPTConfig(vocab_size=256, block_size=args["block"], n_layer=4, n_head=4, n_embd=128,
+                    moe_layers="all", n_experts=8, top_k=args["k"], expert_impl="grouped")
+    torch.manual_seed(0)
+    model = parallel.build_sharded_model(cfg, ep)   # ep_size 1: the plain model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, 256, (args["batch"], args["block"]), generator=torch.Generator().manual_seed(rank))
+    times, comm = [], []
+    for i in range(args["warmup"] + args["repeats"]):
+        dist.barrier()
+        ep.comm_bytes, ep.comm_seconds = 0, 0.0
+        t0 = time.perf_counter()
+        _, loss, _ = model(x, x)
+        loss.backward()
+        parallel.sync_gradients(model, ep)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= args["warmup"]:
+            times.append(time.perf_counter() - t0)
+            comm.append((ep.comm_bytes, ep.comm_seconds))
+    stats = torch.tensor([statistics.median(times), sum(c[0] for c in comm) / len(comm),
+                          sum(c[1] for c in comm) / sum(times)], dtype=torch.float64)
+    dist.all_reduce(stats)                                     # mean over ranks
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump((stats / world).tolist(), f)
+    dist.destroy_process_group()
+
+
+def bench_expert_parallel(args):
+    """Expert parallelism on CPU: EP=N ranks (spawned processes, gloo), each with its
+    own micro-batch of batch x block tokens, the demo's upcycled shape (4 layers,
+    d=128, 8 experts top-k, every FFN an MoE). Per EP size: median step time
+    (forward, backward, gradient sync, AdamW), the bytes one rank's all-to-alls send
+    per step, and the share of the step spent inside all-to-all calls (this includes
+    waiting for the slowest rank). Bytes per token per MoE layer, uniform routing:
+    4 * k * (N-1)/N * d * 4 (fp32 rows, dispatch + return, forward + backward)."""
+    import torch.multiprocessing as mp
+    B, T, k, d, L = args.model_batch, args.model_block, args.k, 128, 4
+    cfg = {"batch": B, "block": T, "k": k, "warmup": args.warmup or 1, "repeats": args.repeats or 5}
+    print(f"machine: {machine(torch.device('cpu'))}")
+    print(f"expert parallel: {L} MoE layers, d={d}, 8 experts top-{k}, {B} x {T} tokens per rank per step, "
+          f"fp32, gloo; median of {cfg['repeats']} steps")
+    print("all-to-all bytes per token per MoE layer = 4 * k * (N-1)/N * d * 4 "
+          "(dispatch + return, forward + backward; uniform routing)")
+    print(f"{'EP':>3} {'ms/step':>9} {'tok/s':>10} {'a2a MB/step':>12} {'formula MB':>11} {'a2a share':>10}")
+    ctx = mp.get_context("spawn")
+    for N in args.expert_parallel:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "ep.json")
+            procs = [ctx.Process(target=_ep_bench_rank, args=(r, N, port, N, cfg, out)) for r in range(N)]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join(600)
+            if any(p.exitcode != 0 for p in procs) or not os.path.exists(out):
+                for p in procs:
+                    p.kill()
+                raise SystemExit(f"error: the EP={N} benchmark ranks failed (exit codes "
+                                 f"{[p.exitcode for p in procs]}); see their output above")
+            step, sent, share = json.load(open(out))
+        formula = 4 * k * (N - 1) / N * d * 4 * B * T * L
+        print(f"{N:>3} {step * 1e3:>9.1f} {N * B * T / step:>10,.0f} {sent / 1e6:>12.2f} "
+              f"{formula / 1e6:>11.2f} {share * 100:>9.1f}%", flush=True)
+
+
 EXPERT_IMPLS = ("auto", *kernels.IMPLS)                                    # what moe_ffn(impl=...) takes
 BENCH_IMPLS = (*EXPERT_IMPLS, "grouped_mm", "grouped_padded", "grouped_slices")  # + bench-only aliases
 
@@ -476,6 +557,10 @@ def check_args(p, args):
         p.error(f"--hf={args.hf} is not a Hugging Face model directory (no config.json)")
     if args.device != "auto" and device_problem(args.device):
         p.error(f"--device={args.device} {device_problem(args.device)}")
+    if args.expert_parallel is not None:
+        args.expert_parallel = ints("expert_parallel", args.expert_parallel)
+        if not args.expert_parallel or min(args.expert_parallel) < 1 or any(8 % n for n in args.expert_parallel):
+            p.error(f"--expert_parallel={args.expert_parallel} needs EP sizes that divide the 8 experts (1, 2, 4, 8)")
     return archs
 
 
@@ -494,6 +579,9 @@ def main(argv=None):
     p.add_argument("--decode_batches", default="1,8", help="comma-separated batch sizes for --decode")
     p.add_argument("--decode_tokens", type=int, default=256, help="new tokens per sequence for --decode")
     p.add_argument("--decode_prompt", type=int, default=32, help="prompt tokens for --decode")
+    p.add_argument("--expert_parallel", nargs="?", const="1,2,4", default=None, metavar="N[,N]",
+                   help="expert parallelism in spawned gloo processes for these EP sizes (default 1,2,4): "
+                        "step time and all-to-all bytes (see bench_expert_parallel)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--tokens", type=int, default=None, help="T (CPU 4096, GPU 16384)")
     p.add_argument("--d", type=int, default=None, help="model width (CPU 256, GPU 1024)")
@@ -536,6 +624,8 @@ def main(argv=None):
         return bench_decode(args, device)
     if args.hf:
         return bench_hf(args, device)
+    if args.expert_parallel:
+        return bench_expert_parallel(args)
     defaults = dict(tokens=16384, d=1024, d_ff_expert=2816, dtype="bfloat16", repeats=20, warmup=5,
                     impls="loop,grouped,grouped_padded,triton") if gpu else \
         dict(tokens=4096, d=256, d_ff_expert=704, dtype="float32", repeats=5, warmup=1, impls="loop,grouped,triton")

@@ -327,13 +327,15 @@ class MoEFFN(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, d, h))   # W2
         self.shared = SwiGLU(d, cfg.n_shared_experts * h) if cfg.n_shared_experts else None
         self.impl = cfg.expert_impl
+        self.ep = None   # parallel.EPGroups once parallel.shard_model keeps only this rank's experts
 
     def forward(self, x):
         B, T, d = x.shape
         flat = x.reshape(B * T, d)                                      # (N, d)
         r = self.router(flat)
-        y = moe_ffn(flat, r.token_idx, r.expert_idx, r.gates,
-                    self.gate_proj, self.up_proj, self.down_proj, impl=self.impl)
+        ffn = moe_ffn if self.ep is None else self.ep.moe_ffn           # expert parallel: parallel.py
+        y = ffn(flat, r.token_idx, r.expert_idx, r.gates,
+                self.gate_proj, self.up_proj, self.down_proj, impl=self.impl)
         if self.shared is not None:
             y = y + self.shared(flat)[0]
         return y.view(B, T, d), r
