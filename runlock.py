@@ -35,11 +35,12 @@ class OutDirLock:
         self.out_dir = out_dir
         self.path = os.path.join(out_dir, LOCK_NAME)
         self.what = what or " ".join(sys.argv) or "python"
-        self.fd, self.stale = None, None
+        self.fd, self.stale, self.created = None, None, False
 
     def acquire(self):
         if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
             raise LockError(f"out_dir {self.out_dir} is a file, not a directory: choose another out_dir")
+        self.created = not os.path.isdir(self.out_dir)
         try:
             os.makedirs(self.out_dir, exist_ok=True)
             self.fd = lock_file(self.path, self.out_dir)
@@ -55,7 +56,9 @@ class OutDirLock:
 
     def release(self):
         """Remove the file while still holding the lock, then unlock (lock_file
-        notices if it locked the removed file and retries on the new one)."""
+        notices if it locked the removed file and retries on the new one). An
+        out_dir that acquire() created and nothing else wrote to goes too, so a
+        run that fails while starting leaves no empty folder."""
         if self.fd is None:
             return
         try:
@@ -64,6 +67,11 @@ class OutDirLock:
             pass
         os.close(self.fd)
         self.fd = None
+        if self.created:
+            try:
+                os.rmdir(self.out_dir)
+            except OSError:
+                pass
 
     def __enter__(self):
         return self.acquire()

@@ -362,6 +362,16 @@ def test_lock_in_the_same_process_and_release(tmp_path):
             OutDirLock(str(tmp_path), "second").acquire()
     with OutDirLock(str(tmp_path)):   # released: free again
         pass
+    assert os.listdir(tmp_path) == []
+
+
+def test_lock_removes_only_an_out_dir_it_created_that_stayed_empty(tmp_path):
+    with OutDirLock(str(tmp_path / "a" / "b")):
+        pass
+    assert os.listdir(tmp_path / "a") == []          # b created and left empty: removed; a (makedirs) stays
+    with OutDirLock(str(tmp_path / "c")):
+        (tmp_path / "c" / "ckpt.pt").write_bytes(b"x")
+    assert os.listdir(tmp_path / "c") == ["ckpt.pt"]
 
 
 @pytest.mark.parametrize("setup, needle", [
