@@ -40,8 +40,8 @@ FLOAT_RANGES = {
     "rope_theta": "(1, inf)",            # RoPE base: wavelengths grow as theta^(2i/d)
     "norm_eps": "(0, 1)",
     "dropout": "[0, 1)",
-    "capacity_factor": "[0, 1e6]",       # 0 = dropless; above n_experts/top_k nothing is dropped anyway
-    "eval_capacity_factor": "[0, 1e6]",
+    "capacity_factor": "[0, inf)",       # 0 = dropless
+    "eval_capacity_factor": "[0, inf)",
     "gate_norm_lambda": "(0, inf)",      # None = off
     "router_init_std": "[0, inf)",
     # MoE losses and balancing
