@@ -25,7 +25,7 @@ import hashlib
 import math
 import os
 import shutil
-from dataclasses import MISSING, fields
+from dataclasses import fields
 
 import torch
 
@@ -73,9 +73,10 @@ def write_problem(e, final):
 
 def write_atomic(final, write):
     """write(f) into a per-process temp file next to `final` (binary mode), fsync,
-    rename. A crash or a write error leaves `final` as it was; a write error also
-    removes the temp file and raises a one-line CheckpointError. torch.save reports
-    a failed write of its own as a RuntimeError whose context is the OSError."""
+    rename. Any failure, Ctrl-C included, leaves `final` as it was and removes the
+    temp file (only kill -9 leaves it); a write error becomes a one-line
+    CheckpointError. torch.save reports a failed write of its own as a
+    RuntimeError whose context is the OSError."""
     tmp = temp_name(final)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
@@ -88,9 +89,10 @@ def write_atomic(final, write):
         cause = e if isinstance(e, OSError) else e.__context__
         if not isinstance(cause, OSError):
             raise
+        raise CheckpointError(write_problem(cause, final)) from None
+    finally:
         if os.path.lexists(tmp):
             os.remove(tmp)
-        raise CheckpointError(write_problem(cause, final)) from None
     return final
 
 

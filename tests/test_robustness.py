@@ -429,3 +429,14 @@ def test_every_default_and_config_file_passes_the_float_ranges():
         assert first_float_problem(train.parse_config([f])) is None, f
     assert float_problem("gate_norm_lambda", None) is None and float_problem("capacity_factor", 0) is None
     assert first_float_problem({**train.DEFAULTS, "z_loss_coef": -1.0}) == "z_loss_coef=-1.0 must be a finite number in [0, inf)"
+
+
+def test_interrupted_write_removes_its_temp_file(tmp_path):
+    (tmp_path / "x").write_bytes(b"old")
+
+    def interrupted(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        C.write_atomic(str(tmp_path / "x"), interrupted)
+    assert os.listdir(tmp_path) == ["x"] and (tmp_path / "x").read_bytes() == b"old"
