@@ -202,8 +202,8 @@ def check_model_args(args, path):
             raise CheckpointError(f"{path}: field model_args has an unknown key {key!r} "
                                   f"(valid: {', '.join(known)}) ({DAMAGED})")
         want = known[key].type
-        if known[key].default is None and value is None:
-            continue
+        if (known[key].default is None and value is None) or not isinstance(want, type):
+            continue   # an optional field set to None, or a typing annotation: GPTConfig checks it
         ok = (type(value) is bool if want is bool else
               _is_number(value) if want is float else
               isinstance(value, want) and not isinstance(value, bool))
