@@ -34,7 +34,7 @@ class OutDirLock:
     def __init__(self, out_dir, what=None):
         self.out_dir = out_dir
         self.path = os.path.join(out_dir, LOCK_NAME)
-        self.what = what or " ".join(sys.argv) or "python"
+        self.what = " ".join((what or " ".join(sys.argv) or "python").split())   # one line
         self.fd, self.stale, self.created = None, None, False
 
     def acquire(self):
@@ -44,7 +44,7 @@ class OutDirLock:
         try:
             os.makedirs(self.out_dir, exist_ok=True)
             self.fd = lock_file(self.path, self.out_dir)
-            self.stale = os.pread(self.fd, 4096, 0).decode(errors="replace").strip() or None
+            self.stale = holder_text(self.fd) or None
             text = f"pid {os.getpid()} on {socket.gethostname()}, {self.what}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, text.encode() + b"\n", 0)
@@ -59,14 +59,13 @@ class OutDirLock:
         notices if it locked the removed file and retries on the new one). An
         out_dir that acquire() created and nothing else wrote to goes too, so a
         run that fails while starting leaves no empty folder."""
-        if self.fd is None:
-            return
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-        os.close(self.fd)
-        self.fd = None
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
         if self.created:
             try:
                 os.rmdir(self.out_dir)
@@ -90,7 +89,7 @@ def lock_file(path, out_dir):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that is starting"
+            holder = holder_text(fd) or "a process that is starting"
             os.close(fd)
             raise LockError(f"out_dir {out_dir} is in use by another run ({holder}): wait for it to finish, "
                             f"stop it, or choose another out_dir") from None
@@ -104,3 +103,8 @@ def lock_file(path, out_dir):
         if same:
             return fd
         os.close(fd)
+
+
+def holder_text(fd):
+    """What the lock file says about its holder, as one line ('' if empty)."""
+    return " ".join(os.pread(fd, 4096, 0).decode(errors="replace").split())

@@ -388,9 +388,9 @@ def test_lock_bad_out_dirs(tmp_path, setup, needle):
         assert target.read_text() == "keep me"
     else:
         target.mkdir()
-        (target / LOCK_NAME).write_bytes(b"\xff garbage")
+        (target / LOCK_NAME).write_bytes(b"\xff garbage\nsecond line")
         with OutDirLock(str(target)) as lock:
-            assert "garbage" in lock.stale
+            assert "garbage second line" in lock.stale
 
 
 # ----------------------------------------------------------------------------- class 1: float settings
