@@ -4,6 +4,7 @@ bench.py, demo.py, experiments.py, data/*): the project's rule is that bad input
 gets one line naming the problem and the fix, and exit status 2.
 """
 import argparse
+import math
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -31,4 +32,70 @@ def device_problem(name):
         return "needs MPS, which is not available on this machine (use cpu)"
     if kind not in ("cpu", "cuda", "mps"):
         return "is not supported (use cpu, cuda, cuda:N or mps)"
+    return None
+
+
+# Every float setting of the project and the interval it must lie in; each must
+# also be finite. The keys are train.py's config names (GPTConfig fields share
+# them); upcycle.py and eval.py flags of the same meaning pass the key as `kind`.
+FLOAT_RANGES = {
+    # model (model.GPTConfig)
+    "rope_theta": "(1, inf)",            # RoPE base: wavelengths grow as theta^(2i/d)
+    "norm_eps": "(0, 1)",
+    "dropout": "[0, 1)",
+    "capacity_factor": "[0, inf)",       # 0 = dropless
+    "eval_capacity_factor": "[0, inf)",
+    "gate_norm_lambda": "(0, inf)",      # None = off
+    "router_init_std": "[0, inf)",
+    # MoE losses and balancing
+    "aux_loss_coef": "[0, inf)",
+    "adaptive_aux_xi": "[0, inf)",
+    "adaptive_aux_max": "[0, inf)",
+    "adaptive_aux_beta": "[0, 1]",       # EMA factor
+    "z_loss_coef": "[0, inf)",
+    "expert_bias_gamma": "[0, inf)",
+    "upcycle_expert_noise": "[0, inf)",  # relative std
+    # optimizer
+    "learning_rate": "(0, inf)",
+    "min_lr": "[0, inf)",
+    "weight_decay": "[0, inf)",
+    "beta1": "[0, 1)",
+    "beta2": "[0, 1)",
+    "grad_clip": "[0, inf)",             # 0 = no clipping
+    # sampling (eval.py)
+    "temperature": "(0, inf)",
+}
+
+
+def in_interval(x, interval):
+    """x in an interval written as text: '[0, 1)', '(0, inf)'..."""
+    low, high = (float(s) for s in interval[1:-1].split(","))
+    above = x >= low if interval[0] == "[" else x > low
+    below = x <= high if interval[-1] == "]" else x < high
+    return above and below
+
+
+def float_problem(name, value, kind=None):
+    """Why the float setting `name` cannot be used, as one line naming it and its
+    range ("rope_theta=inf must be a finite number in (1, inf)"), or None.
+    kind: the FLOAT_RANGES key when the flag has another name (upcycle.py's
+    --expert_noise is kind 'upcycle_expert_noise'). None passes (an optional key)."""
+    interval = FLOAT_RANGES[kind or name.lstrip("-")]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{name}={value!r} must be a number in {interval}"
+    if not math.isfinite(value) or not in_interval(value, interval):
+        return f"{name}={value} must be a finite number in {interval}"
+    return None
+
+
+def first_float_problem(cfg):
+    """float_problem for every FLOAT_RANGES key in a config dict (train.py's, or a
+    checkpoint's model_args): the first problem, or None."""
+    for key in FLOAT_RANGES:
+        if key in cfg:
+            problem = float_problem(key, cfg[key])
+            if problem:
+                return problem
     return None
