@@ -337,6 +337,12 @@ def check_upcycle_method(cfg):
     if rinit == "hidden" and not cfg["upcycle_router_domains"] and method != "btx":
         raise ConfigError("upcycle_router_init='hidden' needs upcycle_router_domains=D1,D2,... "
                           "(one per expert, or fewer dividing n_experts)")
+    n_dom = len({d.strip() for d in cfg["upcycle_router_domains"].split(",") if d.strip()}) or len(paths)
+    copies = cfg["n_experts"] // cfg["upcycle_granularity"]   # experts that hold the same weights (shard)
+    if rinit == "hidden" and method != "drop" and not cfg["upcycle_expert_noise"] and n_dom < copies:
+        raise ConfigError(f"upcycle_router_init='hidden' with {n_dom} domains for {copies} copies of each weight: "
+                          f"copies that share a domain share their router row too, get equal gradients and never "
+                          f"diverge; give one domain per copy, use upcycle_method='drop', or upcycle_expert_noise > 0")
 
 
 # -----------------------------------------------------------------------------

@@ -24,15 +24,15 @@ def run_train(argv):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A tiny 4-domain dataset, a dense run, and two branches warm-started from it, each
-    trained on one domain (--domains=dom0 / dom1)."""
+    """A tiny 4-domain dataset, a dense run, and four branches warm-started from it, each
+    trained on one domain (--domains=dom0 ... dom3)."""
     base = tmp_path_factory.mktemp("beyond")
     data = make_dataset(str(base / "data"), n_docs=80, n_domains=N_DOM)
     common = TINY + [f"--data_dir={data}", "--eval_interval=2"]
     dense = str(base / "dense")
     run_train(common + [f"--out_dir={dense}", "--max_iters=4"])
     branches = []
-    for d in ("dom0", "dom1"):
+    for d in ("dom0", "dom1", "dom2", "dom3"):
         branches.append(str(base / f"branch_{d}"))
         run_train(common + [f"--out_dir={branches[-1]}", f"--init_from={dense}", f"--domains={d}", "--max_iters=2"])
     return {"base": base, "data": data, "common": common, "dense": dense, "branches": branches}
@@ -120,7 +120,7 @@ def test_btx_through_train_equals_upcycle_cli(runs):
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     src = load_checkpoint(out)["upcycled_from"]
     assert src["method"] == "branch_train_mix"
-    assert src["options"]["router_init_domains"] == ["dom0", "dom0", "dom1", "dom1"]
+    assert src["options"]["router_init_domains"] == ["dom0", "dom1", "dom2", "dom3"]
     # the router is the hidden-state one, not the random draw (unit rows)
     assert torch.allclose(b["blocks.0.ffn.router.weight"].norm(dim=1), torch.ones(4))
 
@@ -135,6 +135,10 @@ def test_btx_through_train_equals_upcycle_cli(runs):
     (["--upcycle_router_domains=dom0"], "upcycle_router_init='hidden' only"),
     (["--upcycle_router_init=hidden", "--init_from=out/a", "--moe_layers=all"], "needs upcycle_router_domains"),
     (["--upcycle_method=btx", "--init_from=out/a,out/b"], "set moe_layers"),
+    (["--upcycle_router_init=hidden", "--upcycle_router_domains=dom0,dom1", "--init_from=out/a", "--moe_layers=all",
+      "--n_experts=4"], "never diverge"),
+    (["--upcycle_router_init=hidden", "--upcycle_method=btx", "--init_from=out/a,out/b", "--moe_layers=all",
+      "--n_experts=4"], "never diverge"),
 ])
 def test_bad_combinations_are_one_line_errors(extra, needle, tmp_path, capsys):
     out = tmp_path / "o"
