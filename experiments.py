@@ -4,7 +4,8 @@ of train.py runs on the default data that ends in a figure and a table.
 
     python experiments.py list
     python experiments.py upcycle_vs_scratch         # one experiment
-    python experiments.py all                        # the whole suite (48 min on 2 quiet CPU cores)
+    python experiments.py all                        # the whole suite (1-8: 48 min on 2 quiet CPU cores)
+    python experiments.py beyond_copy                # 9: ~35 min on 2 quiet cores (estimated, README)
     python experiments.py all --scale=gpu            # larger GPU-sized runs (more iterations and width)
     python experiments.py router_order --smoke       # 3 iterations per run: checks the configs, not the claims
 
