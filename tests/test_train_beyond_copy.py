@@ -153,3 +153,16 @@ def test_unknown_domain_is_one_line_error(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown domain(s) klingon" in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_finished_run_reads_a_key_added_since_as_its_default(runs, tmp_path):
+    """experiments.py / demo.py reuse: a checkpoint saved before the new keys existed ran
+    with their defaults, so it still matches a config that leaves them at the defaults."""
+    ckpt = load_checkpoint(runs["dense"])
+    new = ("domains", "upcycle_method", "upcycle_drop_ratio", "upcycle_router_init", "upcycle_router_domains")
+    ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in new}
+    out = str(tmp_path / "old")
+    train.checkpoint.save_checkpoint(ckpt, out)
+    cfg = dict(load_checkpoint(runs["dense"])["config"], out_dir=out)
+    assert train.finished_run(out, cfg)
+    assert not train.finished_run(out, dict(cfg, domains="dom1"))
