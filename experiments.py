@@ -4,7 +4,8 @@ of train.py runs on the default data that ends in a figure and a table.
 
     python experiments.py list
     python experiments.py upcycle_vs_scratch         # one experiment
-    python experiments.py all                        # the whole suite (48 min on 2 quiet CPU cores)
+    python experiments.py all                        # the whole suite (1-8: 48 min on 2 quiet CPU cores)
+    python experiments.py beyond_copy                # 9: ~35 min on 2 quiet cores (estimated, README)
     python experiments.py all --scale=gpu            # larger GPU-sized runs (more iterations and width)
     python experiments.py router_order --smoke       # 3 iterations per run: checks the configs, not the claims
 
@@ -27,10 +28,11 @@ import numpy as np  # noqa: E402
 
 from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from cli import ArgumentParser  # noqa: E402
+from data.dataset import load_meta  # noqa: E402
 from data.similarity import ensure_similarity_order  # noqa: E402
 from eval import evaluate_checkpoint  # noqa: E402
 from metrics import load_metrics  # noqa: E402
-from plot import make_plots  # noqa: E402
+from plot import make_plots, plot_domain_specialization  # noqa: E402
 from train import finished_run, parse_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -409,8 +411,137 @@ def routers():
                          ["run", "load_cv", "drop_rate", "max1_max2", "gate_entropy", "val_loss", "tok_per_s"], t0)
 
 
+# ----------------------------------------------------------------------------- 9. beyond copy-upcycling
+
+BEYOND_STEPS = 1200        # steps of 8 x 256 tokens per method: 4x the demo's 300-step MoE budget
+BTX_BRANCH_STEPS = 600     # BTX's dense branch steps (all branches together), counted in its 1200
+DROP_RATIOS = (0.25, 0.5, 0.75)
+
+
+def data_domains():
+    """The domain names of the experiment data (meta.json)."""
+    return load_meta(OPTS["data_dir"] or os.path.join(ROOT, "data", "multidomain"))["domains"]
+
+
+def btx_branches(name, dense, domains):
+    """Branch-Train-MiX's branch stage (arXiv 2403.07816 section 2): one dense copy per
+    domain, trained on that domain only (--domains), BTX_BRANCH_STEPS / n steps each."""
+    b = iters(BTX_BRANCH_STEPS // len(domains))
+    return [run(os.path.join(OUT, name, f"branch_{D}"), f"--init_from={dense}", f"--domains={D}", f"--max_iters={b}",
+                f"--eval_interval={max(b // 3, 1)}", "--learning_rate=1.5e-3", "--warmup_iters=20")
+            for D in domains]
+
+
+def beyond_copy_runs(name, dense, branches):
+    """(tag, out_dir) of every compared run; each sees BEYOND_STEPS steps of tokens in all."""
+    n = iters(BEYOND_STEPS)
+    n_btx = iters(BEYOND_STEPS - len(branches) * (BTX_BRANCH_STEPS // len(branches)))
+    # one expert per branch, top-2 (the BTX paper's layout). Two experts from one branch would start with equal
+    # weights and, with hidden-state rows, equal router rows: they would get equal gradients and never diverge.
+    E = len(branches)
+    sched = lambda m: [f"--max_iters={m}", f"--eval_interval={max(m // 8, 1)}", "--warmup_iters=20"]  # noqa: E731
+    btx = [f"--init_from={','.join(branches)}", "--upcycle_method=btx", "--moe_layers=all", f"--n_experts={E}",
+           "--top_k=2", *sched(n_btx), "--learning_rate=1.5e-3"]
+    specs = [("copy", upcycled_8x2(dense, n)),
+             *[(f"drop_{r:g}", [*upcycled_8x2(dense, n), "--upcycle_method=drop", f"--upcycle_drop_ratio={r}"])
+               for r in DROP_RATIOS],
+             ("btx_random", btx), ("btx_hidden", [*btx, "--upcycle_router_init=hidden"]),
+             ("moe_scratch", [*MOE8, *sched(n)]),
+             ("dense_continued", [f"--init_from={dense}", *sched(n), "--learning_rate=1.5e-3"])]
+    return [(tag, run(os.path.join(OUT, name, tag), *args)) for tag, args in specs]
+
+
+def last_tokens(out_dir):
+    """Training tokens a finished run saw (its last eval record)."""
+    return evals(out_dir)[-1]["tokens"]
+
+
+def beyond_copy_row(tag, d, offset, domains):
+    """Table row: final losses (train.py's eval batches and eval.py's), per-domain eval.py
+    losses, and the run's total training tokens (BTX: branch tokens included)."""
+    res = evaluate_checkpoint(d, batches=4 if OPTS["smoke"] else 20)
+    row = summary(d, method=tag, eval_val_loss=res["val_loss"], total_tokens=offset + last_tokens(d))
+    for D in domains:
+        row[f"loss_{D}"] = res["per_domain"].get(D, {}).get("loss", float("nan"))
+    return row, res
+
+
+def tokens_figure(name, curves, dense_loss):
+    """Val loss vs total training tokens after the dense base (BTX's curve starts after its
+    branch tokens; the dashed line is the dense base)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), constrained_layout=True)
+    for tag, d, offset in curves:
+        ev = evals(d)
+        ax.plot([(offset + r["tokens"]) / 1e6 for r in ev], [r["val_loss"] for r in ev], marker="o", ms=2.5,
+                label=tag, ls="--" if tag.startswith("btx") else "-")
+    ax.axhline(dense_loss, color="grey", lw=0.8, ls=":", label="dense base")
+    ax.set_xlabel("training tokens after the dense base (M; BTX includes its branches)")
+    ax.set_ylabel("val loss (nats/token)")
+    ax.set_title("Beyond copy-upcycling at equal training tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = os.path.join(OUT, name, "loss_vs_tokens.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def overtakes(ahead, behind):
+    """First training step at which run `behind`'s val loss is below run `ahead`'s (eval
+    records at the same steps), or None."""
+    a = {r["iter"]: r["val_loss"] for r in evals(ahead)}
+    return next((r["iter"] for r in evals(behind) if r["iter"] > 0 and r["iter"] in a
+                 and r["val_loss"] < a[r["iter"]]), None)
+
+
+def beyond_copy_finding(rows, dirs):
+    """The questions of issue 16, answered from the measured rows and curves."""
+    by = {r["method"]: r["val_loss"] for r in rows}
+    step = overtakes(dirs["copy"], dirs["moe_scratch"])
+    parts = [("MoE from scratch never gets below copy-upcycling within the budget" if step is None else
+              f"MoE from scratch first gets below copy-upcycling at step {step}")
+             + f" (final: copy {by['copy']:.3f}, scratch {by['moe_scratch']:.3f})."]
+    for r in DROP_RATIOS:
+        v = by[f"drop_{r:g}"]
+        parts.append(f"Drop r={r:g}: {v:.3f} ({'ahead of' if v < min(by['copy'], by['moe_scratch']) else 'not ahead of'}"
+                     f" both copy and scratch).")
+    parts.append(f"BTX random router {by['btx_random']:.3f}, hidden router {by['btx_hidden']:.3f}; "
+                 f"dense continued {by['dense_continued']:.3f}.")
+    return " ".join(parts)
+
+
+def beyond_copy():
+    """9. Issue 16 (Skywork-MoE section 2's open question): copy-upcycling vs Drop-Upcycling
+    r in {0.25, 0.5, 0.75}, BTX (one branch per domain) with random and hidden-state router,
+    MoE from scratch and dense continued, at equal training tokens (BTX's branches counted),
+    4x the demo's MoE budget. Per-domain losses; BTX's expert-by-domain routing."""
+    name, t0 = "beyond_copy", time.time()
+    dense, domains = dense_base(), data_domains()
+    branches = btx_branches(name, dense, domains)
+    branch_tokens = sum(last_tokens(b) for b in branches)
+    runs = beyond_copy_runs(name, dense, branches)
+    rows, figures = [], []
+    for tag, d in runs:
+        offset = branch_tokens if tag.startswith("btx") else 0
+        row, res = beyond_copy_row(tag, d, offset, domains)
+        rows.append(row)
+        if tag.startswith("btx"):
+            usage = [L["domain_usage"] for L in res.get("layers", []) if L["kind"] == "routed"]
+            figures.append(plot_domain_specialization(usage, None, os.path.join(OUT, name, f"routing_{tag}.png"),
+                                                      layer_ids=[L["layer"] for L in res["layers"]]))
+    dirs = dict(runs)
+    figures.insert(0, tokens_figure(name, [(t, d, branch_tokens if t.startswith("btx") else 0) for t, d in runs],
+                                    evals(dense)[-1]["val_loss"]))
+    figures.insert(1, bar_figure(name, rows, [f"loss_{D}" for D in domains], path_name="per_domain.png",
+                                 title="Per-domain val loss (eval.py)"))
+    return write_results(name, "Beyond copy-upcycling: Drop-Upcycling, BTX, hidden-state router (issue 16)", rows,
+                         figures, beyond_copy_finding(rows, dirs),
+                         ["method", "total_tokens", "val_loss_step0", "val_loss", "eval_val_loss",
+                          *[f"loss_{D}" for D in domains], "expert_sim", "tok_per_s"], t0)
+
+
 EXPERIMENTS = {f.__name__: f for f in (upcycle_vs_scratch, gate_norm, adaptive_aux, router_order, fine_grained,
-                                       lory, capacity, routers)}
+                                       lory, capacity, routers, beyond_copy)}
 
 
 def main(argv=None):

@@ -36,7 +36,8 @@ from kernels import auto_impl
 from metrics import METRICS_FILE, MetricsWriter, trim_for_resume
 from model import GPT, GPTConfig, MoEFFN
 from router import AdaptiveAuxCoef, Routing
-from upcycle import (check_upcycle_options, dense_ffn_weights, mean_pairwise_similarity, similarity_to_dense,
+from upcycle import (METHODS, ROUTER_INITS, branch_domains, btx_from_checkpoints, check_upcycle_options,
+                     dense_ffn_weights, mean_pairwise_similarity, router_init_hidden, similarity_to_dense,
                      upcycle_from_checkpoint, upcycle_model)
 
 # -----------------------------------------------------------------------------
@@ -52,6 +53,7 @@ seed = 1337
 # data
 dataset = "multidomain"      # data/<dataset>/ (prepared by data/<dataset>/prepare.py)
 data_dir = ""                # explicit data directory; "" -> data/<dataset>
+domains = ""                 # train and evaluate on these domains only ('code', 'code,prose'); "" -> all (BTX branches)
 batching = "random"          # 'random' | 'similarity' (Lory; the order is built on first use)
 batch_size = 16              # micro-batch size per process
 block_size = 256
@@ -94,6 +96,10 @@ upcycle_granularity = 1      # G: fine-grained shards per dense FFN
 upcycle_weight_scaling = "auto"  # 'auto' | 'none' | 'exact' | 'megatron'
 upcycle_expert_noise = 0.0   # relative std of noise on the expert copies
 upcycle_seed = 0
+upcycle_method = "copy"      # 'copy' | 'drop' (Drop-Upcycling) | 'btx' (Branch-Train-MiX: init_from=A,B,C,D)
+upcycle_drop_ratio = 0.5     # upcycle_method='drop': share of each expert's channels re-initialised
+upcycle_router_init = "random"   # 'random' (router_init_std) | 'hidden' (mean hidden state per domain)
+upcycle_router_domains = ""  # upcycle_router_init='hidden': D1,D2,... per expert ("" with btx: the branches' domains)
 dense_warmup_iters = 0       # train the dense shape first, then upcycle in memory (Lory)
 # optimizer
 learning_rate = 1e-3
@@ -294,6 +300,49 @@ def check_run_config(cfg):
         raise ConfigError(f"aux_loss={cfg['aux_loss']!r} must be one of {', '.join(AUX_LOSSES)}")
     if cfg["device"] != "auto" and device_problem(cfg["device"]):
         raise ConfigError(f"device={cfg['device']!r} {device_problem(cfg['device'])}")
+    check_upcycle_method(cfg)
+
+
+def check_upcycle_method(cfg):
+    """upcycle_method / upcycle_router_init and the keys that go with them (issue 16):
+    one-line ConfigError for values or combinations that cannot work. A resumed run
+    ignores them (its checkpoint is already the upcycled model)."""
+    method, rinit, init = cfg["upcycle_method"], cfg["upcycle_router_init"], cfg["init_from"]
+    if method not in METHODS:
+        raise ConfigError(f"upcycle_method={method!r} must be one of {', '.join(METHODS)}")
+    if rinit not in ROUTER_INITS:
+        raise ConfigError(f"upcycle_router_init={rinit!r} must be one of {', '.join(ROUTER_INITS)}")
+    if not 0 <= cfg["upcycle_drop_ratio"] <= 1:
+        raise ConfigError(f"upcycle_drop_ratio={cfg['upcycle_drop_ratio']} must be in [0, 1] (0.5 is Drop-Upcycling's best)")
+    if method != "drop" and cfg["upcycle_drop_ratio"] != DEFAULTS["upcycle_drop_ratio"]:
+        raise ConfigError(f"upcycle_drop_ratio applies to upcycle_method='drop' only (got upcycle_method={method!r})")
+    if cfg["upcycle_router_domains"] and rinit != "hidden":
+        raise ConfigError("upcycle_router_domains is used by upcycle_router_init='hidden' only")
+    if init == "resume":
+        return
+    if init == "scratch":
+        if method == "btx" or rinit == "hidden" or (method == "drop" and not cfg["dense_warmup_iters"]):
+            what = f"upcycle_method={method!r}" if method != "copy" else f"upcycle_router_init={rinit!r}"
+            raise ConfigError(f"{what} upcycles a dense checkpoint: set init_from=<dense out_dir>"
+                              + ("=A,B,... (branch out_dirs)" if method == "btx" else ""))
+        return
+    if (method != "copy" or rinit != "random") and str(cfg["moe_layers"]).strip() in ("none", ""):
+        raise ConfigError(f"upcycle_method={method!r} / upcycle_router_init={rinit!r} build an MoE: set moe_layers "
+                          f"(e.g. --moe_layers=all); with moe_layers='none' init_from is a dense warm start")
+    paths = [p for p in init.split(",") if p.strip()]
+    if method == "btx" and len(paths) < 2:
+        raise ConfigError(f"upcycle_method='btx' merges 2 or more dense branches: init_from=A,B[,C,...] (got {init!r})")
+    if method != "btx" and len(paths) != 1:
+        raise ConfigError(f"init_from={init!r} names {len(paths)} checkpoints; only upcycle_method='btx' takes a list")
+    if rinit == "hidden" and not cfg["upcycle_router_domains"] and method != "btx":
+        raise ConfigError("upcycle_router_init='hidden' needs upcycle_router_domains=D1,D2,... "
+                          "(one per expert, or fewer dividing n_experts)")
+    n_dom = len({d.strip() for d in cfg["upcycle_router_domains"].split(",") if d.strip()}) or len(paths)
+    copies = cfg["n_experts"] // cfg["upcycle_granularity"]   # experts that hold the same weights (shard)
+    if rinit == "hidden" and method != "drop" and not cfg["upcycle_expert_noise"] and n_dom < copies:
+        raise ConfigError(f"upcycle_router_init='hidden' with {n_dom} domains for {copies} copies of each weight: "
+                          f"copies that share a domain share their router row too, get equal gradients and never "
+                          f"diverge; give one domain per copy, use upcycle_method='drop', or upcycle_expert_noise > 0")
 
 
 # -----------------------------------------------------------------------------
@@ -368,13 +417,15 @@ def setup_env(cfg):
 def load_data(cfg, env):
     """(data_dir, train split, val split). Lory's similarity order is built here on
     first use (by the master process; the others wait for it)."""
-    data_dir = cfg["data_dir"] or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg["dataset"])
+    data_dir = resolve_data_dir(cfg)
     if cfg["batching"] == "similarity":
         if env.master:
             ensure_similarity_order(data_dir)
         if env.ddp:
             dist.barrier()
-    return data_dir, TokenDataset(data_dir, "train", batching=cfg["batching"]), TokenDataset(data_dir, "val")
+    doms = cfg["domains"] or None   # a BTX branch: train and val windows of its domain(s) only
+    return (data_dir, TokenDataset(data_dir, "train", batching=cfg["batching"], domains=doms),
+            TokenDataset(data_dir, "val", domains=doms))
 
 
 def get_batch(train_data, cfg, env, data_gen):
@@ -442,10 +493,34 @@ def build_model(cfg, target_args, env):
         load_weights(model, src["model"], init)
         env.log(f"warm start from {init} (iter {src.get('iter_num', '?')}): fresh optimizer and schedule")
         return model, None, None
-    model, upcycled_from = upcycle_from_checkpoint(init, upcycle_options(cfg, target_args), device="cpu")
-    env.log(f"upcycled {init} -> {model.config.n_experts} experts top-{model.config.top_k} in memory "
-            f"({upcycled_from['options'].get('function_preserving', '?')} function preservation)")
+    model, upcycled_from = upcycle_online(cfg, target_args, env)
     return model, None, upcycled_from
+
+
+def upcycle_online(cfg, target_args, env):
+    """Online upcycling in memory, by upcycle_method: 'copy' or 'drop' (Drop-Upcycling)
+    from the dense checkpoint init_from, or 'btx' (Branch-Train-MiX) from the branch
+    checkpoints init_from=A,B,...; then, with upcycle_router_init='hidden', every router
+    from the mean hidden states of its experts' domains (upcycle_router_domains, or each
+    branch's `domains` setting). The same functions as upcycle.py's CLI, so the same
+    settings give the same weights. Returns (model on the CPU, upcycled_from)."""
+    init, options = cfg["init_from"], upcycle_options(cfg, target_args)
+    paths = [p.strip() for p in init.split(",") if p.strip()]
+    if cfg["upcycle_method"] == "btx":
+        for p in paths:
+            if os.path.abspath(p) == os.path.abspath(cfg["out_dir"]):
+                raise ConfigError(f"init_from names out_dir {p} as a branch; write the merged MoE to another out_dir")
+        model, upcycled_from = btx_from_checkpoints(paths, options, device="cpu")
+    else:
+        model, upcycled_from = upcycle_from_checkpoint(init, options, device="cpu")
+    if cfg["upcycle_router_init"] == "hidden":
+        domains = cfg["upcycle_router_domains"] or branch_domains(paths)
+        upcycled_from["options"].update(router_init_hidden(model, resolve_data_dir(cfg), domains,
+                                                           seed=cfg["upcycle_seed"]))
+    env.log(f"upcycled {init} ({upcycled_from['method']}, router {cfg['upcycle_router_init']}) -> "
+            f"{model.config.n_experts} experts top-{model.config.top_k} in memory "
+            f"({upcycled_from['options'].get('function_preserving', '?')} function preservation)")
+    return model, upcycled_from
 
 
 def check_model_fits_data(model, cfg, vocab_size, data_dir):
@@ -805,7 +880,13 @@ def upcycle_options(cfg, target_args):
     """What the upcycler needs: the target MoE shape and the upcycling options."""
     return {"model_args": target_args, "granularity": cfg["upcycle_granularity"],
             "weight_scaling": cfg["upcycle_weight_scaling"], "expert_noise": cfg["upcycle_expert_noise"],
-            "seed": cfg["upcycle_seed"]}
+            "seed": cfg["upcycle_seed"],
+            "drop_ratio": cfg["upcycle_drop_ratio"] if cfg["upcycle_method"] == "drop" else 0.0}
+
+
+def resolve_data_dir(cfg):
+    """data_dir, or data/<dataset> next to this file."""
+    return cfg["data_dir"] or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg["dataset"])
 
 
 def domain_usage(routings, dom, n_dom, usage, shape):
@@ -852,8 +933,8 @@ def finished_run(out_dir, cfg):
     except CheckpointError:
         return False
     saved = ckpt.get("config") or {}
-    return ckpt.get("iter_num") == cfg["max_iters"] and all(
-        saved.get(k) == v for k, v in cfg.items() if k not in RUN_ONLY_KEYS)
+    return ckpt.get("iter_num") == cfg["max_iters"] and all(   # a key added since ran at its default
+        saved.get(k, DEFAULTS.get(k)) == v for k, v in cfg.items() if k not in RUN_ONLY_KEYS)
 
 
 def moe_summary(layers):

@@ -120,7 +120,8 @@ Beyond copies: Drop-Upcycling, Branch-Train-MiX, hidden-state router init
   direction of the mean FFN input, at that layer, of text from expert e's domain, centred
   over the domains and made orthogonal to their overall mean (hidden_router_rows). With
   topk_softmax and G=1 upcycling stays exact, since any router is.
-Online use (train.py, later): upcycle_from_checkpoint with options["drop_ratio"], or
+Online use (train.py --init_from=... --upcycle_method=copy|drop|btx --upcycle_router_init=hidden,
+train.upcycle_online): upcycle_from_checkpoint with options["drop_ratio"], or
 btx_from_checkpoints(paths, options); then router_init_hidden(model, data_dir, domains)
 and upcycled_from["options"].update(its result).
 
@@ -138,6 +139,7 @@ Public API
     btx_merge(dense_states, dense_args, options=None, names=None, **kw) -> (state_dict, GPTConfig, info)
     btx_from_checkpoints(paths, options=None, device="cpu") -> (GPT, upcycled_from)
     btx_checkpoint(paths, out_dir, options=None, force=False, hidden=None) -> (written path, GPTConfig, info)
+    branch_domains(paths) -> [the domain each branch checkpoint's config records]
     router_init_hidden(model, data_dir, domains, n_windows=16, ...) -> dict for info["options"]
 
 `options` (a dict, or keyword arguments; train.py passes its upcycle_options()):
@@ -738,6 +740,13 @@ def btx_checkpoint(paths, out_dir, options=None, force=False, hidden=None, **kw)
             hidden = {**hidden, "domains": _branch_domains(ckpts, names)}
         state = _with_hidden_router(state, cfg, info, hidden)
     return _save_moe(out_dir, cfg, state, ckpts[0].get("config"), {**_branch_record(names), **info}), cfg, info
+
+
+def branch_domains(paths):
+    """The one domain each BTX branch checkpoint trained on (train.py's `domains` setting,
+    kept in its config); ValueError (one line) when a branch records none or several."""
+    ckpts, names = _load_branches(paths)
+    return _branch_domains(ckpts, names)
 
 
 def _branch_domains(ckpts, names):

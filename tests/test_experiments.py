@@ -28,7 +28,7 @@ def test_all_experiments_smoke(tmp_path):
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for name in ("upcycle_vs_scratch", "gate_norm", "adaptive_aux", "router_order", "fine_grained", "lory", "capacity",
-                 "routers"):
+                 "routers", "beyond_copy"):
         rows = json.load(open(os.path.join(out, name, "results.json")))
         assert rows and all("val_loss" in r for r in rows), name
         assert os.path.getsize(os.path.join(out, name, "results.md")) > 100
@@ -36,6 +36,15 @@ def test_all_experiments_smoke(tmp_path):
     # the gate-norm experiment measures what it claims to: sharper gates as lambda grows
     g = json.load(open(os.path.join(out, "gate_norm", "results.json")))
     assert g[0]["max1_max2"] < g[1]["max1_max2"] < g[2]["max1_max2"]
+    # beyond_copy: every method ran, BTX's routing-by-domain figures exist, and copy-upcycling starts at the
+    # dense loss while Drop-Upcycling (re-initialised channels) starts above it
+    b = {r["method"]: r for r in json.load(open(os.path.join(out, "beyond_copy", "results.json")))}
+    assert sorted(b) == sorted(["copy", "drop_0.25", "drop_0.5", "drop_0.75", "btx_random", "btx_hidden",
+                                "moe_scratch", "dense_continued"])
+    assert all(os.path.exists(os.path.join(out, "beyond_copy", f"routing_{t}.png")) for t in ("btx_random", "btx_hidden"))
+    dense0 = [r for r in map(json.loads, open(os.path.join(out, "dense", "metrics.jsonl"))) if r["split"] == "eval"][-1]
+    assert abs(b["copy"]["val_loss_step0"] - dense0["val_loss"]) < 1e-4
+    assert b["drop_0.75"]["val_loss_step0"] > b["copy"]["val_loss_step0"]
     # right after exact upcycling the loss equals the dense loss
     r = json.load(open(os.path.join(out, "router_order", "results.json")))
     assert abs(r[0]["val_loss_step0"] - r[0]["dense_val_loss"]) < 1e-4
