@@ -314,10 +314,10 @@ def test_online_upcycling_builds_only_owned_experts():
     torch.manual_seed(0)
     dense = GPT(GPTConfig(**dense_args)).state_dict()
     options = {"model_args": {**CFG, "moe_layers": "all"}, "expert_noise": 0.1, "seed": 3}
-    full, cfg, _ = upcycle_state_dict(dense, dense_args, options)
+    full, cfg, info = upcycle_state_dict(dense, dense_args, options)
     for r in range(2):
-        local, cfg_r = parallel.upcycle_owned(dense, dense_args, options, fake_ep(r, 2))
-        assert cfg_r == cfg
+        local, cfg_r, info_r = parallel.upcycle_owned(dense, dense_args, options, fake_ep(r, 2))
+        assert cfg_r == cfg and info_r == info
         for k in full:
             want = full[k][4 * r:4 * r + 4] if k in parallel.expert_keys(cfg) else full[k]
             assert torch.equal(local[k], want), k
