@@ -304,6 +304,7 @@ def test_shards_take_global_expert_slices():
             assert torch.equal(got[k], full[k][2 * r:2 * r + 2]), k
         assert torch.equal(got["blocks.0.ffn.router.weight"], full["blocks.0.ffn.router.weight"])
         assert torch.equal(model.rope_cos, GPT(cfg).rope_cos)
+        assert model.num_params(active=True) == GPT(cfg).num_params(active=True)   # MFU counts k experts
     one = parallel.build_sharded_model(cfg, fake_ep(0, 1), full)   # EP=1: every expert, plain DDP
     assert one.blocks[0].ffn.ep is None and torch.equal(one.state_dict()["blocks.1.ffn.up_proj"],
                                                         full["blocks.1.ffn.up_proj"])
