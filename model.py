@@ -476,7 +476,7 @@ class GPT(nn.Module):
                 used = 1 if isinstance(ffn, LoryFFN) else cfg.top_k
                 if isinstance(ffn, MoEFFN) and cfg.router == "expert_choice":
                     used = cfg.capacity_factor   # tokens per expert * E / T on average
-                n -= int(per_expert * (cfg.n_experts - used))
+                n -= int(per_expert * (ffn.gate_proj.shape[0] - used))   # experts held: E/N under EP
         return n
 
     def flops_per_token(self, seq_len=None):

@@ -64,7 +64,8 @@ import torch.nn as nn
 from kernels import moe_ffn
 from model import GPT, GPTConfig, rope_cache
 from router import Router, Routing
-from upcycle import FFN_MATS, _as_dict, _options, resolve_weight_scaling, target_config, upcycle_ffn
+from upcycle import (FFN_MATS, _as_dict, _check_keys, _options, resolve_weight_scaling, target_config, upcycle_ffn,
+                     upcycle_info)
 
 EXPERT_MATS = ("gate_proj", "up_proj", "down_proj")   # the stacked (E, ...) tensors of an MoE layer
 DEFAULT_TIMEOUT_S = 300   # a collective that waits longer than this ends the job with an error
@@ -142,11 +143,13 @@ def init_distributed(ep_size, backend="gloo", timeout_s=DEFAULT_TIMEOUT_S, **kw)
     return init_groups(ep_size)
 
 
-def check_same_config(cfg_dict, ep):
+def check_same_config(cfg_dict, ep=None):
     """Every rank must run the same settings: compare a hash over the world and
-    raise a one-line ValueError on every rank when any rank differs."""
+    raise a one-line ValueError on every rank when any rank differs. ep may be None
+    (train.py checks before it builds the groups: a rank whose expert_parallel
+    differs would otherwise create other groups and hang the rest)."""
     digest = hashlib.sha256(json.dumps(cfg_dict, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    digests = [None] * ep.world
+    digests = [None] * dist.get_world_size()
     dist.all_gather_object(digests, digest)
     bad = [r for r, d in enumerate(digests) if d != digests[0]]
     if bad:
@@ -336,6 +339,15 @@ def _gather_experts(t, ep):
     return torch.cat(parts, 0)                                          # part j = experts of ep_rank j
 
 
+def full_expert_stacks(ffn):
+    """(gate_proj, up_proj, down_proj) of one MoE layer as full (E, ...) stacks in
+    global expert order (detached): gathered over the EP group when the layer is
+    sharded (a collective), the layer's own tensors otherwise."""
+    stacks = tuple(getattr(ffn, m).detach() for m in EXPERT_MATS)
+    ep = getattr(ffn, "ep", None)
+    return stacks if ep is None else tuple(_gather_experts(t, ep) for t in stacks)
+
+
 def full_state_dict(model, ep):
     """model.state_dict() with every expert stack gathered to (E, ...), indexed by
     GLOBAL expert (rank j's local expert i is global expert j*E/N + i). Collective:
@@ -413,11 +425,15 @@ def upcycle_owned(dense_state, dense_args, options, ep):
     upcycle.upcycle_state_dict's full result sliced. One MoE layer is built at a
     time and sliced at once, so at most one layer's full stacks exist (expert noise
     is drawn for the full stack so the random stream, hence the weights, do not
-    depend on the world size). Returns (state, cfg)."""
+    depend on the world size). Returns (state, cfg, info), as upcycle_state_dict."""
     opts = _options(options, {})
     dense_cfg = GPTConfig.from_dict(_as_dict(dense_args))
     cfg, G = target_config(dense_cfg, opts["model_args"], opts["granularity"], opts["expansion_rate"])
     check_ep_config(cfg, ep.ep_size)
+    if opts["drop_ratio"] > 0:
+        raise ValueError("drop_ratio > 0 is not built per rank under expert_parallel: upcycle offline "
+                         "(python upcycle.py --method=drop) and train the MoE checkpoint")
+    _check_keys(dense_state, dense_cfg, "the dense state dict")
     ws = resolve_weight_scaling(opts["weight_scaling"], cfg.router, G)
     gen = torch.Generator().manual_seed(int(opts["seed"]))
     lo, hi = ep.owned(cfg.n_experts)
@@ -431,4 +447,4 @@ def upcycle_owned(dense_state, dense_args, options, ep):
         for name, t in layer.items():
             state[p + name] = t[lo:hi].clone() if name in EXPERT_MATS else t
         del layer
-    return state, cfg
+    return state, cfg, upcycle_info(cfg, G, ws, opts)

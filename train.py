@@ -8,12 +8,14 @@ dense checkpoint online (the "Llama 3 meets MoE" workflow).
     python train.py --init_from=resume --out_dir=out/dense
     python train.py config/upcycle_8x2.py             # init_from=<dense out_dir>: upcycle in memory
     torchrun --standalone --nproc_per_node=2 train.py config/dense_small.py
+    torchrun --standalone --nproc_per_node=2 train.py config/upcycle_8x2.py --expert_parallel=2
 
 Every default lives in the block below; a config file (plain Python assigning
 these names) and then --key=value arguments override them. Model keys are the
 fields of model.GPTConfig and share this namespace.
 """
 import ast
+import datetime
 import difflib
 import math
 import os
@@ -28,6 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
+import parallel
 from checkpoint import CheckpointError, load_checkpoint, load_weights
 from cli import device_problem
 from data.dataset import TokenDataset
@@ -116,6 +119,7 @@ device = "auto"              # 'auto' (cuda -> mps -> cpu) | 'cpu' | 'cuda' | 'c
 dtype = "auto"               # 'auto' (bf16 autocast on CUDA, fp32 elsewhere) | 'float32' | 'bfloat16'
 compile = False
 backend = "auto"             # DDP backend: nccl on CUDA, gloo on CPU
+expert_parallel = 1          # N: ranks that split every MoE layer's experts (parallel.py); 1 = plain DDP
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))}
@@ -250,11 +254,15 @@ class StatsAccumulator:
     def __init__(self):
         self.sums, self.n = {}, 0
 
-    def add(self, routings):
+    def add(self, routings, loads=None):
+        """loads: per routed layer, tokens_per_expert to log instead of this
+        process's own (expert parallelism logs the global loads)."""
         self.n += 1
+        loads = iter(loads or [])
         for l, r in enumerate(routings):
             if isinstance(r, Routing):
                 items = dict(r.stats)
+                items["tokens_per_expert"] = next(loads, items["tokens_per_expert"])
                 items.update({f"loss_{k}": v.detach() for k, v in r.aux_losses.items()})
             else:
                 items = dict(r["stats"])
@@ -278,7 +286,7 @@ class StatsAccumulator:
 AUX_LOSSES = ("switch", "skywork", "none")
 AT_LEAST = {"batch_size": 1, "eval_iters": 1, "eval_interval": 1, "log_interval": 1,
             "gradient_accumulation_steps": 1, "max_iters": 0, "warmup_iters": 0, "lr_decay_iters": 0,
-            "dense_warmup_iters": 0, "upcycle_granularity": 1}
+            "dense_warmup_iters": 0, "upcycle_granularity": 1, "expert_parallel": 1}
 
 
 def check_run_config(cfg):
@@ -300,6 +308,16 @@ def check_run_config(cfg):
         raise ConfigError(f"aux_loss={cfg['aux_loss']!r} must be one of {', '.join(AUX_LOSSES)}")
     if cfg["device"] != "auto" and device_problem(cfg["device"]):
         raise ConfigError(f"device={cfg['device']!r} {device_problem(cfg['device'])}")
+    if cfg["expert_parallel"] > 1 and cfg["dtype"] == "float16":
+        raise ConfigError("expert_parallel > 1 does not support dtype='float16' (each rank's loss scaler would "
+                          "see other expert gradients); use dtype='bfloat16' or 'float32'")
+    if cfg["expert_parallel"] > 1 and cfg["dense_warmup_iters"] > 0:
+        raise ConfigError("expert_parallel > 1 does not support dense_warmup_iters (Lory's dense warm-up; EP "
+                          "refuses Lory): use expert_parallel=1")
+    if cfg["expert_parallel"] > 1 and (cfg["upcycle_method"] != "copy" or cfg["upcycle_router_init"] != "random"):
+        raise ConfigError("expert_parallel > 1 upcycles online by copying (upcycle_method='copy', "
+                          "upcycle_router_init='random'): build a drop/btx/hidden MoE with upcycle.py first, "
+                          "then train it with init_from=<that out_dir>")
     check_upcycle_method(cfg)
 
 
@@ -360,6 +378,7 @@ class Env:
     dtype: str            # 'float32' | 'bfloat16' | 'float16'
     autocast: object      # context manager for forward passes
     accum: int            # micro-steps per process per optimizer step
+    ep: object = None     # parallel.EPGroups when expert_parallel > 1, else None (plain DDP or one process)
 
     @property
     def master(self):
@@ -380,26 +399,43 @@ def resolve_device(name):
 
 
 def setup_distributed(cfg):
-    """(ddp, rank, local_rank, world, device). torchrun sets RANK/WORLD_SIZE; then
-    each process joins the process group and, on CUDA, takes GPU local_rank."""
+    """(ddp, rank, local_rank, world, device, ep). torchrun sets RANK/WORLD_SIZE; then
+    each process joins the process group, checks that every rank runs the same
+    config, and, on CUDA, takes GPU local_rank. With expert_parallel=N > 1 it also
+    builds the EP and DP groups (ep: parallel.EPGroups) and gives every collective
+    a timeout (parallel.DEFAULT_TIMEOUT_S), so a dead rank ends the job."""
     device = resolve_device(cfg["device"])
+    N = cfg["expert_parallel"]
     if int(os.environ.get("RANK", -1)) == -1:
-        return False, 0, 0, 1, device
+        check_ep_world(N, 1)
+        return False, 0, 0, 1, device, None
     backend = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
-    dist.init_process_group(backend=backend)
+    if N > 1:
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=parallel.DEFAULT_TIMEOUT_S))
+    else:
+        dist.init_process_group(backend=backend)
+    parallel.check_same_config(cfg)   # before the groups: another expert_parallel would hang them
     rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    check_ep_world(N, world)
+    ep = parallel.init_groups(N) if N > 1 else None
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     if cfg["gradient_accumulation_steps"] % world:
         raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be a multiple "
                           f"of the number of processes ({world})")
-    return True, rank, local_rank, world, device
+    return True, rank, local_rank, world, device, ep
+
+
+def check_ep_world(ep_size, world):
+    if world % ep_size:
+        raise ConfigError(f"expert_parallel={ep_size} must divide the number of processes ({world}): "
+                          f"start N*k processes with torchrun --nproc_per_node, or lower expert_parallel")
 
 
 def setup_env(cfg):
     """The process's Env: distributed setup, device, precision, seed."""
-    ddp, rank, local_rank, world, device = setup_distributed(cfg)
+    ddp, rank, local_rank, world, device, ep = setup_distributed(cfg)
     cfg["device"] = device
     device_type = "cuda" if device.startswith("cuda") else ("mps" if device.startswith("mps") else "cpu")
     dtype = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
@@ -411,7 +447,7 @@ def setup_env(cfg):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Env(ddp, rank, local_rank, world, device, device_type, dtype, autocast,
-               accum=cfg["gradient_accumulation_steps"] // world)
+               accum=cfg["gradient_accumulation_steps"] // world, ep=ep)
 
 
 def load_data(cfg, env):
@@ -453,7 +489,7 @@ def check_new_run(cfg, target_args):
     if os.path.exists(os.path.join(cfg["out_dir"], "ckpt.pt")) and not cfg["overwrite"]:
         raise ConfigError(f"{cfg['out_dir']} already holds a checkpoint: continue it with --init_from=resume, "
                           f"start over with --overwrite=True, or choose another --out_dir")
-    GPTConfig(**target_args)                     # an impossible shape fails here
+    parallel.check_ep_config(GPTConfig(**target_args), cfg["expert_parallel"])   # an impossible shape fails here
     if target_args["moe_layers"] != "none" and cfg["init_from"] == "scratch" and cfg["dense_warmup_iters"]:
         check_upcycle_options(upcycle_options(cfg, target_args))   # Lory: the upcycle after the warm-up must work
 
@@ -472,8 +508,12 @@ def build_model(cfg, target_args, env):
       resume         out_dir/ckpt.pt; returns that checkpoint too, to restore the optimizer and RNGs
       <dense dir>    with moe_layers='none': warm start (weights only, fresh optimizer and schedule)
       <dense dir>    with MoE layers: online upcycling in memory (Llama 3 meets MoE)
-    Returns (model, resume checkpoint or None, upcycled_from or None)."""
+    Returns (model, resume checkpoint or None, upcycled_from or None).
+    Under expert parallelism (env.ep) the model holds only this rank's experts:
+    build_model_ep."""
     init = cfg["init_from"]
+    if env.ep is not None:
+        return build_model_ep(cfg, target_args, env)
     if init == "scratch":
         args = dict(target_args)
         if cfg["dense_warmup_iters"] > 0:
@@ -523,6 +563,52 @@ def upcycle_online(cfg, target_args, env):
     return model, upcycled_from
 
 
+def build_model_ep(cfg, target_args, env):
+    """build_model's origins with experts sharded over env.ep (parallel.py): rank r
+    of an EP group holds experts [r*E/N, (r+1)*E/N) of every MoE layer.
+      scratch        GPT's own init for the full model, sliced: the same weights at any N
+      resume         the saved full (E, ...) stacks sliced by global expert (shard_state_dict);
+                     the optimizer moments are sliced in restore_training_state
+      <dense dir>    warm start: as without EP (no experts to shard)
+      <dense dir>    online upcycling of the owned experts only (upcycle_owned)"""
+    init, ep = cfg["init_from"], env.ep
+    if init == "scratch":
+        return parallel.build_sharded_model(GPTConfig(**target_args), ep), None, None
+    if init == "resume":
+        ckpt = load_checkpoint(cfg["out_dir"], map_location=env.device)
+        args = {**ckpt["model_args"], **{k: target_args[k] for k in RUNTIME_MODEL_KEYS}}
+        gpt_cfg = GPTConfig(**args)
+        model = sharded_from_state(gpt_cfg, parallel.shard_state_dict(ckpt["model"], gpt_cfg, ep), ep, cfg["out_dir"])
+        env.log(f"resuming from {cfg['out_dir']} at iter {ckpt.get('iter_num', 0)}")
+        return model, ckpt, ckpt.get("upcycled_from")
+    if os.path.abspath(init) == os.path.abspath(cfg["out_dir"]):
+        raise ConfigError(f"init_from={init} and out_dir must differ (use init_from='resume' to continue a run)")
+    src = load_checkpoint(init, map_location="cpu")
+    if target_args["moe_layers"] == "none":
+        model = model_with_runtime_keys(src["model_args"], target_args)
+        load_weights(model, src["model"], init)
+        env.log(f"warm start from {init} (iter {src.get('iter_num', '?')}): fresh optimizer and schedule")
+        return model, None, None
+    state, gpt_cfg, info = parallel.upcycle_owned(src["model"], src["model_args"], upcycle_options(cfg, target_args), ep)
+    model = sharded_from_state(gpt_cfg, state, ep, init)
+    path = os.path.abspath(checkpoint.ckpt_path(init))
+    lo, hi = ep.owned(gpt_cfg.n_experts)
+    env.log(f"upcycled {init} -> {gpt_cfg.n_experts} experts top-{gpt_cfg.top_k} in memory, this rank's "
+            f"experts [{lo}, {hi}) only ({info['options']['function_preserving']} function preservation)")
+    return model, None, {"path": path, "sha256": checkpoint.file_sha256(path), **info}
+
+
+def sharded_from_state(gpt_cfg, local_state, ep, path):
+    """parallel.build_sharded_model with a one-line CheckpointError for weights that
+    do not fit the model (as checkpoint.load_weights)."""
+    try:
+        return parallel.build_sharded_model(gpt_cfg, ep, local_state)
+    except RuntimeError as e:
+        detail = next((l.strip() for l in str(e).splitlines()[1:] if l.strip()), str(e).splitlines()[0])
+        raise CheckpointError(f"{checkpoint.ckpt_path(path)} does not match the model it describes: "
+                              f"{detail[:300]}") from None
+
+
 def check_model_fits_data(model, cfg, vocab_size, data_dir):
     if model.config.vocab_size != vocab_size:
         raise ConfigError(f"model vocab_size={model.config.vocab_size} differs from {data_dir} "
@@ -546,10 +632,12 @@ def new_aux_coef(model, cfg):
                            cfg["adaptive_aux_beta"], alpha_init=cfg["adaptive_aux_max"])
 
 
-def restore_training_state(ckpt, optimizer, aux_coef, data_gen, device_type):
-    """Resume exactly: optimizer moments, Skywork alphas, and the torch, CUDA and data RNGs."""
+def restore_training_state(ckpt, optimizer, aux_coef, data_gen, device_type, model=None, ep=None):
+    """Resume exactly: optimizer moments, Skywork alphas, and the torch, CUDA and data RNGs.
+    Under expert parallelism (ep) the saved full expert moments are sliced to model's experts."""
     if ckpt.get("optimizer") is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        sd = ckpt["optimizer"] if ep is None else parallel.shard_optimizer_state(ckpt["optimizer"], optimizer, model, ep)
+        optimizer.load_state_dict(sd)
     if ckpt.get("aux_coef") is not None:
         aux_coef.load_state_dict(ckpt["aux_coef"])
     rng = ckpt.get("rng") or {}
@@ -568,10 +656,24 @@ def log_expert_kernel(model, env):
         env.log(f"expert kernel: {name} ({why})")
 
 
+def log_expert_parallel(model, env):
+    if env.ep is not None:
+        ep, E = env.ep, model.config.n_experts
+        lo, hi = ep.owned(E)
+        env.log(f"expert parallel: {env.world} ranks = {env.world // ep.ep_size} replica(s) x {ep.ep_size} ranks "
+                f"splitting the experts; rank 0 holds experts [{lo}, {hi}) of every MoE layer "
+                f"({model.num_params() / 1e6:.2f}M parameters on this rank)")
+
+
 def wrap_model(raw_model, cfg, env):
     """What the training step calls: the model, compiled and/or wrapped in DDP (which
-    averages the gradients across processes during backward)."""
+    averages the gradients across processes during backward). Under expert
+    parallelism no DDP: replicas start from rank 0's weights (expert stacks from
+    their DP group's first rank), and optimizer_step averages the gradients."""
     model = torch.compile(raw_model) if cfg["compile"] else raw_model
+    if env.ep is not None:
+        parallel.broadcast_parameters(raw_model, env.ep)
+        return model
     if env.ddp:
         model = DDP(model, device_ids=[env.local_rank] if env.device_type == "cuda" else None)
     return model
@@ -647,11 +749,23 @@ def eval_record(ev, st, tokens_per_iter):
 
 def save_checkpoint(st, cfg, env, note=""):
     """out_dir/ckpt.pt (atomically): weights, optimizer, RNG and data-generator
-    states, and the Skywork alphas, everything an exact resume needs."""
+    states, and the Skywork alphas, everything an exact resume needs. Every rank
+    calls it and rank 0 writes. Under expert parallelism the expert stacks and their
+    Adam moments are first gathered (a collective) to full (E, ...) tensors by
+    global expert index, so the file does not depend on the number of ranks."""
+    if env.ep is None and not env.master:
+        return
+    if env.ep is None:
+        model_state, optim_state = st.raw_model.state_dict(), st.optimizer.state_dict()
+    else:
+        model_state = parallel.full_state_dict(st.raw_model, env.ep)
+        optim_state = parallel.full_optimizer_state(st.optimizer, st.raw_model, env.ep)
+    if not env.master:
+        return
     obj = {
         "model_args": asdict(st.raw_model.config),
-        "model": st.raw_model.state_dict(),
-        "optimizer": st.optimizer.state_dict(),
+        "model": model_state,
+        "optimizer": optim_state,
         "iter_num": st.iter_num,
         "best_val_loss": st.best_val_loss,
         "config": cfg,
@@ -670,20 +784,30 @@ def forward_backward(st, batches, cfg, env, alphas, stats):
     backward only. Returns (mean loss, per-layer tokens per expert, per-layer drop rate)."""
     step_loads, step_drops, lossf = None, None, 0.0
     for m, (X, Y) in enumerate(batches):
-        if env.ddp:
+        if env.ddp and env.ep is None:
             st.model.require_backward_grad_sync = (m == env.accum - 1)
         with env.autocast:
             _, loss, routings = st.model(X, Y)
             total = (loss + aux_total(routings, cfg, alphas)) / env.accum
         st.scaler.scale(total).backward()
         lossf += loss.item() / env.accum
-        stats.add(routings)
+        stats.add(routings, global_loads(routings, env))
         routed_r = [r for r in routings if isinstance(r, Routing)]
         loads = [r.stats["tokens_per_expert"] for r in routed_r]
         drops = [float(r.stats["drop_rate"]) / env.accum for r in routed_r]
         step_loads = loads if step_loads is None else [a + b for a, b in zip(step_loads, loads)]
         step_drops = drops if step_drops is None else [a + b for a, b in zip(step_drops, drops)]
     return lossf, step_loads, step_drops
+
+
+def global_loads(routings, env):
+    """Under expert parallelism, per routed layer the tokens per expert of this
+    micro-step summed over all ranks / world: the mean micro-batch's load, what one
+    process logs with gradient accumulation over the same micro-batches. Else None
+    (plain DDP logs rank 0's own loads, as before)."""
+    if env.ep is None:
+        return None
+    return [t / env.world for t in parallel.global_tokens_per_expert(routings, env.ep)]
 
 
 def all_reduce_sum(values, env):
@@ -693,9 +817,16 @@ def all_reduce_sum(values, env):
     return t
 
 
-def optimizer_step(st, cfg):
-    """Clip the global gradient norm, step, zero the gradients."""
-    if cfg["grad_clip"] > 0:
+def optimizer_step(st, cfg, ep=None):
+    """Clip the global gradient norm, step, zero the gradients. Under expert
+    parallelism (ep) first average the gradients over the ranks, which DDP does
+    during backward: parallel.sync_gradients, then parallel.clip_grad_norm (the
+    norm adds the expert shards over the EP group). float16 is refused with EP."""
+    if ep is not None:
+        parallel.sync_gradients(st.raw_model, ep)
+    if cfg["grad_clip"] > 0 and ep is not None:
+        parallel.clip_grad_norm(st.raw_model, ep, cfg["grad_clip"])
+    elif cfg["grad_clip"] > 0:
         st.scaler.unscale_(st.optimizer)
         torch.nn.utils.clip_grad_norm_(st.raw_model.parameters(), cfg["grad_clip"])
     st.scaler.step(st.optimizer)
@@ -773,11 +904,12 @@ def train(cfg):
     st = RunState(raw_model, raw_model, optimizer, torch.amp.GradScaler(enabled=(env.dtype == "float16")),
                   new_aux_coef(raw_model, cfg), data_gen, upcycled_from=upcycled_from, dense_ffns=dense_ffns)
     if ckpt is not None:
-        restore_training_state(ckpt, st.optimizer, st.aux_coef, data_gen, env.device_type)
+        restore_training_state(ckpt, st.optimizer, st.aux_coef, data_gen, env.device_type, raw_model, env.ep)
         st.iter_num, st.best_val_loss = ckpt.get("iter_num", 0), ckpt.get("best_val_loss", 1e9)
         ckpt = None   # free memory
     if env.master:
         log_expert_kernel(raw_model, env)
+        log_expert_parallel(raw_model, env)
     st.model = wrap_model(raw_model, cfg, env)
 
     # fixed evaluation batches: comparable across runs and steps
@@ -787,7 +919,7 @@ def train(cfg):
     if env.master and cfg["init_from"] == "resume":
         trim_for_resume(path, st.iter_num)
     metrics = MetricsWriter(path, append=cfg["init_from"] == "resume", enabled=env.master)
-    if st.upcycled_from is not None and st.iter_num == 0 and env.master:
+    if st.upcycled_from is not None and st.iter_num == 0:
         save_checkpoint(st, cfg, env, " (step-0 upcycled MoE)")
 
     tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
@@ -814,7 +946,7 @@ def train(cfg):
             env.log(f"eval iter {st.iter_num}: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f}")
             if ev["val_loss"] < st.best_val_loss or cfg["always_save_checkpoint"]:
                 st.best_val_loss = min(st.best_val_loss, ev["val_loss"])
-                if st.iter_num > start_iter and env.master:   # nothing new to save at the start
+                if st.iter_num > start_iter:   # nothing new to save at the start
                     save_checkpoint(st, cfg, env)
         if st.iter_num >= cfg["max_iters"]:
             break
@@ -826,7 +958,7 @@ def train(cfg):
             lossf = all_reduce_sum([lossf], env).item() / env.world
         if not math.isfinite(lossf):
             return stop_not_finite("loss", lossf, st, cfg, env)
-        optimizer_step(st, cfg)
+        optimizer_step(st, cfg, env.ep)
         update_balancing(st, step_loads, step_drops, cfg, env)
 
         loss_sum, n_steps, st.iter_num = loss_sum + lossf, n_steps + 1, st.iter_num + 1
@@ -837,8 +969,7 @@ def train(cfg):
             env.log(line)
             t0, loss_sum, n_steps = time.time(), 0.0, 0
 
-    if env.master:
-        save_checkpoint(st, cfg, env, " (final)")
+    save_checkpoint(st, cfg, env, " (final)")
     metrics.close()
     if env.ddp:
         dist.destroy_process_group()
@@ -914,14 +1045,15 @@ def expert_similarity_record(model, dense_ffns):
     """Per MoE layer: mean pairwise cosine similarity of the experts, and each
     expert's similarity to the dense FFN it came from (Skywork / He et al. monitor:
     it falls as experts specialise; the run whose experts stay most similar is worst)."""
-    rec = {"expert_similarity": [round(mean_pairwise_similarity(f), 6) for _, f in model.moe_layers()]}
+    full = {l: parallel.full_expert_stacks(f) for l, f in model.moe_layers()}   # gathered under EP
+    rec = {"expert_similarity": [round(mean_pairwise_similarity(f), 6) for f in full.values()]}
     if dense_ffns:
         rec["similarity_to_dense"] = [[round(v, 6) for v in similarity_to_dense(f, dense_ffns[l]).tolist()]
-                                      for l, f in model.moe_layers() if l in dense_ffns]
+                                      for l, f in full.items() if l in dense_ffns]
     return rec
 
 
-RUN_ONLY_KEYS = ("out_dir", "overwrite", "device", "compile", "backend")   # do not change the result
+RUN_ONLY_KEYS = ("out_dir", "overwrite", "device", "compile", "backend", "expert_parallel")   # do not change the result
 
 
 def finished_run(out_dir, cfg):

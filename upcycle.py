@@ -419,6 +419,31 @@ def check_upcycle_options(options, dense_args=None):
     resolve_weight_scaling(opts["weight_scaling"], cfg.router, G)
 
 
+def upcycle_info(cfg, G, ws, opts):
+    """What an upcycle records of itself (upcycled_from["method"], ["options"]): the
+    resolved options, activation scale and function-preservation verdict. Depends
+    on the shapes and options only, not on the weights (parallel.upcycle_owned
+    reports the same record without building every expert)."""
+    verdict, note = preservation(cfg, G, ws, opts["expert_noise"], opts["shared_fraction"])
+    if opts["drop_ratio"] > 0:
+        verdict, note = "approximate", (f"drop_ratio={opts['drop_ratio']:g} re-initialises that share of "
+                                        f"every expert's channels")
+    return {
+        "method": ("drop_upcycling" if opts["drop_ratio"] > 0 else
+                   "sparse_upcycling" if G == 1 else "fine_grained_virtual_groups"),
+        "options": {
+            "n_experts": cfg.n_experts, "top_k": cfg.top_k, "granularity": G, "expansion_rate": cfg.n_experts // G,
+            "expert_hidden": cfg.expert_hidden, "moe_layers": cfg.moe_layers, "router": cfg.router,
+            "router_init_std": cfg.router_init_std, "n_shared_experts": cfg.n_shared_experts,
+            "shared_fraction": float(opts["shared_fraction"]) if cfg.n_shared_experts else None,
+            "weight_scaling": ws, "activation_scale": activation_scale(cfg.router, cfg.n_experts, G, routed_k(cfg)),
+            "expert_noise": float(opts["expert_noise"]), "seed": int(opts["seed"]),
+            "drop_ratio": float(opts["drop_ratio"]),
+            "function_preserving": verdict, "preservation_note": note,
+        },
+    }
+
+
 def upcycle_state_dict(dense_state, dense_args, options=None, **kw):
     """Dense state dict + target MoE config -> MoE state dict.
 
@@ -445,24 +470,7 @@ def upcycle_state_dict(dense_state, dense_args, options=None, **kw):
     if opts["drop_ratio"] > 0:   # after every router/noise draw, so the routers equal copy-upcycling's
         drop_upcycle_layers(state, moe_ids, opts["drop_ratio"], gen)
     _check_keys(state, cfg, "the upcycled state dict")   # guards against model.py drifting
-    verdict, note = preservation(cfg, G, ws, opts["expert_noise"], opts["shared_fraction"])
-    if opts["drop_ratio"] > 0:
-        verdict, note = "approximate", (f"drop_ratio={opts['drop_ratio']:g} re-initialises that share of "
-                                        f"every expert's channels")
-    info = {
-        "method": ("drop_upcycling" if opts["drop_ratio"] > 0 else
-                   "sparse_upcycling" if G == 1 else "fine_grained_virtual_groups"),
-        "options": {
-            "n_experts": cfg.n_experts, "top_k": cfg.top_k, "granularity": G, "expansion_rate": cfg.n_experts // G,
-            "expert_hidden": cfg.expert_hidden, "moe_layers": cfg.moe_layers, "router": cfg.router,
-            "router_init_std": cfg.router_init_std, "n_shared_experts": cfg.n_shared_experts,
-            "shared_fraction": float(opts["shared_fraction"]) if cfg.n_shared_experts else None,
-            "weight_scaling": ws, "activation_scale": activation_scale(cfg.router, cfg.n_experts, G, routed_k(cfg)),
-            "expert_noise": float(opts["expert_noise"]), "seed": int(opts["seed"]),
-            "drop_ratio": float(opts["drop_ratio"]),
-            "function_preserving": verdict, "preservation_note": note,
-        },
-    }
+    info = upcycle_info(cfg, G, ws, opts)
     return state, cfg, info
 
 

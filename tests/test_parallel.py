@@ -304,6 +304,7 @@ def test_shards_take_global_expert_slices():
             assert torch.equal(got[k], full[k][2 * r:2 * r + 2]), k
         assert torch.equal(got["blocks.0.ffn.router.weight"], full["blocks.0.ffn.router.weight"])
         assert torch.equal(model.rope_cos, GPT(cfg).rope_cos)
+        assert model.num_params(active=True) == GPT(cfg).num_params(active=True)   # MFU counts k experts
     one = parallel.build_sharded_model(cfg, fake_ep(0, 1), full)   # EP=1: every expert, plain DDP
     assert one.blocks[0].ffn.ep is None and torch.equal(one.state_dict()["blocks.1.ffn.up_proj"],
                                                         full["blocks.1.ffn.up_proj"])
@@ -314,10 +315,10 @@ def test_online_upcycling_builds_only_owned_experts():
     torch.manual_seed(0)
     dense = GPT(GPTConfig(**dense_args)).state_dict()
     options = {"model_args": {**CFG, "moe_layers": "all"}, "expert_noise": 0.1, "seed": 3}
-    full, cfg, _ = upcycle_state_dict(dense, dense_args, options)
+    full, cfg, info = upcycle_state_dict(dense, dense_args, options)
     for r in range(2):
-        local, cfg_r = parallel.upcycle_owned(dense, dense_args, options, fake_ep(r, 2))
-        assert cfg_r == cfg
+        local, cfg_r, info_r = parallel.upcycle_owned(dense, dense_args, options, fake_ep(r, 2))
+        assert cfg_r == cfg and info_r == info
         for k in full:
             want = full[k][4 * r:4 * r + 4] if k in parallel.expert_keys(cfg) else full[k]
             assert torch.equal(local[k], want), k
