@@ -316,8 +316,8 @@ def check_run_config(cfg):
                           "refuses Lory): use expert_parallel=1")
     if cfg["expert_parallel"] > 1 and (cfg["upcycle_method"] != "copy" or cfg["upcycle_router_init"] != "random"):
         raise ConfigError("expert_parallel > 1 upcycles online by copying (upcycle_method='copy', "
-                          "upcycle_router_init='random'): build a drop/btx/hidden MoE with upcycle.py first, "
-                          "then train it with init_from=<that out_dir>")
+                          "upcycle_router_init='random'): build a drop/btx/hidden MoE with upcycle.py --out_dir=D first, "
+                          "then continue it there with init_from=resume")
     check_upcycle_method(cfg)
 
 
