@@ -139,6 +139,8 @@ def test_btx_through_train_equals_upcycle_cli(runs):
       "--n_experts=4"], "never diverge"),
     (["--upcycle_router_init=hidden", "--upcycle_method=btx", "--init_from=out/a,out/b", "--moe_layers=all",
       "--n_experts=4"], "never diverge"),
+    (["--upcycle_method=drop", "--init_from=out/a", "--moe_layers=all", "--expert_parallel=2"],
+     "expert_parallel > 1 upcycles online by copying"),
 ])
 def test_bad_combinations_are_one_line_errors(extra, needle, tmp_path, capsys):
     out = tmp_path / "o"
