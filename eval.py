@@ -117,7 +117,8 @@ def load_val_data(ckpt, data_dir=None, split="val"):
     vocab = ckpt["model_args"]["vocab_size"]
     if ds.meta["vocab_size"] != vocab:
         raise EvalError(f"{d} has vocab_size={ds.meta['vocab_size']} but the checkpoint has {vocab}: "
-                        f"pass the --data_dir it was trained on")
+                        f"pass the --data_dir it was trained on (for an imported model, data made by "
+                        f"`python data/multidomain/prepare.py --tokenizer=CKPT_DIR`)")
     return ds
 
 

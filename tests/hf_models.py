@@ -60,14 +60,20 @@ def random_model(config, seed=0):
 
 
 def write_tokenizer(out, vocab_size):
-    """A word-level tokenizer.json + tokenizer_config.json of vocab_size entries."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    """A word-level tokenizer.json + tokenizer_config.json of vocab_size entries: <unk> 0,
+    <s> 1 (begin of text), </s> 2 (end of text, as LlamaConfig's bos/eos ids), then words
+    w3, w4, ... ("w5 w7" encodes to [5, 7]; any other word is <unk>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")   # joins words with spaces
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    os.makedirs(out, exist_ok=True)
     tok.save(os.path.join(out, "tokenizer.json"))
     with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>"}, f)
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>",
+                   "eos_token": "</s>"}, f)
 
 
 def save(model, out, shard_size=None, tokenizer=True):
