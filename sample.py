@@ -85,7 +85,7 @@ def sample(ckpt_dir, prompt="", max_new_tokens=200, temperature=0.8, top_k=None,
     num_samples. Returns a list of strings."""
     model, ckpt = load_run(ckpt_dir, device)
     tok, start_id = load_tokenizer_for(ckpt, data_dir, ckpt_dir)
-    if tok.vocab_size > model.config.vocab_size:
+    if isinstance(tok, HFTokenizer) and tok.vocab_size > model.config.vocab_size:
         raise EvalError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}: "
                         f"pass --data_dir of the data this checkpoint was trained on")
     ids = encode_prompt(tok, prompt) if prompt else []

@@ -461,8 +461,11 @@ def carry_tokenizer(cfg):
         copy_tokenizer_files(src, cfg["out_dir"])
 
 
-def check_model_fits_data(model, cfg, vocab_size, data_dir):
-    if model.config.vocab_size != vocab_size:
+def check_model_fits_data(model, cfg, vocab_size, data_dir, padded_ok=False):
+    """The data's ids must be the model's vocabulary. padded_ok (data made with an HF
+    tokenizer): a model may have more embedding rows than its tokenizer has tokens,
+    as many HF models pad theirs; an id the model has no row for is always an error."""
+    if model.config.vocab_size != vocab_size and not (padded_ok and vocab_size < model.config.vocab_size):
         raise ConfigError(f"model vocab_size={model.config.vocab_size} differs from {data_dir} "
                           f"vocab_size={vocab_size}: prepare the data with the tokenizer the model used "
                           f"(an imported model: python data/multidomain/prepare.py --tokenizer=CKPT_DIR)")
@@ -706,7 +709,7 @@ def train(cfg):
         os.makedirs(cfg["out_dir"], exist_ok=True)
     raw_model, ckpt, upcycled_from = build_model(cfg, target_args, env)
     dense_ffns = source_ffns(upcycled_from, raw_model)
-    check_model_fits_data(raw_model, cfg, vocab_size, data_dir)
+    check_model_fits_data(raw_model, cfg, vocab_size, data_dir, padded_ok=train_data.meta.get("tokenizer") == "hf")
     if env.master:
         carry_tokenizer(cfg)
     raw_model.to(env.device)

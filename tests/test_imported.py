@@ -188,6 +188,12 @@ def test_vocab_mismatch_is_one_line(hf_pair, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "run" / "ckpt.pt") and not os.path.exists(tmp_path / "run" / "tokenizer.json")
     with pytest.raises(E.EvalError, match="vocab_size=70002 but the checkpoint has 128"):
         E.load_val_data({"model_args": {"vocab_size": 128}}, data)
+    # a model with more embedding rows than its HF tokenizer has tokens (padded, as many HF models) is fine
+    model = load_model(ckpt)[0]
+    train.check_model_fits_data(model, {"block_size": 32}, 100, data, padded_ok=True)
+    with pytest.raises(train.ConfigError, match="vocab_size=128 differs"):
+        train.check_model_fits_data(model, {"block_size": 32}, 100, data, padded_ok=False)
+    assert E.load_val_data({"model_args": {"vocab_size": 70_010}}, data).meta["vocab_size"] == 70_002
 
 
 def test_train_from_imported_on_its_own_tokens(hf_pair, tmp_path, capsys):
