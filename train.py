@@ -449,18 +449,6 @@ def build_model(cfg, target_args, env):
     return model, None, upcycled_from
 
 
-def carry_tokenizer(cfg):
-    """An imported model's tokenizer files (tokenizer.json, ...) travel with every run that
-    starts from it: copied from init_from's directory into out_dir, so sample.py and the
-    data scripts find them from the run alone."""
-    init = cfg["init_from"]
-    if init in ("scratch", "resume"):
-        return
-    src = init if os.path.isdir(init) else os.path.dirname(os.path.abspath(init))
-    if os.path.exists(os.path.join(src, "tokenizer.json")):
-        copy_tokenizer_files(src, cfg["out_dir"])
-
-
 def check_model_fits_data(model, cfg, vocab_size, data_dir, padded_ok=False):
     """The data's ids must be the model's vocabulary. padded_ok (data made with an HF
     tokenizer): a model may have more embedding rows than its tokenizer has tokens,
@@ -471,6 +459,18 @@ def check_model_fits_data(model, cfg, vocab_size, data_dir, padded_ok=False):
                           f"(an imported model: python data/multidomain/prepare.py --tokenizer=CKPT_DIR)")
     if model.config.block_size < cfg["block_size"]:
         raise ConfigError(f"block_size={cfg['block_size']} exceeds the model's block_size={model.config.block_size}")
+
+
+def carry_tokenizer(cfg):
+    """An imported model's tokenizer files (tokenizer.json, ...) travel with every run that
+    starts from it: copied from init_from's directory into out_dir, so sample.py and the
+    data scripts find them from the run alone."""
+    init = cfg["init_from"]
+    if init in ("scratch", "resume"):
+        return
+    src = init if os.path.isdir(init) else os.path.dirname(os.path.abspath(init))
+    if os.path.exists(os.path.join(src, "tokenizer.json")):
+        copy_tokenizer_files(src, cfg["out_dir"])
 
 
 def routed_ffns(model):
