@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 from checkpoint import CheckpointError, load_checkpoint, load_weights
 from cli import device_problem
-from data.dataset import TokenDataset
+from data.dataset import TokenDataset, load_meta
 from data.similarity import ensure_similarity_order
 from data.tokenizer import copy_tokenizer_files
 from kernels import auto_impl
@@ -449,16 +449,19 @@ def build_model(cfg, target_args, env):
     return model, None, upcycled_from
 
 
-def check_model_fits_data(model, cfg, vocab_size, data_dir, padded_ok=False):
-    """The data's ids must be the model's vocabulary. padded_ok (data made with an HF
-    tokenizer): a model may have more embedding rows than its tokenizer has tokens,
-    as many HF models pad theirs; an id the model has no row for is always an error."""
-    if model.config.vocab_size != vocab_size and not (padded_ok and vocab_size < model.config.vocab_size):
+def check_model_fits_data(model, cfg, vocab_size, data_dir):
+    if model.config.vocab_size != vocab_size and not padded_hf_vocab(model, vocab_size, data_dir):
         raise ConfigError(f"model vocab_size={model.config.vocab_size} differs from {data_dir} "
                           f"vocab_size={vocab_size}: prepare the data with the tokenizer the model used "
                           f"(an imported model: python data/multidomain/prepare.py --tokenizer=CKPT_DIR)")
     if model.config.block_size < cfg["block_size"]:
         raise ConfigError(f"block_size={cfg['block_size']} exceeds the model's block_size={model.config.block_size}")
+
+
+def padded_hf_vocab(model, vocab_size, data_dir):
+    """True when data made with an HF tokenizer has fewer tokens than the model has
+    embedding rows (many HF models pad theirs): every id has a row, nothing wraps."""
+    return vocab_size < model.config.vocab_size and load_meta(data_dir).get("tokenizer") == "hf"
 
 
 def carry_tokenizer(cfg):
@@ -709,7 +712,7 @@ def train(cfg):
         os.makedirs(cfg["out_dir"], exist_ok=True)
     raw_model, ckpt, upcycled_from = build_model(cfg, target_args, env)
     dense_ffns = source_ffns(upcycled_from, raw_model)
-    check_model_fits_data(raw_model, cfg, vocab_size, data_dir, padded_ok=train_data.meta.get("tokenizer") == "hf")
+    check_model_fits_data(raw_model, cfg, vocab_size, data_dir)
     if env.master:
         carry_tokenizer(cfg)
     raw_model.to(env.device)
