@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -311,8 +312,13 @@ def bench_decode(args, device):
     batch size, on the demo-sized models (config/dense_small.py's shape: dense, every
     FFN an 8-expert top-k MoE, Lory). tokens/s = batch * new tokens / seconds,
     median of interleaved rounds; 'cache x' is the cached speed over recomputation.
-    The greedy tokens of both ways are compared too ('same')."""
-    from model import GPT, GPTConfig
+    The greedy tokens of both ways are compared too ('same').
+    With transformers installed, the dense and MoE models are also exported (convert.py:
+    LlamaForCausalLM, MixtralForCausalLM) and timed in transformers' generate
+    (do_sample=False, its own KV cache) on the same weights: 'vs hf' is transformers'
+    time over ours with the cache (> 1: ours is faster); 'same hf' compares the greedy
+    tokens of the first block_size positions (past block_size ours hops its window, see
+    GPT.generate, while transformers keeps going)."""
     base = dict(vocab_size=256, block_size=256, n_layer=4, n_head=4, n_embd=128)
     E, k = args.model_experts, args.k
     configs = {"dense": base,
@@ -324,22 +330,67 @@ def bench_decode(args, device):
     print(f"machine: {machine(device)}")
     print(f"decoding: {P}-token prompt + {N} new tokens, greedy, block_size {base['block_size']}; "
           f"median of {repeats} interleaved rounds")
-    print(f"{'model':<24} {'batch':>5} {'cache tok/s':>12} {'recompute tok/s':>16} {'cache x':>8} {'same':>5}")
+    print(f"{'model':<24} {'batch':>5} {'cache tok/s':>12} {'recompute tok/s':>16} {'cache x':>8} {'same':>5} "
+          f"{'hf tok/s':>9} {'vs hf':>6} {'same hf':>7}")
     g = torch.Generator().manual_seed(args.seed)
-    for B in args.decode_batches:
-        prompt = torch.randint(0, base["vocab_size"], (B, P), generator=g).to(device)
-        for name, c in configs.items():
-            torch.manual_seed(args.seed)
-            m = GPT(GPTConfig(**c)).to(device).eval()
-            outs, times = {}, {True: [], False: []}
-            for _ in range(repeats):
-                for use_cache in (True, False):
-                    def gen(use_cache=use_cache):
-                        outs[use_cache] = m.generate(prompt, N, temperature=0, use_cache=use_cache)
-                    times[use_cache].append(run(gen))
-            cached, recomputed = (statistics.median(times[c]) for c in (True, False))
-            print(f"{name:<24} {B:>5} {B * N / cached:>12,.0f} {B * N / recomputed:>16,.0f} "
-                  f"{recomputed / cached:>8.1f} {str(torch.equal(outs[True], outs[False])):>5}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for B in args.decode_batches:
+            prompt = torch.randint(0, base["vocab_size"], (B, P), generator=g).to(device)
+            for name, c in configs.items():
+                torch.manual_seed(args.seed)
+                m = GPT(GPTConfig(**c)).to(device).eval()
+                paths = {True: lambda m=m: m.generate(prompt, N, temperature=0, use_cache=True),
+                         False: lambda m=m: m.generate(prompt, N, temperature=0, use_cache=False)}
+                hf = decode_hf_twin(m, os.path.join(tmp, f"{name.split()[0]}{B}"), device)
+                if hf is not None:
+                    paths["hf"] = lambda hf=hf: hf_generate(hf, prompt, N)
+                outs, times = time_decode_paths(paths, repeats, run)
+                cached, recomputed = (statistics.median(times[c]) for c in (True, False))
+                line = (f"{name:<24} {B:>5} {B * N / cached:>12,.0f} {B * N / recomputed:>16,.0f} "
+                        f"{recomputed / cached:>8.1f} {str(torch.equal(outs[True], outs[False])):>5}")
+                if hf is not None:
+                    theirs, T = statistics.median(times["hf"]), base["block_size"]
+                    same = torch.equal(outs[True][:, :T], outs["hf"][:, :T])
+                    line += f" {B * N / theirs:>9,.0f} {theirs / cached:>6.2f} {str(same):>7}"
+                print(line, flush=True)
+
+
+def time_decode_paths(paths, repeats, run):
+    """{path: output}, {path: [seconds]} of `repeats` interleaved rounds over `paths`."""
+    outs, times = {}, {p: [] for p in paths}
+    for _ in range(repeats):
+        for p, fn in paths.items():
+            def call(p=p, fn=fn):
+                outs[p] = fn()
+            times[p].append(run(call))
+    return outs, times
+
+
+def decode_hf_twin(model, tmp, device):
+    """The transformers model with `model`'s weights (exported by convert.py), or None:
+    no transformers, or a model no HF class computes (Lory)."""
+    try:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return None
+    import convert
+    from checkpoint import save_checkpoint
+    save_checkpoint({"model_args": asdict(model.config), "model": model.state_dict(), "config": {}}, tmp + "_ckpt")
+    try:
+        convert.export_hf(tmp + "_ckpt", tmp)
+    except convert.ConvertError:
+        return None
+    hf_logging.disable_progress_bar()
+    return AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device).eval()
+
+
+@torch.no_grad()
+def hf_generate(hf, prompt, n):
+    """transformers' greedy generate for exactly n new tokens (no early stop at eos)."""
+    hf.generation_config.eos_token_id = None
+    return hf.generate(prompt, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
+                       attention_mask=torch.ones_like(prompt))
 
 
 # the --hf model when no HF_DIR is given: a Llama of the --model bench's width class with GQA

@@ -48,9 +48,9 @@ import torch
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cli import ArgumentParser
+from data.tokenizer import HF_TOKENIZER_FILES as TOKENIZER_FILES, find_tokenizer_dir
 from model import GPT, GPTConfig
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 IMPORTABLE = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
 
 
@@ -465,14 +465,9 @@ def export_hf(ckpt_dir, hf_dir):
 
 def tokenizer_dir(ckpt, ckpt_dir):
     """Where the HF tokenizer files of a checkpoint are: next to it, else next to the
-    dense checkpoint it was upcycled from, else in the HF directory it was imported
-    from (upcycle.py keeps the dense "config"). None when there are none."""
-    here = os.path.dirname(os.path.abspath(os.path.join(ckpt_dir, "ckpt.pt") if os.path.isdir(ckpt_dir) else ckpt_dir))
-    source = (ckpt.get("upcycled_from") or {}).get("path")
-    for d in (here, source and os.path.dirname(source), (ckpt.get("config") or {}).get("hf_dir")):
-        if d and os.path.exists(os.path.join(d, "tokenizer.json")):
-            return d
-    return None
+    dense checkpoint it was upcycled from, the run it started from, or the HF directory
+    it was imported from (upcycle.py keeps the dense "config"). None when there are none."""
+    return find_tokenizer_dir(ckpt, ckpt_dir)
 
 
 def GPT_state_keys(cfg):

@@ -115,9 +115,11 @@ def load_val_data(ckpt, data_dir=None, split="val"):
             msg += f"; {_prepare_hint(d)}"
         raise EvalError(f"no {split} data for this checkpoint: {msg}") from None
     vocab = ckpt["model_args"]["vocab_size"]
-    if ds.meta["vocab_size"] != vocab:
+    padded = ds.meta.get("tokenizer") == "hf" and ds.meta["vocab_size"] < vocab   # HF models may pad their embeddings
+    if ds.meta["vocab_size"] != vocab and not padded:
         raise EvalError(f"{d} has vocab_size={ds.meta['vocab_size']} but the checkpoint has {vocab}: "
-                        f"pass the --data_dir it was trained on")
+                        f"pass the --data_dir it was trained on (for an imported model, data made by "
+                        f"`python data/multidomain/prepare.py --tokenizer=CKPT_DIR`)")
     return ds
 
 

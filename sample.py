@@ -5,11 +5,18 @@ this project writes: dense, routed MoE, upcycled, Lory).
     python sample.py --ckpt=out/demo/upcycled
     python sample.py --ckpt=out/demo/upcycled --start="def " --num_samples=3 --max_new_tokens=200
     python sample.py --ckpt=out/demo/dense --start=FILE:prompt.txt --temperature=0.7 --top_k=20 --seed=1
+    python sample.py --ckpt=out/hf/moe --start="w5 w7" --top_k=1 --no_cache   # greedy, recomputing
 
-The tokenizer is the one the run's data was prepared with (its meta.json). An empty
---start begins at the end-of-text token, i.e. at the start of a document. Routed
-MoE layers route each token in eval mode; Lory layers merge their experts once,
-from the prompt (model.GPT.generate).
+The tokenizer is the checkpoint's own Hugging Face tokenizer.json when it has one (an
+imported model and every run that started from it: data.tokenizer.find_tokenizer_dir),
+else the one the run's data was prepared with (its meta.json). With an HF tokenizer the
+prompt is encoded as transformers encodes it (the tokenizer's post-processor may add a
+begin-of-text token) and an empty --start begins at the begin-of-text token (else the
+end-of-text token); with the others an empty --start begins at the end-of-text token,
+i.e. at the start of a document. Generation uses the KV cache (--no_cache recomputes the
+whole context for every token: the same tokens, slower). Routed MoE layers route each
+token in eval mode, dropless; Lory layers merge their experts once, from the prompt
+(model.GPT.generate).
 """
 import json
 import sys
@@ -19,24 +26,42 @@ import torch
 from checkpoint import CheckpointError
 from cli import ArgumentParser, device_problem
 from data.dataset import load_meta
-from data.tokenizer import load_tokenizer
+from data.tokenizer import HFTokenizer, find_tokenizer_dir, load_tokenizer
 from eval import EvalError, _prepare_hint, load_run, resolve_data_dir
 
 SEPARATOR = "---------------"
 
 
-def load_tokenizer_for(ckpt, data_dir=None):
-    """(tokenizer, start id) of the data a checkpoint was trained on. The start id is
-    the end-of-text token, or 0 for data without a document separator (char data)."""
+def load_tokenizer_for(ckpt, data_dir=None, ckpt_dir=None):
+    """(tokenizer, start id) of a checkpoint: its own HF tokenizer when ckpt_dir leads to
+    one (and no data_dir is given), else the tokenizer of the data it was trained on. The
+    start id is the begin-of-text token of an HF tokenizer, else the end-of-text token,
+    or 0 for data without a document separator (char data)."""
+    tok_dir = find_tokenizer_dir(ckpt, ckpt_dir) if ckpt_dir and not data_dir else None
+    if tok_dir:
+        tok = HFTokenizer(tok_dir)
+        start = tok.bos_token if tok.bos_token is not None else tok.eot_token
+        return tok, (0 if start is None else start)
+    if (ckpt.get("config") or {}).get("init_from") == "hf" and not data_dir:
+        raise EvalError(f"{ckpt_dir} has no tokenizer: it was imported from a directory without tokenizer.json; "
+                        f"copy the model's tokenizer.json next to its ckpt.pt, or pass --data_dir of its data")
     d = resolve_data_dir(ckpt, data_dir)
     try:
         meta = load_meta(d)
     except FileNotFoundError as e:
         msg = str(e).splitlines()[0]
-        raise EvalError(f"no tokenizer metadata for this checkpoint: {msg}"
-                        + ("" if "prepare" in msg else f"; {_prepare_hint(d)}")) from None
+        raise EvalError(f"no tokenizer for this checkpoint (no tokenizer.json next to it, and {msg}"
+                        + ("" if "prepare" in msg else f"; {_prepare_hint(d)}") + ")") from None
     start = meta.get("eot_token")
-    return load_tokenizer(meta), (0 if start is None else start)
+    return load_tokenizer(meta, d), (0 if start is None else start)
+
+
+def encode_prompt(tok, prompt):
+    """Prompt ids: an HF tokenizer encodes as transformers does by default (its
+    post-processor may prepend begin-of-text); the others encode the plain text."""
+    if isinstance(tok, HFTokenizer):
+        return tok.tok.encode(prompt).ids
+    return tok.encode(prompt)
 
 
 def read_start(start):
@@ -53,15 +78,20 @@ def read_start(start):
 
 
 def sample(ckpt_dir, prompt="", max_new_tokens=200, temperature=0.8, top_k=None, seed=0, data_dir=None,
-           device="cpu", num_samples=1):
+           device="cpu", num_samples=1, use_cache=True):
     """num_samples continuations of `prompt`, each decoded with its prompt (an empty
-    prompt is not shown). One generator seeded once draws them all in turn, so the
-    first sample does not depend on num_samples. Returns a list of strings."""
+    prompt, and a begin-of-text token the tokenizer added, are not shown). One generator
+    seeded once draws them all in turn, so the first sample does not depend on
+    num_samples. Returns a list of strings."""
     model, ckpt = load_run(ckpt_dir, device)
-    tok, start_id = load_tokenizer_for(ckpt, data_dir)
-    ids = tok.encode(prompt) if prompt else []
+    tok, start_id = load_tokenizer_for(ckpt, data_dir, ckpt_dir)
+    if isinstance(tok, HFTokenizer) and tok.vocab_size > model.config.vocab_size:
+        raise EvalError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}: "
+                        f"pass --data_dir of the data this checkpoint was trained on")
+    ids = encode_prompt(tok, prompt) if prompt else []
     prompt_given = bool(ids)
     ids = ids or [start_id]
+    hidden = 1 if not prompt_given or ids[0] == getattr(tok, "bos_token", None) else 0   # tokens not shown
     if max(ids) >= model.config.vocab_size:
         raise EvalError(f"the prompt encodes to token ids >= the model's vocab_size={model.config.vocab_size}")
     idx = torch.tensor([ids], dtype=torch.long, device=device)        # (1, T)
@@ -69,9 +99,9 @@ def sample(ckpt_dir, prompt="", max_new_tokens=200, temperature=0.8, top_k=None,
     texts = []
     with torch.no_grad():
         for _ in range(num_samples):
-            out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
-            text = out[0].tolist()
-            texts.append(tok.decode(text if prompt_given else text[1:]))
+            out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen,
+                                 use_cache=use_cache)
+            texts.append(tok.decode(out[0].tolist()[hidden:]))
     return texts
 
 
@@ -86,6 +116,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps (default cpu)")
     p.add_argument("--data_dir", default=None, help="default: the checkpoint config's data_dir or data/<dataset>")
+    p.add_argument("--no_cache", action="store_true",
+                   help="recompute the whole context for every new token instead of using the KV cache")
     p.add_argument("--json", action="store_true", help='stdout: one JSON object {"samples": [...]}')
     return p
 
@@ -99,7 +131,7 @@ def main(argv=None):
     if device_problem(args.device):
         raise EvalError(f"--device={args.device} {device_problem(args.device)}")
     texts = sample(args.ckpt, read_start(args.start), args.max_new_tokens, args.temperature, args.top_k,
-                   args.seed, args.data_dir, args.device, args.num_samples)
+                   args.seed, args.data_dir, args.device, args.num_samples, use_cache=not args.no_cache)
     if args.json:
         print(json.dumps({"samples": texts}))
     else:

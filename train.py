@@ -33,8 +33,9 @@ import checkpoint
 import parallel
 from checkpoint import CheckpointError, load_checkpoint, load_weights
 from cli import device_problem
-from data.dataset import TokenDataset
+from data.dataset import TokenDataset, load_meta
 from data.similarity import ensure_similarity_order
+from data.tokenizer import copy_tokenizer_files
 from kernels import auto_impl
 from metrics import METRICS_FILE, MetricsWriter, trim_for_resume
 from model import GPT, GPTConfig, MoEFFN
@@ -610,11 +611,30 @@ def sharded_from_state(gpt_cfg, local_state, ep, path):
 
 
 def check_model_fits_data(model, cfg, vocab_size, data_dir):
-    if model.config.vocab_size != vocab_size:
+    if model.config.vocab_size != vocab_size and not padded_hf_vocab(model, vocab_size, data_dir):
         raise ConfigError(f"model vocab_size={model.config.vocab_size} differs from {data_dir} "
-                          f"vocab_size={vocab_size}: prepare the data with the tokenizer the model used")
+                          f"vocab_size={vocab_size}: prepare the data with the tokenizer the model used "
+                          f"(an imported model: python data/multidomain/prepare.py --tokenizer=CKPT_DIR)")
     if model.config.block_size < cfg["block_size"]:
         raise ConfigError(f"block_size={cfg['block_size']} exceeds the model's block_size={model.config.block_size}")
+
+
+def padded_hf_vocab(model, vocab_size, data_dir):
+    """True when data made with an HF tokenizer has fewer tokens than the model has
+    embedding rows (many HF models pad theirs): every id has a row, nothing wraps."""
+    return vocab_size < model.config.vocab_size and load_meta(data_dir).get("tokenizer") == "hf"
+
+
+def carry_tokenizer(cfg):
+    """An imported model's tokenizer files (tokenizer.json, ...) travel with every run that
+    starts from it: copied from init_from's directory into out_dir, so sample.py and the
+    data scripts find them from the run alone."""
+    init = cfg["init_from"]
+    if init in ("scratch", "resume"):
+        return
+    src = init if os.path.isdir(init) else os.path.dirname(os.path.abspath(init))
+    if os.path.exists(os.path.join(src, "tokenizer.json")):
+        copy_tokenizer_files(src, cfg["out_dir"])
 
 
 def routed_ffns(model):
@@ -899,6 +919,8 @@ def train(cfg):
     raw_model, ckpt, upcycled_from = build_model(cfg, target_args, env)
     dense_ffns = source_ffns(upcycled_from, raw_model)
     check_model_fits_data(raw_model, cfg, vocab_size, data_dir)
+    if env.master:
+        carry_tokenizer(cfg)
     raw_model.to(env.device)
     optimizer = make_optimizer(raw_model, cfg, env.device_type)
     st = RunState(raw_model, raw_model, optimizer, torch.amp.GradScaler(enabled=(env.dtype == "float16")),

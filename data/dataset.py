@@ -1,9 +1,10 @@
 """
 Reading a prepared dataset (data/<name>/ made by data/<name>/prepare.py):
 
-    {split}.bin          uint16 token ids, documents back to back
+    {split}.bin          token ids, documents back to back: uint16, or uint32 when the
+                         vocabulary has ids above 65,535 (meta "dtype"; token_dtype)
     {split}_index.npy    int64 (n_docs, 3): offset, length, domain id of each document
-    meta.json            tokenizer, vocab_size, eot_token, domains, ...
+    meta.json            tokenizer, vocab_size, eot_token, domains, dtype (absent = uint16), ...
 
 TokenDataset draws nanoGPT-style random windows (get_batch) for training and fixed,
 seeded windows with the domain of every target token (fixed_batches) for evaluation.
@@ -24,6 +25,17 @@ import torch
 
 DATA_ROOT = os.path.dirname(os.path.abspath(__file__))
 BATCHINGS = ("random", "similarity")
+MAX_VOCAB = 2 ** 32
+
+
+def token_dtype(vocab_size):
+    """The narrowest file dtype for token ids 0..vocab_size-1: uint16 up to id 65,535, else uint32."""
+    return np.uint16 if vocab_size <= 2 ** 16 else np.uint32
+
+
+def meta_dtype(meta):
+    """The dtype of a dataset's .bin files, from its meta (datasets written before the key: uint16)."""
+    return np.dtype(meta.get("dtype", "uint16"))
 
 
 def prepare_hint(data_dir):
@@ -55,9 +67,13 @@ def load_meta(data_dir):
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: rerun `{prepare_hint(data_dir)}`")
     v, doms = meta["vocab_size"], meta["domains"]
-    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65536:
-        raise ValueError(f"{path} is corrupt: vocab_size={v!r} must be an int in 1..65536 (uint16 tokens): "
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_VOCAB:
+        raise ValueError(f"{path} is corrupt: vocab_size={v!r} must be an int in 1..{MAX_VOCAB}: "
                          f"rerun `{prepare_hint(data_dir)}`")
+    dtype = meta.get("dtype", "uint16")
+    if dtype not in ("uint16", "uint32") or np.dtype(dtype).itemsize < np.dtype(token_dtype(v)).itemsize:
+        raise ValueError(f"{path} is corrupt: dtype={dtype!r} cannot hold vocab_size={v} "
+                         f"(uint16 up to 65,536 tokens, else uint32): rerun `{prepare_hint(data_dir)}`")
     if not isinstance(doms, list) or not doms or not all(isinstance(d, str) for d in doms):
         raise ValueError(f"{path} is corrupt: domains must be a non-empty list of names: "
                          f"rerun `{prepare_hint(data_dir)}`")
@@ -82,16 +98,16 @@ def load_split(data_dir, split, meta=None):
         raise ValueError(f"{index_path} is corrupt (expected a non-empty int (n_docs, 3) array, got "
                          f"{index.dtype} {index.shape}): {hint}")
     index = index.astype(np.int64)
-    size = os.path.getsize(bin_path)
+    size, dtype = os.path.getsize(bin_path), meta_dtype(meta)
     offsets, lengths, domains = index[:, 0], index[:, 1], index[:, 2]
-    if size % 2 or size // 2 != offsets[-1] + lengths[-1]:
+    if size % dtype.itemsize or size // dtype.itemsize != offsets[-1] + lengths[-1]:
         raise ValueError(f"{bin_path} is corrupt: {size} bytes, but {index_path} describes "
-                         f"{offsets[-1] + lengths[-1]} uint16 tokens: {hint}")
+                         f"{offsets[-1] + lengths[-1]} {dtype.name} tokens: {hint}")
     if offsets[0] != 0 or np.any(lengths <= 0) or np.any(offsets[1:] != offsets[:-1] + lengths[:-1]):
         raise ValueError(f"{index_path} is corrupt: documents are not contiguous: {hint}")
     if domains.min() < 0 or domains.max() >= len(meta["domains"]):
         raise ValueError(f"{index_path} is corrupt: domain ids outside 0..{len(meta['domains']) - 1}: {hint}")
-    tokens = np.memmap(bin_path, dtype=np.uint16, mode="r")
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r")
     top = int(tokens.max())                              # one pass (~10 ms for 5M tokens)
     if top >= meta["vocab_size"]:
         raise ValueError(f"{bin_path} holds token id {top} >= vocab_size={meta['vocab_size']} in meta.json: {hint}")
@@ -155,7 +171,7 @@ class TokenDataset:
 
     def _tokens(self):
         # a fresh memmap per batch, as in nanoGPT (a long-lived one keeps growing its resident pages)
-        return np.memmap(self.bin_path, dtype=np.uint16, mode="r")
+        return np.memmap(self.bin_path, dtype=meta_dtype(self.meta), mode="r")
 
     def _check_block_size(self, block_size):
         if block_size < 1 or self.n_tokens < block_size + 1:

@@ -122,7 +122,7 @@ def write_reordered(data_dir, tokens, index, order):
     """train_similarity.bin / train_similarity_index.npy: documents `order` of (tokens, index)."""
     lengths = index[order, 1]
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    out = np.empty(len(tokens), dtype=np.uint16)
+    out = np.empty(len(tokens), dtype=tokens.dtype)   # uint16 or uint32, as train.bin
     for i, off in zip(order, offsets):
         o, n = index[i, 0], index[i, 1]
         out[off:off + n] = tokens[o:o + n]

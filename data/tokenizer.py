@@ -5,6 +5,10 @@ vocab_size, eot_token (document separator, or None), name.
 - ByteTokenizer: the 256 UTF-8 byte values; NUL (0) separates documents.
 - GPT2Tokenizer: GPT-2 BPE via tiktoken, built offline from a local gpt2.tiktoken file.
 - CharTokenizer: the character vocabulary of a dataset (shakespeare_char), stored in meta.json.
+- HFTokenizer: an imported model's own tokenizer (its tokenizer.json, read with the
+  `tokenizers` library that Hugging Face itself uses). convert.py --from_hf copies the
+  tokenizer files next to ckpt.pt, train.py copies them into every run that starts from
+  such a checkpoint, and find_tokenizer_dir follows a checkpoint back to them.
 
 The GPT-2 merges file is not committed: `python data/tokenizer.py --fetch` obtains it
 from the MIT-licensed openai-whisper sdist on PyPI (whisper/assets/gpt2.tiktoken, which is
@@ -15,11 +19,13 @@ import hashlib
 import os
 import subprocess
 import sys
+import json
 import tarfile
 import tempfile
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
+from tokenizers import Tokenizer
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 GPT2_TIKTOKEN_PATH = os.path.join(DATA_DIR, "gpt2.tiktoken")
@@ -29,6 +35,10 @@ WHISPER_MEMBER = "whisper/assets/gpt2.tiktoken"
 # the GPT-2 pre-tokenisation regex (tiktoken_ext.openai_public.r50k_pat_str)
 R50K_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 ENDOFTEXT = "<|endoftext|>"
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# end-of-document tokens of common HF vocabularies, tried when the config names none
+# (Llama 1/2 and Mistral, GPT-2 family, Llama 3)
+EOS_GUESSES = ("</s>", "<|endoftext|>", "<|end_of_text|>")
 
 
 class ByteTokenizer:
@@ -87,6 +97,96 @@ class GPT2Tokenizer:
 
     def decode(self, ids):
         return self.enc.decode([int(i) for i in ids])
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json, read with `tokenizers`. encode() adds no special
+    tokens (documents are separated by eot_token, as with the other tokenizers), so it
+    equals `Tokenizer.encode(text, add_special_tokens=False).ids`. eot_token is the
+    eos token that tokenizer_config.json / special_tokens_map.json name (else a common
+    one found in the vocabulary, else None); bos_token likewise (None when absent)."""
+    name = "hf"
+
+    def __init__(self, tok_dir):
+        self.dir = os.path.abspath(tok_dir)
+        path = os.path.join(self.dir, "tokenizer.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{tok_dir} has no tokenizer.json: import the model with "
+                                    f"`python convert.py --from_hf=HF_DIR` from a directory that has one")
+        try:
+            self.tok = Tokenizer.from_file(path)
+        except Exception as e:   # the library raises its own Exception subclass for bad JSON / models
+            raise ValueError(f"{path} is not a readable tokenizer.json ({str(e).splitlines()[0][:120]}): "
+                             f"copy the file from the original model again") from None
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        special = special_token_names(self.dir)
+        self.eot_token = self._token_id(special.get("eos_token"), EOS_GUESSES)
+        self.bos_token = self._token_id(special.get("bos_token"), ())
+
+    def _token_id(self, name, guesses):
+        for t in ([name] if name else []) + list(guesses):
+            i = self.tok.token_to_id(t)
+            if i is not None:
+                return i
+        return None
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts):
+        encs = self.tok.encode_batch(list(texts), add_special_tokens=False)
+        return [e.ids for e in encs]
+
+    def decode(self, ids):
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def special_token_names(tok_dir):
+    """{"bos_token": "<s>", "eos_token": "</s>", ...} from tokenizer_config.json, then
+    special_tokens_map.json (a value may be a string or {"content": ...})."""
+    out = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):   # the config wins
+        try:
+            with open(os.path.join(tok_dir, name)) as f:
+                cfg = json.load(f)
+        except (OSError, ValueError):
+            continue
+        for key in ("bos_token", "eos_token"):
+            v = cfg.get(key) if isinstance(cfg, dict) else None
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str):
+                out[key] = v
+    return out
+
+
+def find_tokenizer_dir(ckpt, ckpt_path):
+    """The directory holding a checkpoint's HF tokenizer.json, or None. Looked for next
+    to the checkpoint (convert.py and train.py put it there), then next to the dense
+    checkpoint it was upcycled from, the checkpoint a run started from (init_from) and
+    the HF directory it was imported from. ckpt: the checkpoint dict; ckpt_path: its
+    out_dir or .pt path."""
+    path = os.path.abspath(ckpt_path)
+    here = path if os.path.isdir(path) else os.path.dirname(path)
+    cfg = ckpt.get("config") or {}
+    source = (ckpt.get("upcycled_from") or {}).get("path")
+    init = cfg.get("init_from")
+    init = init if isinstance(init, str) and init not in ("scratch", "resume", "hf") else None
+    for d in (here, source and os.path.dirname(source), init, cfg.get("hf_dir")):
+        if d and os.path.exists(os.path.join(d, "tokenizer.json")):
+            return d
+    return None
+
+
+def copy_tokenizer_files(src_dir, dst_dir):
+    """Copy the HF tokenizer files that src_dir has into dst_dir (each atomically)."""
+    for name in HF_TOKENIZER_FILES:
+        if os.path.exists(os.path.join(src_dir, name)):
+            with open(os.path.join(src_dir, name), "rb") as f:
+                data = f.read()
+            tmp = os.path.join(dst_dir, name + ".tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, os.path.join(dst_dir, name))
 
 
 # -----------------------------------------------------------------------------
@@ -176,24 +276,35 @@ TOKENIZERS = ("byte", "gpt2")
 
 
 def get_tokenizer(name):
-    """A tokenizer by name: 'byte' or 'gpt2' (the char tokenizer comes from a dataset's meta.json)."""
+    """A tokenizer by name: 'byte' or 'gpt2', or the directory of an imported checkpoint
+    (or HF model) holding tokenizer.json (the char tokenizer comes from a dataset's meta.json)."""
     if name == "byte":
         return ByteTokenizer()
     if name == "gpt2":
         return GPT2Tokenizer()
-    raise ValueError(f"unknown tokenizer {name!r}: valid names are {', '.join(TOKENIZERS)}")
+    if os.path.isdir(name):
+        return HFTokenizer(name)
+    raise ValueError(f"unknown tokenizer {name!r}: valid names are {', '.join(TOKENIZERS)}, or the directory "
+                     f"of an imported checkpoint that holds tokenizer.json")
 
 
-def load_tokenizer(meta):
-    """The tokenizer a prepared dataset was made with, from its meta.json dict."""
+def load_tokenizer(meta, data_dir=None):
+    """The tokenizer a prepared dataset was made with, from its meta.json dict (an HF
+    tokenizer is read from the copy in data_dir, else from meta's tokenizer_dir)."""
     name = meta.get("tokenizer")
+    if name == "hf":
+        for d in (data_dir, meta.get("tokenizer_dir")):
+            if d and os.path.exists(os.path.join(d, "tokenizer.json")):
+                return HFTokenizer(d)
+        raise FileNotFoundError(f"meta.json says tokenizer 'hf' but neither {data_dir} nor "
+                                f"{meta.get('tokenizer_dir')} has tokenizer.json: rerun the dataset's prepare.py")
     if name == "char":
         if "itos" not in meta:
             raise ValueError("meta.json says tokenizer 'char' but has no 'itos' list: rerun the dataset's prepare.py")
         return CharTokenizer(meta["itos"])
     if name in TOKENIZERS:
         return get_tokenizer(name)
-    raise ValueError(f"meta.json names unknown tokenizer {name!r}: valid names are char, {', '.join(TOKENIZERS)}")
+    raise ValueError(f"meta.json names unknown tokenizer {name!r}: valid names are char, hf, {', '.join(TOKENIZERS)}")
 
 
 def main():

@@ -7,13 +7,15 @@ Tiny random Hugging Face models, written to a local directory with `transformers
 
 Weights are random normal (std 0.02; RMSNorm weights 1 + 0.1 * normal, so that a
 dropped or swapped norm weight changes the logits). The tokenizer files are a
-small word-level tokenizer built with `tokenizers`, only so that the import has
-files to copy.
+small word-level tokenizer built with `tokenizers` (tests), or for the README's
+model a byte-level BPE (as GPT-2's and Llama 3's) trained on Python standard-library
+source, so that data prepared with it (prepare.py --tokenizer) is real text.
 """
 import argparse
 import json
 import os
 import sys
+import sysconfig
 
 import torch
 
@@ -23,8 +25,8 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=500000.0,
             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                           "original_max_position_embeddings": 32})
-# the README's model: train.py's default shape on byte data (vocab 256, block 256), plus GQA and llama3 RoPE
-README = dict(TINY, vocab_size=256, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+# the README's model: train.py's default shape (block 256) with a 512-token byte-level BPE, plus GQA and llama3 RoPE
+README = dict(TINY, vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
               max_position_embeddings=256, rope_scaling=dict(TINY["rope_scaling"], original_max_position_embeddings=64))
 
 
@@ -60,14 +62,40 @@ def random_model(config, seed=0):
 
 
 def write_tokenizer(out, vocab_size):
-    """A word-level tokenizer.json + tokenizer_config.json of vocab_size entries."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    """A word-level tokenizer.json + tokenizer_config.json of vocab_size entries: <unk> 0,
+    <s> 1 (begin of text), </s> 2 (end of text, as LlamaConfig's bos/eos ids), then words
+    w3, w4, ... ("w5 w7" encodes to [5, 7]; any other word is <unk>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")   # joins words with spaces
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    os.makedirs(out, exist_ok=True)
     tok.save(os.path.join(out, "tokenizer.json"))
     with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>"}, f)
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>",
+                   "eos_token": "</s>"}, f)
+
+
+def write_bpe_tokenizer(out, vocab_size, n_files=100):
+    """A byte-level BPE tokenizer.json + tokenizer_config.json of vocab_size entries
+    (<|begin_of_text|> 0, <|end_of_text|> 1, the 256 bytes, merges), trained with
+    `tokenizers` on the first n_files standard-library modules in sorted order."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    stdlib = sysconfig.get_paths()["stdlib"]
+    files = sorted(f for f in os.listdir(stdlib) if f.endswith(".py"))[:n_files]
+    texts = [open(os.path.join(stdlib, f), encoding="utf-8", errors="replace").read() for f in files]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|begin_of_text|>", "<|end_of_text|>"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    os.makedirs(out, exist_ok=True)
+    tok.save(os.path.join(out, "tokenizer.json"))
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": special[0], "eos_token": special[1]}, f)
 
 
 def save(model, out, shard_size=None, tokenizer=True):
@@ -98,8 +126,8 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="directory to write (config.json, model.safetensors, tokenizer)")
     p.add_argument("--arch", default="llama", choices=["llama", "mistral", "mixtral"])
     p.add_argument("--shape", default="readme", choices=["readme", "tiny"],
-                   help="readme: vocab 256, d 128, 4 layers, block 256 (trains on data/multidomain); "
-                        "tiny: what the tests use (vocab 128, d 64, 2 layers)")
+                   help="readme: vocab 512 (a byte-level BPE), d 128, 4 layers, block 256; "
+                        "tiny: what the tests use (vocab 128, word-level tokenizer, d 64, 2 layers)")
     p.add_argument("--tied", action="store_true", help="tie the embeddings and the lm_head")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -107,7 +135,9 @@ def main(argv=None):
         p.exit(2, f"error: {args.out} already holds a model; choose another --out\n")
     shape = README if args.shape == "readme" else TINY
     model = random_model(hf_config(args.arch, args.tied, **shape), args.seed)
-    save(model, args.out)
+    save(model, args.out, tokenizer=args.shape == "tiny")
+    if args.shape == "readme":
+        write_bpe_tokenizer(args.out, model.config.vocab_size)
     print(f"wrote a random {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           f"params) to {args.out}")
 

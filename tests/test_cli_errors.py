@@ -32,7 +32,7 @@ def run(script, *args):
     ("demo.py", ["--scale=tpu"], "invalid choice: 'tpu'"),
     ("data/similarity.py", ["--dim=100000000000"], "--dim <= 2**20"),
     ("data/similarity.py", ["--k=x"], "invalid int value: 'x'"),
-    ("data/multidomain/prepare.py", ["--tokenizer=bogus"], "invalid choice: 'bogus'"),
+    ("data/multidomain/prepare.py", ["--tokenizer=bogus"], "unknown tokenizer 'bogus'"),
 ])
 def test_one_line_error(script, args, needle):
     p = run(script, *args)

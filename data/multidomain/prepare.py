@@ -13,12 +13,17 @@ Sampling is deterministic (sorted paths, seeded numpy RNG).
 
     python data/multidomain/prepare.py                       # byte tokenizer, ~1.5M chars/domain
     python data/multidomain/prepare.py --tokenizer=gpt2
+    python data/multidomain/prepare.py --tokenizer=out/hf/dense    # an imported model's tokenizer.json
+                                                                   # -> data/multidomain_dense
 
-Writes to --out_dir (default data/multidomain):
-    train.bin, val.bin              uint16 token ids; documents in a seeded random order across
-                                    domains, each followed by the tokenizer's eot token
+Writes to --out_dir (default data/multidomain; with --tokenizer=DIR, data/multidomain_<DIR's name>):
+    train.bin, val.bin              uint16 token ids (uint32 when the vocabulary has ids above
+                                    65,535); documents in a seeded random order across domains,
+                                    each followed by the tokenizer's eot token
     train_index.npy, val_index.npy  int64 (n_docs, 3): offset, length (incl. eot), domain id
     meta.json                       tokenizer, vocab_size, eot_token, domains, counts, sources, args
+                                    (HF tokenizers also: tokenizer_dir, dtype)
+    tokenizer.json, ...             with --tokenizer=DIR: a copy of DIR's tokenizer files
 """
 import ast
 import importlib.metadata
@@ -37,7 +42,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:  # so `python data/multidomain/prepare.py` can import the data package
     sys.path.insert(0, ROOT)
 from cli import ArgumentParser  # noqa: E402
-from data.tokenizer import TOKENIZERS, get_tokenizer  # noqa: E402
+from data.dataset import token_dtype  # noqa: E402
+from data.tokenizer import copy_tokenizer_files, get_tokenizer  # noqa: E402
 
 DEFAULT_OUT_DIR = os.path.dirname(os.path.abspath(__file__))
 # directories never read (tests, bundled third-party code, generated tables, GUIs)
@@ -260,11 +266,11 @@ def split_documents(domains, val_fraction, seed, names=None):
     return np.array(train, dtype=np.int64), np.array(val, dtype=np.int64)
 
 
-def build_split(token_lists, domains, order, eot):
-    """Concatenate the documents `order` (each + eot) -> (uint16 tokens, int64 index (n,3))."""
+def build_split(token_lists, domains, order, eot, dtype=np.uint16):
+    """Concatenate the documents `order` (each + eot) -> (dtype tokens, int64 index (n,3))."""
     lengths = np.array([len(token_lists[i]) + 1 for i in order], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    tokens = np.empty(int(lengths.sum()), dtype=np.uint16)
+    tokens = np.empty(int(lengths.sum()), dtype=dtype)
     for i, off, n in zip(order, offsets, lengths):
         tokens[off:off + n - 1] = token_lists[i]
         tokens[off + n - 1] = eot
@@ -290,17 +296,18 @@ def _version(pkg):
 def prepare(out_dir=DEFAULT_OUT_DIR, tokenizer="byte", chars_per_domain=1_500_000, val_fraction=0.05,
             seed=1337, max_doc_chars=8000, sources=None, verbose=True):
     """Build the dataset into out_dir and return its meta dict (see the module docstring).
+    tokenizer: 'byte', 'gpt2' or the directory of an imported checkpoint with tokenizer.json.
     sources: {domain: [(kind, path, suffix), ...]}, default default_sources()."""
     t0 = time.time()
-    if tokenizer not in TOKENIZERS:
-        raise ValueError(f"unknown tokenizer {tokenizer!r}: valid names are {', '.join(TOKENIZERS)}")
     if max_doc_chars < MIN_DOC_CHARS:
         raise ValueError(f"max_doc_chars={max_doc_chars} must be at least {MIN_DOC_CHARS}")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction} must be strictly between 0 and 1")
     tok = get_tokenizer(tokenizer)
-    if tok.vocab_size > 65536:
-        raise ValueError(f"tokenizer {tokenizer!r} has {tok.vocab_size} tokens: too many for uint16")
+    if tok.eot_token is None:
+        raise ValueError(f"tokenizer {tokenizer} names no end-of-text token (eos_token in tokenizer_config.json), "
+                         f"which separates the documents: add one there")
+    dtype = token_dtype(tok.vocab_size)     # uint32 above id 65,535: never a silent wrap
     sources = sources if sources is not None else default_sources()
     domain_names = list(sources)
 
@@ -311,7 +318,7 @@ def prepare(out_dir=DEFAULT_OUT_DIR, tokenizer="byte", chars_per_domain=1_500_00
         token_lists = tok.encode_batch(texts)
     else:
         token_lists = [tok.encode(t) for t in texts]
-    token_lists = [np.asarray(t, dtype=np.uint16) for t in token_lists]
+    token_lists = [np.asarray(t, dtype=dtype) for t in token_lists]
 
     train_ids, val_ids = split_documents(domains, val_fraction, seed, domain_names)
     rng = np.random.default_rng([seed, 2])
@@ -321,7 +328,7 @@ def prepare(out_dir=DEFAULT_OUT_DIR, tokenizer="byte", chars_per_domain=1_500_00
     os.makedirs(out_dir, exist_ok=True)
     counts = {}
     for split, order in splits.items():
-        tokens, index = build_split(token_lists, domains, order, tok.eot_token)
+        tokens, index = build_split(token_lists, domains, order, tok.eot_token, dtype)
         atomic_write(os.path.join(out_dir, f"{split}.bin"), lambda f: tokens.tofile(f))
         atomic_write(os.path.join(out_dir, f"{split}_index.npy"), lambda f: np.save(f, index))
         counts[split] = {
@@ -347,6 +354,10 @@ def prepare(out_dir=DEFAULT_OUT_DIR, tokenizer="byte", chars_per_domain=1_500_00
         "args": {"tokenizer": tokenizer, "chars_per_domain": chars_per_domain, "val_fraction": val_fraction,
                  "seed": seed, "max_doc_chars": max_doc_chars},
     }
+    if tok.name == "hf":   # the byte/gpt2 meta stays as it was (no dtype key: uint16)
+        meta.update(tokenizer_dir=tok.dir, dtype=np.dtype(dtype).name)
+        meta["versions"]["tokenizers"] = _version("tokenizers")
+        copy_tokenizer_files(tok.dir, out_dir)
     atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
     if verbose:
         print_summary(meta, out_dir, time.time() - t0)
@@ -364,15 +375,25 @@ def print_summary(meta, out_dir, seconds):
     print(f"tokenizer={meta['tokenizer']} vocab_size={meta['vocab_size']}: wrote {out_dir} in {seconds:.1f}s")
 
 
+def default_out_dir(tokenizer):
+    """data/multidomain for the built-in tokenizers, data/multidomain_<name> for a tokenizer directory."""
+    if tokenizer in ("byte", "gpt2"):
+        return DEFAULT_OUT_DIR
+    return f"{DEFAULT_OUT_DIR}_{os.path.basename(os.path.normpath(tokenizer))}"
+
+
 def main():
     p = ArgumentParser(prog="data/multidomain/prepare.py", description="Prepare the multidomain dataset from locally installed text.")
-    p.add_argument("--out_dir", default=DEFAULT_OUT_DIR)
-    p.add_argument("--tokenizer", default="byte", choices=TOKENIZERS)
+    p.add_argument("--out_dir", default=None, help="default data/multidomain, or data/multidomain_<name> for "
+                                                    "--tokenizer=DIR (DIR's last path component)")
+    p.add_argument("--tokenizer", default="byte", help="byte | gpt2 | DIR: an imported checkpoint (or HF model) "
+                                                       "directory holding tokenizer.json")
     p.add_argument("--chars_per_domain", type=int, default=1_500_000)
     p.add_argument("--val_fraction", type=float, default=0.05)
     p.add_argument("--max_doc_chars", type=int, default=8000)
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args()
+    args.out_dir = args.out_dir or default_out_dir(args.tokenizer)
     try:
         prepare(**vars(args))
     except (ValueError, FileNotFoundError, OSError) as e:
