@@ -543,6 +543,22 @@ def build_parser():
     return p
 
 
+def strict_json(o):
+    """o with every NaN/inf float replaced by None: json.dumps writes those as bare
+    NaN/Infinity, which is not JSON (strict parsers reject it)."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: strict_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [strict_json(v) for v in o]
+    if torch.is_tensor(o) or isinstance(o, np.ndarray):
+        return strict_json(o.tolist())
+    if isinstance(o, np.generic):
+        return strict_json(o.item())
+    return o
+
+
 def _json_default(o):
     if torch.is_tensor(o):
         return o.tolist()
@@ -557,6 +573,9 @@ def main(argv=None):
         raise EvalError("--batches and --batch_size must be positive")
     if device_problem(args.device):
         raise EvalError(f"--device={args.device} {device_problem(args.device)}")
+    problem = float_problem("--eval_capacity_factor", args.eval_capacity_factor)
+    if problem:
+        raise EvalError(problem)
     if args.compare:
         out = args.out or os.path.join("out", "compare")
         table, pngs = compare_runs(args.compare, out, evaluate=args.eval, batches=args.batches,
@@ -582,7 +601,7 @@ def main(argv=None):
             for n in notes:
                 print(f"note: {n}")
     if args.json:
-        print(json.dumps(res, default=_json_default))
+        print(json.dumps(strict_json(res), default=_json_default, allow_nan=False))
     return 0
 
 

@@ -28,14 +28,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
-from checkpoint import CheckpointError, load_checkpoint, load_weights
-from cli import device_problem
+from checkpoint import CheckpointError, NonFiniteCheckpointError, load_checkpoint, load_weights
+from cli import device_problem, first_float_problem
 from data.dataset import TokenDataset
 from data.similarity import ensure_similarity_order
-from kernels import auto_impl
+from kernels import auto_impl, triton_status
 from metrics import METRICS_FILE, MetricsWriter, trim_for_resume
 from model import GPT, GPTConfig, MoEFFN
 from router import AdaptiveAuxCoef, Routing
+from runlock import LockError, OutDirLock
 from upcycle import (check_upcycle_options, dense_ffn_weights, mean_pairwise_similarity, similarity_to_dense,
                      upcycle_from_checkpoint, upcycle_model)
 
@@ -160,6 +161,9 @@ def parse_config(argv, defaults=DEFAULTS):
                 exec(open(path).read(), {"include": include}, scope)
             try:
                 run_file(arg)
+            except SystemExit as e:   # a config file is Python: sys.exit() in it must not end train.py silently
+                raise ConfigError(f"config file {arg} called sys.exit({e.code!r}) while it ran: a config file "
+                                  f"only assigns settings; remove the exit") from None
             except Exception as e:
                 raise ConfigError(f"config file {arg} failed to run: {type(e).__name__}: {e}") from None
             for k, v in scope.items():
@@ -290,8 +294,13 @@ def check_run_config(cfg):
                 "upcycle_expert_noise", "adaptive_aux_max"):
         if cfg[key] < 0:
             raise ConfigError(f"{key}={cfg[key]} must be >= 0")
+    problem = first_float_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
     if cfg["aux_loss"] not in AUX_LOSSES:
         raise ConfigError(f"aux_loss={cfg['aux_loss']!r} must be one of {', '.join(AUX_LOSSES)}")
+    if cfg["expert_impl"] == "triton" and cfg["moe_layers"] != "none" and not triton_status()[0]:
+        raise ConfigError(f"expert_impl='triton' cannot run here: {triton_status()[1]} (use expert_impl=auto)")
     if cfg["device"] != "auto" and device_problem(cfg["device"]):
         raise ConfigError(f"device={cfg['device']!r} {device_problem(cfg['device'])}")
 
@@ -527,10 +536,24 @@ def upcycle_after_warmup(st, cfg, target_args, env):
     st.optimizer = make_optimizer(st.raw_model, cfg, env.device_type)
     carry_optimizer_state(old_opt, old_model, st.optimizer, st.raw_model)
     st.aux_coef = new_aux_coef(st.raw_model, cfg)
-    st.upcycled_from = {"path": None, "sha256": None, "method": "dense warm-up",
-                        "options": upcycle_options(cfg, target_args), "iter": st.iter_num}
+    dense_path = save_dense_warmup(old_model, cfg, st.iter_num) if env.master else None
+    st.upcycled_from = {"path": dense_path, "sha256": checkpoint.file_sha256(dense_path) if dense_path else None,
+                        "method": "dense warm-up", "options": upcycle_options(cfg, target_args), "iter": st.iter_num}
     st.model = wrap_model(st.raw_model, cfg, env)
     env.log(f"dense warm-up done at iter {st.iter_num}: upcycled to {st.raw_model.config.n_experts} experts")
+
+
+DENSE_WARMUP_NAME = "dense_warmup.pt"
+
+
+def save_dense_warmup(dense_model, cfg, iter_num):
+    """The dense model at the end of Lory's warm-up, as out_dir/dense_warmup.pt (weights
+    only). upcycled_from points at it, so a resumed run finds the dense FFNs again and
+    logs similarity_to_dense like a straight run. Returns its absolute path."""
+    obj = {"model_args": asdict(dense_model.config), "model": dense_model.state_dict(), "optimizer": None,
+           "iter_num": iter_num, "best_val_loss": 1e9, "config": cfg, "rng": None, "aux_coef": None,
+           "upcycled_from": None}
+    return os.path.abspath(checkpoint.save_checkpoint(obj, cfg["out_dir"], DENSE_WARMUP_NAME))
 
 
 @torch.no_grad()
@@ -670,8 +693,12 @@ def train_record(st, loss, lr, dt, tokens_per_iter, gpu_name, stats, cfg):
 
 
 def stop_not_finite(what, value, st, cfg, env):
-    env.log(f"error: {what} is {'not finite' if value is None else value} at iter {st.iter_num}; stopping. "
-            f"The last good checkpoint in {cfg['out_dir']} is kept (lower learning_rate or check the data).")
+    """A run whose loss (training, every step; or eval) stops being finite ends here:
+    one line on stderr, exit status 1, the last good checkpoint left as it is."""
+    if env.master:
+        print(f"error: {what} is {'not finite' if value is None else value} at iter {st.iter_num}; stopping. "
+              f"The last good checkpoint in {cfg['out_dir']} is kept (lower learning_rate or check the data).",
+              file=sys.stderr)
     return 1
 
 
@@ -777,8 +804,27 @@ def main(argv):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", 0)) != 0:   # DDP: rank 0 holds the out_dir lock for all
+        return train_reporting_errors(cfg)
+    try:
+        with OutDirLock(cfg["out_dir"], "train.py " + " ".join(argv)) as lock:
+            if lock.stale:
+                print(f"warning: took over the lock of a run that ended without releasing it ({lock.stale})",
+                      file=sys.stderr)
+            return train_reporting_errors(cfg)
+    except LockError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def train_reporting_errors(cfg):
+    """train(cfg) with bad input as one line on stderr and exit status 2; a checkpoint
+    refused for a non-finite number stops the run like a non-finite loss (exit 1)."""
     try:
         return train(cfg)
+    except NonFiniteCheckpointError as e:
+        print(f"error: {e}; stopping (lower learning_rate or check the data)", file=sys.stderr)
+        return 1
     except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

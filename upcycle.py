@@ -162,10 +162,11 @@ from dataclasses import asdict, fields
 import torch
 
 from checkpoint import CheckpointError, ckpt_path, file_sha256, load_checkpoint, load_model, save_checkpoint
-from cli import ArgumentParser
+from cli import ArgumentParser, float_problem
 from data.dataset import TokenDataset
 from model import GPT, GPTConfig
 from router import expert_choice_k
+from runlock import LockError, OutDirLock
 
 WEIGHT_SCALINGS = ("auto", "none", "exact", "megatron")
 # fields that fix the dense parameter shapes, and ones that change the dense function
@@ -538,14 +539,15 @@ def upcycle_checkpoint(path, out_dir, options=None, force=False, hidden=None, **
     force, and never overwrites the source. hidden: None, or the keyword arguments
     of router_init_hidden (data_dir, domains, ...) for router_init="hidden".
     Returns (path written, cfg, info)."""
-    _check_out_dir([path], out_dir, force)
-    src = os.path.abspath(ckpt_path(path))
-    dense = _load_dense(path)
-    moe_state, cfg, info = upcycle_state_dict(dense["model"], dense["model_args"], options, **kw)
-    if hidden is not None:
-        moe_state = _with_hidden_router(moe_state, cfg, info, hidden)
-    upcycled_from = {"path": src, "sha256": file_sha256(src), **info}
-    return _save_moe(out_dir, cfg, moe_state, dense.get("config"), upcycled_from), cfg, info
+    with OutDirLock(out_dir, "upcycle.py " + " ".join(sys.argv[1:])):   # LockError if a run writes there
+        _check_out_dir([path], out_dir, force)
+        src = os.path.abspath(ckpt_path(path))
+        dense = _load_dense(path)
+        moe_state, cfg, info = upcycle_state_dict(dense["model"], dense["model_args"], options, **kw)
+        if hidden is not None:
+            moe_state = _with_hidden_router(moe_state, cfg, info, hidden)
+        upcycled_from = {"path": src, "sha256": file_sha256(src), **info}
+        return _save_moe(out_dir, cfg, moe_state, dense.get("config"), upcycled_from), cfg, info
 
 
 # ----------------------------------------------------------------------------- beyond copies (issue 16)
@@ -730,14 +732,16 @@ def btx_checkpoint(paths, out_dir, options=None, force=False, hidden=None, **kw)
     step-0 MoE checkpoint like upcycle_checkpoint's (config: the first branch's). hidden as
     in upcycle_checkpoint; its domains default to the branches' config["domains"] (one
     each). Returns (path written, cfg, info)."""
-    _check_out_dir(paths, out_dir, force)
-    ckpts, names = _load_branches(paths)
-    state, cfg, info = btx_merge([c["model"] for c in ckpts], [c["model_args"] for c in ckpts], options, names, **kw)
-    if hidden is not None:
-        if not hidden.get("domains"):
-            hidden = {**hidden, "domains": _branch_domains(ckpts, names)}
-        state = _with_hidden_router(state, cfg, info, hidden)
-    return _save_moe(out_dir, cfg, state, ckpts[0].get("config"), {**_branch_record(names), **info}), cfg, info
+    with OutDirLock(out_dir, "upcycle.py " + " ".join(sys.argv[1:])):   # LockError if a run writes there
+        _check_out_dir(paths, out_dir, force)
+        ckpts, names = _load_branches(paths)
+        state, cfg, info = btx_merge([c["model"] for c in ckpts], [c["model_args"] for c in ckpts], options, names,
+                                     **kw)
+        if hidden is not None:
+            if not hidden.get("domains"):
+                hidden = {**hidden, "domains": _branch_domains(ckpts, names)}
+            state = _with_hidden_router(state, cfg, info, hidden)
+        return _save_moe(out_dir, cfg, state, ckpts[0].get("config"), {**_branch_record(names), **info}), cfg, info
 
 
 def _branch_domains(ckpts, names):
@@ -1047,15 +1051,24 @@ def cli_plan(args):
     return paths, options, hidden
 
 
+CLI_FLOATS = {"expert_noise": "upcycle_expert_noise", "router_init_std": None, "capacity_factor": None,
+              "eval_capacity_factor": None, "gate_norm_lambda": None}   # flag -> cli.FLOAT_RANGES key
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    for flag, kind in CLI_FLOATS.items():
+        problem = float_problem("--" + flag, getattr(args, flag), kind)
+        if problem:
+            p.error(problem)
     try:
         paths, options, hidden = cli_plan(args)
         if args.method == "btx":
             path, cfg, info = btx_checkpoint(paths, args.out_dir, options, force=args.force, hidden=hidden)
         else:
             path, cfg, info = upcycle_checkpoint(paths[0], args.out_dir, options, force=args.force, hidden=hidden)
-    except (ValueError, CheckpointError) as e:
+    except (ValueError, CheckpointError, LockError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:   # e.g. --out_dir names an existing file
