@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, file_sha256, load_checkpoint, load_model
-from cli import ArgumentParser, device_problem
+from cli import ArgumentParser, device_problem, float_problem
 from data.dataset import TokenDataset
 from metrics import metrics_path, read_metrics
 from model import LoryFFN

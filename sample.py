@@ -95,12 +95,12 @@ MAX_NEW_TOKENS = 100_000   # per sample; one forward pass each
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if float_problem("--temperature", args.temperature):
+        raise EvalError(float_problem("--temperature", args.temperature))
     if args.num_samples < 1 or args.max_new_tokens < 0 or not args.temperature > 0 or (
             args.top_k is not None and args.top_k < 1):
         raise EvalError(f"need --num_samples >= 1, --max_new_tokens >= 0, --temperature > 0 and --top_k >= 1 (got "
                         f"{args.num_samples}, {args.max_new_tokens}, {args.temperature}, {args.top_k})")
-    if float_problem("--temperature", args.temperature):
-        raise EvalError(float_problem("--temperature", args.temperature))
     if args.max_new_tokens > MAX_NEW_TOKENS:
         raise EvalError(f"--max_new_tokens={args.max_new_tokens} is more than {MAX_NEW_TOKENS}: generation runs one "
                         f"forward pass per token, so this would run for hours; ask for fewer tokens")

@@ -1036,6 +1036,8 @@ def cli_plan(args):
         raise ValueError("--domains is used by --router_init=hidden only")
     if args.router_init == "hidden" and not args.domains and args.method != "btx":
         raise ValueError("--router_init=hidden needs --domains=D1,D2,... (one per expert, or fewer dividing n_experts)")
+    if args.granularity < 1:   # 0 would be read as "unset" further down and upcycle with G=1
+        raise ValueError(f"--granularity={args.granularity} must be >= 1 (shards per dense FFN)")
     if args.router_init_windows < 1:
         raise ValueError(f"--router_init_windows={args.router_init_windows} must be >= 1")
     model_args = {k: getattr(args, k) for k in MODEL_FLAGS}
