@@ -403,6 +403,62 @@ def get_batch(train_data, cfg, env, data_gen):
         yield xb, yb
 
 
+def n_moe_layers(args):
+    """How many layers moe_layers names, counted without listing them (n_layer may be huge)."""
+    spec, L = str(args.get("moe_layers", "none")).strip(), args["n_layer"]
+    if spec in ("none", ""):
+        return 0
+    return L if spec == "all" else L // 2 if spec == "every_other" else len([s for s in spec.split(",") if s.strip()])
+
+
+def estimate_memory(args, cfg):
+    """(bytes, breakdown): a lower bound of the memory a training run of this model
+    shape and batch holds at once, from the numbers alone (nothing allocated).
+    Parameters: embedding (and an untied head), per layer the q and o projections
+    (k, v left out: a lower bound), a SwiGLU FFN (3 d h) or E experts (3 d h_e each);
+    times 16 bytes (fp32 weight, gradient, two AdamW moments). Activations: the
+    logits and their gradient (2 B T V) and, per layer, 4 saved (B, T, d) tensors,
+    fp32. Fixed eval batches: 2 splits x eval_iters x (x, y, domain) int64 (B, T)."""
+    args = {**{f.name: f.default for f in fields(GPTConfig)}, **args}   # a checkpoint may leave defaults out
+    d, L, V = args["n_embd"], args["n_layer"], args["vocab_size"]
+    ffn = args.get("ffn_hidden") or 32 * math.ceil(8 * d / 3 / 32)
+    h_e = args.get("expert_hidden") or ffn
+    n_moe = n_moe_layers(args)
+    experts = args.get("n_experts", 1) + args.get("n_shared_experts", 0)
+    params = (V * d * (1 if args.get("tie_embeddings", True) else 2) + L * 2 * d * d
+              + (L - n_moe) * 3 * d * ffn + n_moe * experts * 3 * d * h_e)
+    B, T = cfg["batch_size"], cfg["block_size"]
+    parts = {"parameters and optimizer state": 16 * params, "activations": 4 * B * T * (2 * V + 4 * L * d),
+             "eval batches": 2 * cfg["eval_iters"] * 3 * 8 * B * T}
+    return sum(parts.values()), parts
+
+
+def available_memory(env):
+    """(bytes, where) this process can still allocate: the GPU's free memory on CUDA,
+    else the machine's MemAvailable (None when unknown, e.g. no /proc)."""
+    if env.device_type == "cuda":
+        return torch.cuda.mem_get_info(env.device)[0], f"{env.device} GPU"
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(l.split()[1]) for l in f if l.startswith("MemAvailable:"))
+        return kb * 1024, "RAM"
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None, "RAM"
+
+
+def check_memory(args, cfg, env):
+    """Refuse, before anything is allocated, a run whose lower-bound memory need
+    (estimate_memory) exceeds what the device has free, with one line saying both."""
+    need, parts = estimate_memory(args, cfg)
+    have, where = available_memory(env)
+    if have is not None and need > have:
+        gib = lambda n: f"{n / 2**30:,.1f} GiB"   # noqa: E731
+        raise ConfigError(f"this run needs at least {gib(need)} of {where} ("
+                          + ", ".join(f"{k} {gib(v)}" for k, v in parts.items())
+                          + f") but {gib(have)} is available: make the model, batch_size, block_size or "
+                            f"eval_iters smaller")
+
+
 def check_new_run(cfg, target_args):
     """Before out_dir is touched: a new run must not replace a checkpoint unasked,
     and its model shape (and Lory's later upcycle) must be possible."""
@@ -439,6 +495,7 @@ def build_model(cfg, target_args, env):
         return GPT(GPTConfig(**args)), None, None
     if init == "resume":
         ckpt = load_checkpoint(cfg["out_dir"], map_location=env.device)
+        check_memory(ckpt["model_args"], cfg, env)
         model = model_with_runtime_keys(ckpt["model_args"], target_args)
         load_weights(model, ckpt["model"], cfg["out_dir"])
         env.log(f"resuming from {cfg['out_dir']} at iter {ckpt.get('iter_num', 0)}")
@@ -714,6 +771,7 @@ def train(cfg):
 
     # ---- model: scratch, resume, warm start or online upcycling ----
     target_args = model_args_from(cfg, vocab_size)
+    check_memory(target_args, cfg, env)          # before GPTConfig lists n_layer layers or anything is allocated
     check_new_run(cfg, target_args)
     if env.master:
         os.makedirs(cfg["out_dir"], exist_ok=True)

@@ -328,3 +328,38 @@ def test_lory_resume_with_dense_warmup_logs_like_a_straight_run(run, tmp_path):
         assert a.get("similarity_to_dense") == b.get("similarity_to_dense"), a["iter"]
         assert a["val_loss"] == b["val_loss"]
     assert all("similarity_to_dense" in r for r in evals[1] if r["iter"] >= 2)
+
+
+# ----------------------------------------------------------------------------- class 2: sizes that cannot fit
+
+TOO_BIG = [f"--n_layer={10**9}", f"--n_embd={10**6}", f"--batch_size={10**9}", f"--block_size={10**9}",
+           f"--eval_iters={10**9}", f"--n_experts={10**6}"]
+
+
+@pytest.mark.parametrize("flag", TOO_BIG)
+def test_train_refuses_a_run_that_cannot_fit_in_memory(run, tmp_path, capsys, flag):
+    out = tmp_path / "big"
+    assert train.main(run["argv"] + [f"--out_dir={out}", flag]) == 2
+    one_error_line(capsys.readouterr().err, "this run needs at least")
+    assert not out.exists()
+
+
+def test_resume_of_a_checkpoint_too_big_for_memory(run, copy, capsys):
+    ck = torch.load(os.path.join(copy, "ckpt.pt"), weights_only=True)
+    ck["model_args"]["vocab_size"] = 10**9
+    torch.save(ck, os.path.join(copy, "ckpt.pt"))
+    before = snapshot(copy)
+    assert train.main(run["argv"] + [f"--out_dir={copy}", "--init_from=resume", "--max_iters=3"]) == 2
+    one_error_line(capsys.readouterr().err, "parameters and optimizer state")
+    assert snapshot(copy) == before
+
+
+def test_memory_estimate_is_a_lower_bound_of_the_real_model():
+    """The parameter part counts at most the real model's parameters (a lower bound)."""
+    for args in ({"n_layer": 2, "n_head": 2, "n_embd": 32, "vocab_size": 64},
+                 {"n_layer": 3, "n_head": 4, "n_embd": 64, "vocab_size": 100, "moe_layers": "all", "n_experts": 4},
+                 {"n_layer": 4, "n_head": 2, "n_embd": 32, "vocab_size": 64, "moe_layers": "every_other",
+                  "tie_embeddings": False}):
+        real = train.GPT(train.GPTConfig(**args)).num_params()
+        _, parts = train.estimate_memory(args, {"batch_size": 1, "block_size": 8, "eval_iters": 1})
+        assert 0.8 * real <= parts["parameters and optimizer state"] / 16 <= real, (args, real)
