@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, file_sha256, load_checkpoint, load_model
-from cli import ArgumentParser, device_problem, float_problem
+from cli import ArgumentParser, device_problem, float_problem, ram_available
 from data.dataset import TokenDataset
 from metrics import metrics_path, read_metrics
 from model import LoryFFN
@@ -338,6 +338,23 @@ def evaluate_model(model, batches, n_domains, domain_names=None, skip_positions=
     return res
 
 
+def check_eval_memory(batches, batch_size, T, vocab_size, device):
+    """Refuse, before drawing the batches, an evaluation whose lower-bound memory need
+    exceeds what is free: the fixed batches (x, y, domain: int64, batches x batch_size
+    x T each) in RAM, and one batch's fp32 logits (batch_size x T x V) on the device."""
+    batch_bytes, logit_bytes = 3 * 8 * batches * batch_size * T, 4 * batch_size * T * vocab_size
+    on_gpu = torch.device(device).type == "cuda"
+    checks = [(batch_bytes + (0 if on_gpu else logit_bytes), ram_available(), "RAM")]
+    if on_gpu:
+        checks.append((logit_bytes, torch.cuda.mem_get_info(device)[0], f"{device} GPU"))
+    for need, have, where in checks:
+        if have is not None and need > have:
+            raise EvalError(f"--batches={batches} x --batch_size={batch_size} of {T} tokens need at least "
+                            f"{need / 2**30:,.1f} GiB of {where} (val batches {batch_bytes / 2**30:,.1f} GiB, "
+                            f"logits {logit_bytes / 2**30:,.1f} GiB) but {have / 2**30:,.1f} GiB is available: "
+                            f"use a smaller --batch_size or fewer --batches")
+
+
 def evaluate_checkpoint(ckpt_dir, batches=DEFAULT_BATCHES, batch_size=DEFAULT_BATCH_SIZE, data_dir=None,
                         device="cpu", skip_positions=None, eval_capacity_factor=None, seed=VAL_SEED):
     """Load a checkpoint and evaluate it on fixed, seeded val batches.
@@ -373,6 +390,7 @@ def evaluate_checkpoint(ckpt_dir, batches=DEFAULT_BATCHES, batch_size=DEFAULT_BA
         for _, ffn in model.moe_layers():
             if hasattr(ffn.router, "eval_capacity_factor"):
                 ffn.router.eval_capacity_factor = eval_capacity_factor
+    check_eval_memory(batches, batch_size, T, model.config.vocab_size, device)
     try:
         fixed = ds.fixed_batches(batches, batch_size, T, seed=seed)
     except ValueError as e:

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 from checkpoint import CheckpointError, NonFiniteCheckpointError, load_checkpoint, load_weights
-from cli import device_problem, first_float_problem
+from cli import device_problem, first_float_problem, ram_available
 from data.dataset import TokenDataset
 from data.similarity import ensure_similarity_order
 from kernels import auto_impl, triton_status
@@ -438,12 +438,7 @@ def available_memory(env):
     else the machine's MemAvailable (None when unknown, e.g. no /proc)."""
     if env.device_type == "cuda":
         return torch.cuda.mem_get_info(env.device)[0], f"{env.device} GPU"
-    try:
-        with open("/proc/meminfo") as f:
-            kb = next(int(l.split()[1]) for l in f if l.startswith("MemAvailable:"))
-        return kb * 1024, "RAM"
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None, "RAM"
+    return ram_available(), "RAM"
 
 
 def check_memory(args, cfg, env):

@@ -218,6 +218,8 @@ EVAL_BAD = [
     (sample.cli, ["--temperature=nan"], "--temperature=nan must be a finite number"),
     (sample.cli, ["--temperature=0"], "--temperature=0.0 must be a finite number in (0, inf)"),
     (sample.cli, [f"--max_new_tokens={10**7}"], "--max_new_tokens=10000000 is more than 100000"),
+    (ev.cli, [f"--batch_size={10**8}"], "GiB is available: use a smaller --batch_size"),
+    (ev.cli, [f"--batches={10**9}"], "GiB is available: use a smaller --batch_size or fewer --batches"),
 ]
 
 
