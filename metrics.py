@@ -24,6 +24,7 @@ class MetricsError(ValueError):
 
 
 NUMBER_KEYS = ("tokens", "loss", "lr", "train_loss", "val_loss", "ms_per_iter", "tok_per_s", "mfu")
+LIST_KEYS = ("moe", "alpha", "expert_similarity", "similarity_to_dense", "domain_usage")
 
 
 def record_problem(rec):
@@ -41,6 +42,11 @@ def record_problem(rec):
         v = rec.get(key)
         if key in rec and (isinstance(v, bool) or not isinstance(v, (int, float))):
             return f"{key}={v!r} is not a number"
+    for key in LIST_KEYS:
+        if key in rec and not isinstance(rec[key], list):
+            return f"{key}={rec[key]!r} is not a list"
+    if "moe" in rec and not all(isinstance(layer, dict) for layer in rec["moe"]):
+        return "moe is not a list of per-layer objects"
     return None
 
 
@@ -107,6 +113,8 @@ def write_atomic(path, write):
     try:
         with open(tmp, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         raise MetricsError(write_problem(e, path)) from None

@@ -252,6 +252,9 @@ MALFORMED = [
     ('{"iter": 2, "split": "train", "loss": [1]}', "loss=[1] is not a number"),
     ("not json at all", "not valid JSON"),
     ('"a string"', "a JSON str, not an object"),
+    ('{"iter": 2, "split": "train", "moe": "x"}', "moe='x' is not a list"),
+    ('{"iter": 2, "split": "train", "moe": [1, 2]}', "moe is not a list of per-layer objects"),
+    ('{"iter": 2, "split": "eval", "expert_similarity": 0.5}', "expert_similarity=0.5 is not a list"),
 ]
 
 
