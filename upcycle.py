@@ -162,7 +162,7 @@ from dataclasses import asdict, fields
 import torch
 
 from checkpoint import CheckpointError, ckpt_path, file_sha256, load_checkpoint, load_model, save_checkpoint
-from cli import ArgumentParser, float_problem
+from cli import ArgumentParser, float_problem, ram_available
 from data.dataset import TokenDataset
 from model import GPT, GPTConfig
 from router import expert_choice_k
@@ -492,6 +492,20 @@ def _load_dense(path):
     return ckpt
 
 
+def _check_fits_in_memory(dense_args, options):
+    """Refuse (one-line ValueError) an upcycle whose expert stacks cannot fit in RAM:
+    at least one MoE layer of E experts of width ffn_hidden / G, 3 fp32 matrices
+    (E, h_e, d) each, before anything is allocated (--n_experts=10**6)."""
+    E = int((options or {}).get("model_args", {}).get("n_experts", 8))
+    G = max(int((options or {}).get("granularity", 1) or 1), 1)
+    d, h = int(dense_args.get("n_embd", 0)), int(dense_args.get("ffn_hidden", 0))
+    need, have = 4 * 3 * E * d * max(h // G, 1), ram_available()
+    if have is not None and need > have:
+        raise ValueError(f"--n_experts={E} needs at least {need / 2**30:,.1f} GiB of RAM for one layer's experts "
+                         f"(3 x {E} x {max(h // G, 1)} x {d} fp32) but {have / 2**30:,.1f} GiB is available: "
+                         f"use fewer experts")
+
+
 def upcycle_from_checkpoint(path, options=None, device="cpu", **kw):
     """Online upcycling: dense checkpoint (out_dir or .pt) -> (MoE GPT on `device`,
     upcycled_from). upcycled_from = {"path", "sha256", "method", "options"} as
@@ -543,6 +557,7 @@ def upcycle_checkpoint(path, out_dir, options=None, force=False, hidden=None, **
         _check_out_dir([path], out_dir, force)
         src = os.path.abspath(ckpt_path(path))
         dense = _load_dense(path)
+        _check_fits_in_memory(dense["model_args"], options)
         moe_state, cfg, info = upcycle_state_dict(dense["model"], dense["model_args"], options, **kw)
         if hidden is not None:
             moe_state = _with_hidden_router(moe_state, cfg, info, hidden)

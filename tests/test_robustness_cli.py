@@ -179,6 +179,7 @@ UPCYCLE_BAD = [
     ("--eval_capacity_factor=-1", "--eval_capacity_factor=-1.0 must be a finite number in [0, inf)"),
     ("--gate_norm_lambda=0", "--gate_norm_lambda=0.0 must be a finite number in (0, inf)"),
     ("--granularity=0", "--granularity=0 must be >= 1"),
+    (f"--n_experts={10**8}", "--n_experts=100000000 needs at least"),
 ]
 
 
