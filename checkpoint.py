@@ -43,6 +43,11 @@ class CheckpointError(Exception):
     not be written (message names the file, and the field or the disk)."""
 
 
+class NonFiniteCheckpointError(CheckpointError):
+    """save_checkpoint refused a checkpoint holding NaN/inf (a diverged run, not bad
+    input: train.py stops with exit status 1 as for a non-finite loss)."""
+
+
 def ckpt_path(path):
     """Accept an out_dir or a path to the .pt file itself."""
     return os.path.join(path, CKPT_NAME) if os.path.isdir(path) else path
@@ -127,7 +132,7 @@ def save_checkpoint(ckpt, out_dir, name=CKPT_NAME):
     final = os.path.join(out_dir, name)
     bad = first_nonfinite(ckpt, "")
     if bad:
-        raise CheckpointError(f"refusing to write {final}: {bad} is not finite (NaN or inf); "
+        raise NonFiniteCheckpointError(f"refusing to write {final}: {bad} is not finite (NaN or inf); "
                               f"the previous checkpoint is kept")
     return write_atomic(final, lambda f: torch.save(ckpt, f))
 

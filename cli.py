@@ -35,6 +35,16 @@ def device_problem(name):
     return None
 
 
+def ram_available():
+    """Bytes of RAM this machine can still hand out (/proc/meminfo MemAvailable), or
+    None where that is unknown (no /proc): the memory checks then pass."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("MemAvailable:")) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
 # Every float setting of the project and the interval it must lie in; each must
 # also be finite. The keys are train.py's config names (GPTConfig fields share
 # them); upcycle.py and eval.py flags of the same meaning pass the key as `kind`.

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, file_sha256, load_checkpoint, load_model
-from cli import ArgumentParser, device_problem
+from cli import ArgumentParser, device_problem, float_problem, ram_available
 from data.dataset import TokenDataset
 from metrics import metrics_path, read_metrics
 from model import LoryFFN
@@ -340,6 +340,23 @@ def evaluate_model(model, batches, n_domains, domain_names=None, skip_positions=
     return res
 
 
+def check_eval_memory(batches, batch_size, T, vocab_size, device):
+    """Refuse, before drawing the batches, an evaluation whose lower-bound memory need
+    exceeds what is free: the fixed batches (x, y, domain: int64, batches x batch_size
+    x T each) in RAM, and one batch's fp32 logits (batch_size x T x V) on the device."""
+    batch_bytes, logit_bytes = 3 * 8 * batches * batch_size * T, 4 * batch_size * T * vocab_size
+    on_gpu = torch.device(device).type == "cuda"
+    checks = [(batch_bytes + (0 if on_gpu else logit_bytes), ram_available(), "RAM")]
+    if on_gpu:
+        checks.append((logit_bytes, torch.cuda.mem_get_info(device)[0], f"{device} GPU"))
+    for need, have, where in checks:
+        if have is not None and need > have:
+            raise EvalError(f"--batches={batches} x --batch_size={batch_size} of {T} tokens need at least "
+                            f"{need / 2**30:,.1f} GiB of {where} (val batches {batch_bytes / 2**30:,.1f} GiB, "
+                            f"logits {logit_bytes / 2**30:,.1f} GiB) but {have / 2**30:,.1f} GiB is available: "
+                            f"use a smaller --batch_size or fewer --batches")
+
+
 def evaluate_checkpoint(ckpt_dir, batches=DEFAULT_BATCHES, batch_size=DEFAULT_BATCH_SIZE, data_dir=None,
                         device="cpu", skip_positions=None, eval_capacity_factor=None, seed=VAL_SEED):
     """Load a checkpoint and evaluate it on fixed, seeded val batches.
@@ -375,6 +392,7 @@ def evaluate_checkpoint(ckpt_dir, batches=DEFAULT_BATCHES, batch_size=DEFAULT_BA
         for _, ffn in model.moe_layers():
             if hasattr(ffn.router, "eval_capacity_factor"):
                 ffn.router.eval_capacity_factor = eval_capacity_factor
+    check_eval_memory(batches, batch_size, T, model.config.vocab_size, device)
     try:
         fixed = ds.fixed_batches(batches, batch_size, T, seed=seed)
     except ValueError as e:
@@ -545,6 +563,22 @@ def build_parser():
     return p
 
 
+def strict_json(o):
+    """o with every NaN/inf float replaced by None: json.dumps writes those as bare
+    NaN/Infinity, which is not JSON (strict parsers reject it)."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: strict_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [strict_json(v) for v in o]
+    if torch.is_tensor(o) or isinstance(o, np.ndarray):
+        return strict_json(o.tolist())
+    if isinstance(o, np.generic):
+        return strict_json(o.item())
+    return o
+
+
 def _json_default(o):
     if torch.is_tensor(o):
         return o.tolist()
@@ -559,6 +593,9 @@ def main(argv=None):
         raise EvalError("--batches and --batch_size must be positive")
     if device_problem(args.device):
         raise EvalError(f"--device={args.device} {device_problem(args.device)}")
+    problem = float_problem("--eval_capacity_factor", args.eval_capacity_factor)
+    if problem:
+        raise EvalError(problem)
     if args.compare:
         out = args.out or os.path.join("out", "compare")
         table, pngs = compare_runs(args.compare, out, evaluate=args.eval, batches=args.batches,
@@ -584,7 +621,7 @@ def main(argv=None):
             for n in notes:
                 print(f"note: {n}")
     if args.json:
-        print(json.dumps(res, default=_json_default))
+        print(json.dumps(strict_json(res), default=_json_default, allow_nan=False))
     return 0
 
 

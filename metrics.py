@@ -6,6 +6,7 @@ the one place that writes and reads it.
     {"iter": 10, "tokens": 20480, "split": "train", "loss": ..., "lr": ..., "moe": [...per layer...]}
     {"iter": 10, "tokens": 20480, "split": "eval", "train_loss": ..., "val_loss": ...}
 """
+import errno
 import json
 import os
 import sys
@@ -18,20 +19,65 @@ def metrics_path(run_dir):
     return os.path.join(run_dir, METRICS_FILE) if os.path.isdir(run_dir) else run_dir
 
 
+class MetricsError(ValueError):
+    """metrics.jsonl cannot be read or written (one line naming the file)."""
+
+
+NUMBER_KEYS = ("tokens", "loss", "lr", "train_loss", "val_loss", "ms_per_iter", "tok_per_s", "mfu")
+LIST_KEYS = ("moe", "alpha", "expert_similarity", "similarity_to_dense", "domain_usage")
+
+
+def record_problem(rec):
+    """Why a parsed line is not a metrics record (a dict with an int iter >= 0, a
+    str split, and numbers where the known numeric keys are), or None. NaN and
+    inf pass: they are what a diverged run logged (plot.py leaves them out)."""
+    if not isinstance(rec, dict):
+        return f"a JSON {type(rec).__name__}, not an object"
+    it = rec.get("iter")
+    if not isinstance(it, int) or isinstance(it, bool) or it < 0:
+        return f"iter={it!r} is not an int >= 0"
+    if not isinstance(rec.get("split"), str):
+        return f"split={rec.get('split')!r} is not a string"
+    for key in NUMBER_KEYS:
+        v = rec.get(key)
+        if key in rec and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return f"{key}={v!r} is not a number"
+    for key in LIST_KEYS:
+        if key in rec and not isinstance(rec[key], list):
+            return f"{key}={rec[key]!r} is not a list"
+    if "moe" in rec and not all(isinstance(layer, dict) for layer in rec["moe"]):
+        return "moe is not a list of per-layer objects"
+    return None
+
+
 def read_metrics(path):
-    """Records of a metrics.jsonl; a truncated last line (killed mid-write) is skipped
-    with a warning on stderr; a bad line elsewhere raises ValueError."""
-    recs = []
-    with open(path) as f:
-        lines = f.readlines()
+    """Records of a metrics.jsonl. This is the one reader: a line that is not JSON
+    (a truncated last line of a killed run, or damage) or not a record
+    (record_problem) is skipped and counted, with one warning line on stderr.
+    A path that cannot be read raises MetricsError (one line)."""
+    if os.path.isdir(path):
+        raise MetricsError(f"{path} is a directory, not a metrics file: move it away (or choose another out_dir)")
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MetricsError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    recs, skipped = [], []
     for i, line in enumerate(lines):
+        if not line.strip():
+            continue
         try:
-            recs.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                print(f"warning: skipped a truncated last line in {path}", file=sys.stderr)
-            else:
-                raise ValueError(f"{path} line {i + 1} is not valid JSON") from None
+            rec = json.loads(line)
+            problem = record_problem(rec)
+        except (json.JSONDecodeError, RecursionError):
+            problem = "not valid JSON" + (" (truncated last line)" if i == len(lines) - 1 else "")
+        if problem:
+            skipped.append(f"line {i + 1}: {problem}")
+        else:
+            recs.append(rec)
+    if skipped:
+        print(f"warning: skipped {len(skipped)} malformed line(s) of {path} ({skipped[0]}"
+              f"{', ...' if len(skipped) > 1 else ''})", file=sys.stderr)
     return recs
 
 
@@ -47,10 +93,34 @@ def trim_for_resume(path, iter_num):
     if not os.path.exists(path):
         return
     keep = [r for r in read_metrics(path)
-            if r.get("iter", 0) < iter_num or (r.get("iter", 0) == iter_num and r.get("split") != "eval")]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in keep)
-    os.replace(path + ".tmp", path)
+            if r["iter"] < iter_num or (r["iter"] == iter_num and r["split"] != "eval")]
+    text = "".join(json.dumps(r) + "\n" for r in keep).encode()
+    write_atomic(path, lambda f: f.write(text))   # per-process temp name; a write error is one line
+
+
+def write_problem(e, path):
+    """One line for an OSError met while writing metrics.jsonl."""
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    what = "disk full" if full else (e.strerror or str(e))
+    return f"cannot write {path}: {what} ({'free space' if full else 'check the directory'}, or choose another out_dir)"
+
+
+def write_atomic(path, write):
+    """write(f) into a per-process temp file, then rename onto path; on any failure
+    the temp file is removed, path is left as it was, and an OSError becomes a
+    one-line MetricsError."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise MetricsError(write_problem(e, path)) from None
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
 
 
 class MetricsWriter:
@@ -65,12 +135,15 @@ class MetricsWriter:
     def write(self, rec):
         if not self.enabled:
             return
-        if self.file is None:
-            if not self.append and os.path.exists(self.path):
-                os.replace(self.path, self.path + ".prev")   # keep the old run's log, start afresh
-            self.file = open(self.path, "a")
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
+        try:
+            if self.file is None:
+                if not self.append and os.path.exists(self.path):
+                    os.replace(self.path, self.path + ".prev")   # keep the old run's log, start afresh
+                self.file = open(self.path, "a")
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+        except OSError as e:   # disk full, or metrics.jsonl is a directory...: one line, the run stops
+            raise MetricsError(write_problem(e, self.path)) from None
 
     def close(self):
         if self.file is not None:

@@ -357,11 +357,14 @@ def make_plots(run_dir, result=None, records=None, out_dir=None, dpi=100, log=No
     say which plots were skipped and why."""
     out_dir = out_dir or os.path.join(run_dir, "plots")
     records = load_metrics(run_dir) if records is None else records
+    records, n_nonfinite = finite_records(records)
     layers = (result or {}).get("layers") or []
     ids = [L["layer"] for L in layers] or None
     lory = bool(layers) and layers[0]["kind"] == "lory"
     routed = [L for L in layers if L["kind"] == "routed"]
     paths, notes = [], []
+    if n_nonfinite:
+        notes.append(f"left out {n_nonfinite} metrics.jsonl record(s) with a NaN/inf value")
 
     def do(name, fn, *args, why, **kw):
         p = fn(*args, os.path.join(out_dir, name + ".png"), **kw)
@@ -399,10 +402,27 @@ def make_plots(run_dir, result=None, records=None, out_dir=None, dpi=100, log=No
     return paths, notes
 
 
+def finite_records(records):
+    """(records, n): the records without a NaN/inf number among their top-level
+    values (a diverged run logs them; a plot leaves those points out), and how
+    many were left out."""
+    keep = [r for r in records if all(math.isfinite(v) for v in r.values()
+                                      if isinstance(v, float))]
+    return keep, len(records) - len(keep)
+
+
 def plot_compare(runs, path, figsize=None, dpi=100):
     """One figure for several runs: val loss vs step, val loss vs tokens (with the
     logged train loss faint), and a bar chart of each run's final val loss.
-    runs: list of (name, records, row)."""
+    runs: list of (name, records, row). Records with a NaN/inf value are left out,
+    with a warning on stderr."""
+    kept = []
+    for name, recs, row in runs:
+        recs, n = finite_records(recs)
+        if n:
+            print(f"warning: {name}: left out {n} metrics.jsonl record(s) with a NaN/inf value", file=sys.stderr)
+        kept.append((name, recs, row))
+    runs = kept
     fig = _figure(figsize or (15.0, 4.6), dpi)
     a1, a2, a3 = fig.subplots(1, 3)
     colors = [f"C{i}" for i in range(10)]

@@ -24,7 +24,7 @@ import sys
 import torch
 
 from checkpoint import CheckpointError
-from cli import ArgumentParser, device_problem
+from cli import ArgumentParser, device_problem, float_problem
 from data.dataset import load_meta
 from data.tokenizer import HFTokenizer, find_tokenizer_dir, load_tokenizer
 from eval import EvalError, _prepare_hint, load_run, resolve_data_dir
@@ -122,12 +122,20 @@ def build_parser():
     return p
 
 
+MAX_NEW_TOKENS = 100_000   # per sample; one forward pass each
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if float_problem("--temperature", args.temperature):
+        raise EvalError(float_problem("--temperature", args.temperature))
     if args.num_samples < 1 or args.max_new_tokens < 0 or not args.temperature > 0 or (
             args.top_k is not None and args.top_k < 1):
         raise EvalError(f"need --num_samples >= 1, --max_new_tokens >= 0, --temperature > 0 and --top_k >= 1 (got "
                         f"{args.num_samples}, {args.max_new_tokens}, {args.temperature}, {args.top_k})")
+    if args.max_new_tokens > MAX_NEW_TOKENS:
+        raise EvalError(f"--max_new_tokens={args.max_new_tokens} is more than {MAX_NEW_TOKENS}: generation runs one "
+                        f"forward pass per token, so this would run for hours; ask for fewer tokens")
     if device_problem(args.device):
         raise EvalError(f"--device={args.device} {device_problem(args.device)}")
     texts = sample(args.ckpt, read_start(args.start), args.max_new_tokens, args.temperature, args.top_k,

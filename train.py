@@ -31,15 +31,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import parallel
-from checkpoint import CheckpointError, load_checkpoint, load_weights
-from cli import device_problem
+from checkpoint import CheckpointError, NonFiniteCheckpointError, load_checkpoint, load_weights
+from cli import device_problem, first_float_problem, ram_available
 from data.dataset import TokenDataset, load_meta
 from data.similarity import ensure_similarity_order
 from data.tokenizer import copy_tokenizer_files
-from kernels import auto_impl
+from kernels import auto_impl, triton_status
 from metrics import METRICS_FILE, MetricsWriter, trim_for_resume
 from model import GPT, GPTConfig, MoEFFN
 from router import AdaptiveAuxCoef, Routing
+from runlock import LockError, OutDirLock
 from upcycle import (METHODS, ROUTER_INITS, branch_domains, btx_from_checkpoints, check_upcycle_options,
                      dense_ffn_weights, mean_pairwise_similarity, router_init_hidden, similarity_to_dense,
                      upcycle_from_checkpoint, upcycle_model)
@@ -171,6 +172,9 @@ def parse_config(argv, defaults=DEFAULTS):
                 exec(open(path).read(), {"include": include}, scope)
             try:
                 run_file(arg)
+            except SystemExit as e:   # a config file is Python: sys.exit() in it must not end train.py silently
+                raise ConfigError(f"config file {arg} called sys.exit({e.code!r}) while it ran: a config file "
+                                  f"only assigns settings; remove the exit") from None
             except Exception as e:
                 raise ConfigError(f"config file {arg} failed to run: {type(e).__name__}: {e}") from None
             for k, v in scope.items():
@@ -305,8 +309,13 @@ def check_run_config(cfg):
                 "upcycle_expert_noise", "adaptive_aux_max"):
         if cfg[key] < 0:
             raise ConfigError(f"{key}={cfg[key]} must be >= 0")
+    problem = first_float_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
     if cfg["aux_loss"] not in AUX_LOSSES:
         raise ConfigError(f"aux_loss={cfg['aux_loss']!r} must be one of {', '.join(AUX_LOSSES)}")
+    if cfg["expert_impl"] == "triton" and cfg["moe_layers"] != "none" and not triton_status()[0]:
+        raise ConfigError(f"expert_impl='triton' cannot run here: {triton_status()[1]} (use expert_impl=auto)")
     if cfg["device"] != "auto" and device_problem(cfg["device"]):
         raise ConfigError(f"device={cfg['device']!r} {device_problem(cfg['device'])}")
     if cfg["expert_parallel"] > 1 and cfg["dtype"] == "float16":
@@ -482,6 +491,57 @@ def get_batch(train_data, cfg, env, data_gen):
         yield xb, yb
 
 
+def n_moe_layers(args):
+    """How many layers moe_layers names, counted without listing them (n_layer may be huge)."""
+    spec, L = str(args.get("moe_layers", "none")).strip(), args["n_layer"]
+    if spec in ("none", ""):
+        return 0
+    return L if spec == "all" else L // 2 if spec == "every_other" else len([s for s in spec.split(",") if s.strip()])
+
+
+def estimate_memory(args, cfg):
+    """(bytes, breakdown): a lower bound of the memory a training run of this model
+    shape and batch holds at once, from the numbers alone (nothing allocated).
+    Parameters: embedding (and an untied head), per layer the q and o projections
+    (k, v left out: a lower bound), a SwiGLU FFN (3 d h) or E experts (3 d h_e each);
+    times 16 bytes (fp32 weight, gradient, two AdamW moments). Activations: the
+    logits and their gradient (2 B T V) and, per layer, 4 saved (B, T, d) tensors,
+    fp32. Fixed eval batches: 2 splits x eval_iters x (x, y, domain) int64 (B, T)."""
+    args = {**{f.name: f.default for f in fields(GPTConfig)}, **args}   # a checkpoint may leave defaults out
+    d, L, V = args["n_embd"], args["n_layer"], args["vocab_size"]
+    ffn = args.get("ffn_hidden") or 32 * math.ceil(8 * d / 3 / 32)
+    h_e = args.get("expert_hidden") or ffn
+    n_moe = n_moe_layers(args)
+    experts = args.get("n_experts", 1) + args.get("n_shared_experts", 0)
+    params = (V * d * (1 if args.get("tie_embeddings", True) else 2) + L * 2 * d * d
+              + (L - n_moe) * 3 * d * ffn + n_moe * experts * 3 * d * h_e)
+    B, T = cfg["batch_size"], cfg["block_size"]
+    parts = {"parameters and optimizer state": 16 * params, "activations": 4 * B * T * (2 * V + 4 * L * d),
+             "eval batches": 2 * cfg["eval_iters"] * 3 * 8 * B * T}
+    return sum(parts.values()), parts
+
+
+def available_memory(env):
+    """(bytes, where) this process can still allocate: the GPU's free memory on CUDA,
+    else the machine's MemAvailable (None when unknown, e.g. no /proc)."""
+    if env.device_type == "cuda":
+        return torch.cuda.mem_get_info(env.device)[0], f"{env.device} GPU"
+    return ram_available(), "RAM"
+
+
+def check_memory(args, cfg, env):
+    """Refuse, before anything is allocated, a run whose lower-bound memory need
+    (estimate_memory) exceeds what the device has free, with one line saying both."""
+    need, parts = estimate_memory(args, cfg)
+    have, where = available_memory(env)
+    if have is not None and need > have:
+        gib = lambda n: f"{n / 2**30:,.1f} GiB"   # noqa: E731
+        raise ConfigError(f"this run needs at least {gib(need)} of {where} ("
+                          + ", ".join(f"{k} {gib(v)}" for k, v in parts.items())
+                          + f") but {gib(have)} is available: make the model, batch_size, block_size or "
+                            f"eval_iters smaller")
+
+
 def check_new_run(cfg, target_args):
     """Before out_dir is touched: a new run must not replace a checkpoint unasked,
     and its model shape (and Lory's later upcycle) must be possible."""
@@ -522,6 +582,7 @@ def build_model(cfg, target_args, env):
         return GPT(GPTConfig(**args)), None, None
     if init == "resume":
         ckpt = load_checkpoint(cfg["out_dir"], map_location=env.device)
+        check_memory(ckpt["model_args"], cfg, env)
         model = model_with_runtime_keys(ckpt["model_args"], target_args)
         load_weights(model, ckpt["model"], cfg["out_dir"])
         env.log(f"resuming from {cfg['out_dir']} at iter {ckpt.get('iter_num', 0)}")
@@ -724,10 +785,24 @@ def upcycle_after_warmup(st, cfg, target_args, env):
     st.optimizer = make_optimizer(st.raw_model, cfg, env.device_type)
     carry_optimizer_state(old_opt, old_model, st.optimizer, st.raw_model)
     st.aux_coef = new_aux_coef(st.raw_model, cfg)
-    st.upcycled_from = {"path": None, "sha256": None, "method": "dense warm-up",
-                        "options": upcycle_options(cfg, target_args), "iter": st.iter_num}
+    dense_path = save_dense_warmup(old_model, cfg, st.iter_num) if env.master else None
+    st.upcycled_from = {"path": dense_path, "sha256": checkpoint.file_sha256(dense_path) if dense_path else None,
+                        "method": "dense warm-up", "options": upcycle_options(cfg, target_args), "iter": st.iter_num}
     st.model = wrap_model(st.raw_model, cfg, env)
     env.log(f"dense warm-up done at iter {st.iter_num}: upcycled to {st.raw_model.config.n_experts} experts")
+
+
+DENSE_WARMUP_NAME = "dense_warmup.pt"
+
+
+def save_dense_warmup(dense_model, cfg, iter_num):
+    """The dense model at the end of Lory's warm-up, as out_dir/dense_warmup.pt (weights
+    only). upcycled_from points at it, so a resumed run finds the dense FFNs again and
+    logs similarity_to_dense like a straight run. Returns its absolute path."""
+    obj = {"model_args": asdict(dense_model.config), "model": dense_model.state_dict(), "optimizer": None,
+           "iter_num": iter_num, "best_val_loss": 1e9, "config": cfg, "rng": None, "aux_coef": None,
+           "upcycled_from": None}
+    return os.path.abspath(checkpoint.save_checkpoint(obj, cfg["out_dir"], DENSE_WARMUP_NAME))
 
 
 @torch.no_grad()
@@ -896,8 +971,12 @@ def train_record(st, loss, lr, dt, tokens_per_iter, gpu_name, stats, cfg):
 
 
 def stop_not_finite(what, value, st, cfg, env):
-    env.log(f"error: {what} is {'not finite' if value is None else value} at iter {st.iter_num}; stopping. "
-            f"The last good checkpoint in {cfg['out_dir']} is kept (lower learning_rate or check the data).")
+    """A run whose loss (training, every step; or eval) stops being finite ends here:
+    one line on stderr, exit status 1, the last good checkpoint left as it is."""
+    if env.master:
+        print(f"error: {what} is {'not finite' if value is None else value} at iter {st.iter_num}; stopping. "
+              f"The last good checkpoint in {cfg['out_dir']} is kept (lower learning_rate or check the data).",
+              file=sys.stderr)
     return 1
 
 
@@ -913,6 +992,7 @@ def train(cfg):
 
     # ---- model: scratch, resume, warm start or online upcycling ----
     target_args = model_args_from(cfg, vocab_size)
+    check_memory(target_args, cfg, env)          # before GPTConfig lists n_layer layers or anything is allocated
     check_new_run(cfg, target_args)
     if env.master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
@@ -1005,8 +1085,27 @@ def main(argv):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", 0)) != 0:   # DDP: rank 0 holds the out_dir lock for all
+        return train_reporting_errors(cfg)
+    try:
+        with OutDirLock(cfg["out_dir"], "train.py " + " ".join(argv)) as lock:
+            if lock.stale:
+                print(f"warning: took over the lock of a run that ended without releasing it ({lock.stale})",
+                      file=sys.stderr)
+            return train_reporting_errors(cfg)
+    except LockError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def train_reporting_errors(cfg):
+    """train(cfg) with bad input as one line on stderr and exit status 2; a checkpoint
+    refused for a non-finite number stops the run like a non-finite loss (exit 1)."""
     try:
         return train(cfg)
+    except NonFiniteCheckpointError as e:
+        print(f"error: {e}; stopping (lower learning_rate or check the data)", file=sys.stderr)
+        return 1
     except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -164,10 +164,11 @@ from dataclasses import asdict, fields
 import torch
 
 from checkpoint import CheckpointError, ckpt_path, file_sha256, load_checkpoint, load_model, save_checkpoint
-from cli import ArgumentParser
+from cli import ArgumentParser, float_problem, ram_available
 from data.dataset import TokenDataset
 from model import GPT, GPTConfig
 from router import expert_choice_k
+from runlock import LockError, OutDirLock
 
 WEIGHT_SCALINGS = ("auto", "none", "exact", "megatron")
 # fields that fix the dense parameter shapes, and ones that change the dense function
@@ -501,6 +502,20 @@ def _load_dense(path):
     return ckpt
 
 
+def _check_fits_in_memory(dense_args, options):
+    """Refuse (one-line ValueError) an upcycle whose expert stacks cannot fit in RAM:
+    at least one MoE layer of E experts of width ffn_hidden / G, 3 fp32 matrices
+    (E, h_e, d) each, before anything is allocated (--n_experts=10**6)."""
+    E = int((options or {}).get("model_args", {}).get("n_experts", 8))
+    G = max(int((options or {}).get("granularity", 1) or 1), 1)
+    d, h = int(dense_args.get("n_embd", 0)), int(dense_args.get("ffn_hidden", 0))
+    need, have = 4 * 3 * E * d * max(h // G, 1), ram_available()
+    if have is not None and need > have:
+        raise ValueError(f"--n_experts={E} needs at least {need / 2**30:,.1f} GiB of RAM for one layer's experts "
+                         f"(3 x {E} x {max(h // G, 1)} x {d} fp32) but {have / 2**30:,.1f} GiB is available: "
+                         f"use fewer experts")
+
+
 def upcycle_from_checkpoint(path, options=None, device="cpu", **kw):
     """Online upcycling: dense checkpoint (out_dir or .pt) -> (MoE GPT on `device`,
     upcycled_from). upcycled_from = {"path", "sha256", "method", "options"} as
@@ -548,14 +563,16 @@ def upcycle_checkpoint(path, out_dir, options=None, force=False, hidden=None, **
     force, and never overwrites the source. hidden: None, or the keyword arguments
     of router_init_hidden (data_dir, domains, ...) for router_init="hidden".
     Returns (path written, cfg, info)."""
-    _check_out_dir([path], out_dir, force)
-    src = os.path.abspath(ckpt_path(path))
-    dense = _load_dense(path)
-    moe_state, cfg, info = upcycle_state_dict(dense["model"], dense["model_args"], options, **kw)
-    if hidden is not None:
-        moe_state = _with_hidden_router(moe_state, cfg, info, hidden)
-    upcycled_from = {"path": src, "sha256": file_sha256(src), **info}
-    return _save_moe(out_dir, cfg, moe_state, dense.get("config"), upcycled_from), cfg, info
+    with OutDirLock(out_dir, "upcycle.py " + " ".join(sys.argv[1:])):   # LockError if a run writes there
+        _check_out_dir([path], out_dir, force)
+        src = os.path.abspath(ckpt_path(path))
+        dense = _load_dense(path)
+        _check_fits_in_memory(dense["model_args"], options)
+        moe_state, cfg, info = upcycle_state_dict(dense["model"], dense["model_args"], options, **kw)
+        if hidden is not None:
+            moe_state = _with_hidden_router(moe_state, cfg, info, hidden)
+        upcycled_from = {"path": src, "sha256": file_sha256(src), **info}
+        return _save_moe(out_dir, cfg, moe_state, dense.get("config"), upcycled_from), cfg, info
 
 
 # ----------------------------------------------------------------------------- beyond copies (issue 16)
@@ -740,14 +757,16 @@ def btx_checkpoint(paths, out_dir, options=None, force=False, hidden=None, **kw)
     step-0 MoE checkpoint like upcycle_checkpoint's (config: the first branch's). hidden as
     in upcycle_checkpoint; its domains default to the branches' config["domains"] (one
     each). Returns (path written, cfg, info)."""
-    _check_out_dir(paths, out_dir, force)
-    ckpts, names = _load_branches(paths)
-    state, cfg, info = btx_merge([c["model"] for c in ckpts], [c["model_args"] for c in ckpts], options, names, **kw)
-    if hidden is not None:
-        if not hidden.get("domains"):
-            hidden = {**hidden, "domains": _branch_domains(ckpts, names)}
-        state = _with_hidden_router(state, cfg, info, hidden)
-    return _save_moe(out_dir, cfg, state, ckpts[0].get("config"), {**_branch_record(names), **info}), cfg, info
+    with OutDirLock(out_dir, "upcycle.py " + " ".join(sys.argv[1:])):   # LockError if a run writes there
+        _check_out_dir(paths, out_dir, force)
+        ckpts, names = _load_branches(paths)
+        state, cfg, info = btx_merge([c["model"] for c in ckpts], [c["model_args"] for c in ckpts], options, names,
+                                     **kw)
+        if hidden is not None:
+            if not hidden.get("domains"):
+                hidden = {**hidden, "domains": _branch_domains(ckpts, names)}
+            state = _with_hidden_router(state, cfg, info, hidden)
+        return _save_moe(out_dir, cfg, state, ckpts[0].get("config"), {**_branch_record(names), **info}), cfg, info
 
 
 def branch_domains(paths):
@@ -1049,6 +1068,8 @@ def cli_plan(args):
         raise ValueError("--domains is used by --router_init=hidden only")
     if args.router_init == "hidden" and not args.domains and args.method != "btx":
         raise ValueError("--router_init=hidden needs --domains=D1,D2,... (one per expert, or fewer dividing n_experts)")
+    if args.granularity < 1:   # 0 would be read as "unset" further down and upcycle with G=1
+        raise ValueError(f"--granularity={args.granularity} must be >= 1 (shards per dense FFN)")
     if args.router_init_windows < 1:
         raise ValueError(f"--router_init_windows={args.router_init_windows} must be >= 1")
     model_args = {k: getattr(args, k) for k in MODEL_FLAGS}
@@ -1064,15 +1085,24 @@ def cli_plan(args):
     return paths, options, hidden
 
 
+CLI_FLOATS = {"expert_noise": "upcycle_expert_noise", "router_init_std": None, "capacity_factor": None,
+              "eval_capacity_factor": None, "gate_norm_lambda": None}   # flag -> cli.FLOAT_RANGES key
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    for flag, kind in CLI_FLOATS.items():
+        problem = float_problem("--" + flag, getattr(args, flag), kind)
+        if problem:
+            p.error(problem)
     try:
         paths, options, hidden = cli_plan(args)
         if args.method == "btx":
             path, cfg, info = btx_checkpoint(paths, args.out_dir, options, force=args.force, hidden=hidden)
         else:
             path, cfg, info = upcycle_checkpoint(paths[0], args.out_dir, options, force=args.force, hidden=hidden)
-    except (ValueError, CheckpointError) as e:
+    except (ValueError, CheckpointError, LockError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:   # e.g. --out_dir names an existing file
