@@ -24,7 +24,12 @@ eval_iters/batch_size), so numbers are comparable across runs:
   entropy, and the loss without segment 1 (positions >= segment_len), because
   segment 1 routes on its own mean and so sees its own future;
 * every MoE layer: pairwise cosine similarity of the experts' weights and, for
-  upcycled models, each expert's similarity to the dense FFN it was copied from.
+  upcycled models, each expert's similarity to the dense FFN it was copied from;
+  the mean is over the pairs that started as copies (same shard e = e' mod G for
+  a fine-grained upcycle with G shards per dense FFN; every pair otherwise);
+* expert choice: the loss of the causal eval routing (token-choice top-k with
+  k = capacity_factor) and, beside it, of the routing the model trained with
+  (each expert picks its top-C tokens of the batch; not causal).
 
 Everything is an importable function (evaluate_checkpoint, routing_diagnostics,
 format_report, compare_runs); the CLI at the bottom only wires them, and --plots
@@ -45,10 +50,10 @@ from checkpoint import CheckpointError, file_sha256, load_checkpoint, load_model
 from cli import ArgumentParser, device_problem, float_problem, ram_available
 from data.dataset import TokenDataset
 from metrics import metrics_path, read_metrics
-from model import LoryFFN
+from model import LoryFFN, MoEFFN
 from plot import make_plots, plot_compare
-from router import Routing
-from upcycle import dense_ffn_weights, expert_similarity, similarity_to_dense
+from router import Routing, expert_choice_k
+from upcycle import dense_ffn_weights, expert_similarity, mean_similarity_of_pairs, similarity_to_dense
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VAL_SEED = 1234          # the seed train.py uses for its fixed val batches
@@ -256,14 +261,16 @@ def _load_dense_source(ckpt, notes):
 # ============================================================================ evaluation
 
 @torch.no_grad()
-def evaluate_model(model, batches, n_domains, domain_names=None, skip_positions=0, device="cpu"):
+def evaluate_model(model, batches, n_domains, domain_names=None, skip_positions=0, device="cpu", granularity=1):
     """Evaluate `model` on a list of (x, y, domains_y) batches. Returns the result
-    dict of evaluate_checkpoint without the checkpoint/run fields."""
+    dict of evaluate_checkpoint without the checkpoint/run fields.
+    granularity: G of a fine-grained upcycle; mean_pairwise_similarity averages over
+    the same-shard expert pairs (upcycle.mean_similarity_of_pairs), all pairs at 1."""
     model.eval()
     domain_names = domain_names or [f"domain{i}" for i in range(n_domains)]
     moe = model.moe_layers()
     E = model.config.n_experts
-    k = model.config.top_k
+    k = eval_experts_per_token(model.config)
     nll_sum = torch.zeros(n_domains, dtype=torch.float64)
     tok_cnt = torch.zeros(n_domains, dtype=torch.float64)
     skip_sum, skip_cnt = 0.0, 0
@@ -332,8 +339,7 @@ def evaluate_model(model, batches, n_domains, domain_names=None, skip_positions=
             diag["domain_usage"] = dict(zip(domain_names, diag["domain_usage"]))
         S = expert_similarity_matrix(ffn).float()
         diag["expert_similarity"] = S.tolist()
-        diag["mean_pairwise_similarity"] = (float((S.sum() - S.diagonal().sum()) / (E * (E - 1)))
-                                            if E > 1 else 1.0)
+        diag["mean_pairwise_similarity"] = mean_similarity_of_pairs(S, granularity)
         layers.append(diag)
     if layers:
         res["layers"] = layers
@@ -357,6 +363,50 @@ def check_eval_memory(batches, batch_size, T, vocab_size, device):
                             f"use a smaller --batch_size or fewer --batches")
 
 
+def eval_experts_per_token(config):
+    """k of the eval routing: top_k, or for expert choice its causal fallback's
+    k = capacity_factor (router.expert_choice_k), so drop rates count against it."""
+    if config.router == "expert_choice":
+        return expert_choice_k(config.capacity_factor, config.n_experts)
+    return config.top_k
+
+
+def similarity_granularity(config, upcycled_from):
+    """G for the expert-similarity mean: ffn_hidden // expert_hidden for an upcycled
+    model (expert e holds shard e mod G), 1 (all pairs) for anything else."""
+    return config.ffn_hidden // config.expert_hidden if upcycled_from else 1
+
+
+@torch.no_grad()
+def mean_loss(model, batches, device="cpu"):
+    """Token-weighted mean cross-entropy of `model` over (x, y, domains_y) batches,
+    as evaluate_model's val_loss."""
+    nll, count = 0.0, 0
+    for x, y, _ in batches:
+        x, y = x.to(device), y.to(device)
+        logits, _, _ = model(x, y)
+        nll += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                                     reduction="sum", ignore_index=-1))
+        count += int((y >= 0).sum())
+    return nll / max(count, 1)
+
+
+def expert_choice_losses(model, batches, causal_loss, device="cpu"):
+    """Expert choice evaluated two ways: the causal fallback (`causal_loss`, the
+    val_loss evaluate_model measured) and the routing the model trained with
+    (Router.eval_expert_choice on every MoE layer, reset afterwards)."""
+    routers = [f.router for _, f in model.moe_layers() if isinstance(f, MoEFFN)]
+    for r in routers:
+        r.eval_expert_choice = True
+    try:
+        train_routing = mean_loss(model, batches, device)
+    finally:
+        for r in routers:
+            r.eval_expert_choice = False
+    return {"k_causal": eval_experts_per_token(model.config), "capacity_factor": model.config.capacity_factor,
+            "val_loss_causal": causal_loss, "val_loss_training_routing": train_routing}
+
+
 def evaluate_checkpoint(ckpt_dir, batches=DEFAULT_BATCHES, batch_size=DEFAULT_BATCH_SIZE, data_dir=None,
                         device="cpu", skip_positions=None, eval_capacity_factor=None, seed=VAL_SEED):
     """Load a checkpoint and evaluate it on fixed, seeded val batches.
@@ -375,7 +425,8 @@ def evaluate_checkpoint(ckpt_dir, batches=DEFAULT_BATCHES, batch_size=DEFAULT_BA
       [layers: one dict per MoE layer (routing_diagnostics / lory_diagnostics keys with
       domain-keyed usage, expert_similarity (E, E), mean_pairwise_similarity,
       [similarity_to_dense (E,)])], [lory {segment_len, val_loss_all, val_loss_causal,
-      val_ppl_causal}], upcycled_from, notes (list of strings).
+      val_ppl_causal}], [expert_choice {k_causal, capacity_factor, val_loss_causal,
+      val_loss_training_routing}], similarity_granularity, upcycled_from, notes (list of strings).
     """
     model, ckpt = load_run(ckpt_dir, device)
     ds = load_val_data(ckpt, data_dir)
@@ -398,7 +449,10 @@ def evaluate_checkpoint(ckpt_dir, batches=DEFAULT_BATCHES, batch_size=DEFAULT_BA
     except ValueError as e:
         raise EvalError(f"cannot draw {batches} val batches of {batch_size}x{T}: {e}") from None
     notes = []
-    res = evaluate_model(model, fixed, ds.n_domains, ds.domain_names, skip_positions, device)
+    G = similarity_granularity(model.config, ckpt.get("upcycled_from"))
+    res = evaluate_model(model, fixed, ds.n_domains, ds.domain_names, skip_positions, device, granularity=G)
+    if kind == "moe" and model.config.router == "expert_choice":
+        res["expert_choice"] = expert_choice_losses(model, fixed, res["val_loss"], device)
     if kind == "lory":
         lf = res["val_loss_from_pos"]
         res["lory"] = {"segment_len": model.config.segment_len, "first_segment": model.config.lory_first_segment,
@@ -423,6 +477,7 @@ def evaluate_checkpoint(ckpt_dir, batches=DEFAULT_BATCHES, batch_size=DEFAULT_BA
         "active_params": model.num_params(active=True),
         "data_dir": resolve_data_dir(ckpt, data_dir),
         "batches": batches, "batch_size": batch_size, "block_size": T,
+        "similarity_granularity": G if kind != "dense" else None,
     }
     train_keys = ("aux_loss", "aux_loss_coef", "adaptive_aux", "z_loss_coef", "capacity_factor", "batching",
                   "init_from", "max_iters", "batch_size", "block_size", "gradient_accumulation_steps")
@@ -442,8 +497,15 @@ def format_report(res):
     if "val_loss_from_pos" in res:
         f = res["val_loss_from_pos"]
         lines.append(f"positions >= {f['pos']}: loss {f['loss']:.4f}, ppl {f['ppl']:.2f}")
+    if "expert_choice" in res:
+        ec = res["expert_choice"]
+        lines.append(f"expert choice: causal eval routing (top-{ec['k_causal']} per token) loss "
+                     f"{ec['val_loss_causal']:.4f}; training routing (each expert its top-C tokens of the batch, "
+                     f"capacity {ec['capacity_factor']:g}, not causal) loss {ec['val_loss_training_routing']:.4f}")
     cf = res.get("eval_capacity_factor")
     cap = "" if cf is None else f" (capacity {cf:g})" if cf > 0 else " (dropless)"
+    G = res.get("similarity_granularity") or 1
+    sim = "expert sim" if G == 1 else f"expert sim (same-shard pairs, G={G})"
     for L in res.get("layers", []):
         if L["kind"] == "routed":
             lines.append(f"layer {L['layer']}: load {' '.join(f'{x:.2f}' for x in L['load_fraction'])} | "
@@ -451,11 +513,11 @@ def format_report(res):
                          f"gate entropy {L.get('gate_entropy', float('nan')):.3f}, "
                          f"max1/max2 {L.get('max1_max2', float('nan')):.3f}, "
                          f"max2/max3 {L.get('max2_max3', float('nan')):.3f}, "
-                         f"expert sim {L['mean_pairwise_similarity']:.3f}")
+                         f"{sim} {L['mean_pairwise_similarity']:.3f}")
         else:
             lines.append(f"layer {L['layer']}: merge weights {' '.join(f'{x:.2f}' for x in L['merge_weight_mean'])}"
                          f" | entropy {L['merge_entropy']:.3f}, active experts {L['active_experts']:.2f}, "
-                         f"expert sim {L['mean_pairwise_similarity']:.3f}")
+                         f"{sim} {L['mean_pairwise_similarity']:.3f}")
         if "similarity_to_dense" in L:
             lines.append(f"          similarity to dense: {' '.join(f'{x:.3f}' for x in L['similarity_to_dense'])}")
     for n in res.get("notes", []):

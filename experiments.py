@@ -34,6 +34,7 @@ from eval import evaluate_checkpoint  # noqa: E402
 from metrics import load_metrics  # noqa: E402
 from plot import make_plots, plot_domain_specialization  # noqa: E402
 from train import finished_run, parse_config  # noqa: E402
+from upcycle import mean_pairwise_similarity  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join("out", "exp")   # --smoke: out/exp_smoke, --scale=gpu: out/exp_gpu (unless --out)
@@ -130,6 +131,8 @@ def summary(out_dir, **extra):
         row["drop_rate"] = float(np.mean([[l["drop_rate"] for l in m] for m in moe]))
         row["max1_max2"] = float(np.mean([[l.get("max1_max2", float("nan")) for l in m] for m in moe]))
         row["load_cv"] = float(np.mean([[l["load_cv"] for l in m] for m in moe]))
+        if "demand_cv" in moe[-1][0]:   # CV of the load before capacity dropping: comparable across capacities
+            row["demand_cv"] = float(np.mean([[l["demand_cv"] for l in m] for m in moe]))
     if ev and "expert_similarity" in ev[-1]:
         row["expert_sim"] = float(np.mean(ev[-1]["expert_similarity"]))
     row.update(extra)
@@ -264,15 +267,18 @@ def gate_norm():
 
 def adaptive_aux():
     """3. Skywork-MoE section 3.2: adaptive per-layer auxiliary-loss coefficients
-    vs a fixed coefficient, from scratch with capacity factor 1 (drops)."""
+    vs a fixed coefficient, from scratch with capacity factor 1 (drops). The fixed
+    and adaptive runs use the Switch loss; one adaptive run uses Skywork's own loss
+    (eq. 4), for which its alpha_max = 0.01 was chosen."""
     name, t0 = "adaptive_aux", time.time()
     n = iters(300)
     common = [*MOE8, f"--max_iters={n}", f"--eval_interval={max(n // 6, 1)}", "--capacity_factor=1.0"]
     rows = []
     for tag, extra in (("fixed_1e-2", ["--aux_loss_coef=0.01"]), ("fixed_1e-3", ["--aux_loss_coef=0.001"]),
-                       ("adaptive", ["--adaptive_aux=True"])):
+                       ("adaptive", ["--adaptive_aux=True"]),
+                       ("adaptive_skywork", ["--adaptive_aux=True", "--aux_loss=skywork"])):
         d = run(os.path.join(OUT, name, tag), *common, *extra)
-        row = summary(d)
+        row = summary(d, aux_loss="skywork" if "--aux_loss=skywork" in extra else "switch")
         last = [r for r in read(d) if "moe" in r][-1]
         row["drop_per_layer"] = " ".join(f"{l['drop_rate'] * 100:.1f}" for l in last["moe"])
         if "alpha" in last:
@@ -281,8 +287,10 @@ def adaptive_aux():
     fig = bar_figure(name, rows, ["drop_rate", "load_cv", "val_loss"], title="Adaptive vs fixed aux coefficient")
     finding = ("Drop rate (mean of the second half): " + ", ".join(f"{r['run']} {r['drop_rate'] * 100:.1f}%" for r in rows)
                + "; val loss: " + ", ".join(f"{r['val_loss']:.3f}" for r in rows) + ".")
-    return write_results(name, "Adaptive auxiliary-loss coefficients (Skywork-MoE section 3.2)", rows, [fig], finding,
-                         ["run", "drop_rate", "drop_per_layer", "alpha_per_layer", "load_cv", "val_loss"], t0)
+    return write_results(name, "Adaptive auxiliary-loss coefficients (Skywork-MoE section 3.2), Switch and Skywork "
+                         "losses", rows, [fig], finding,
+                         ["run", "aux_loss", "drop_rate", "drop_per_layer", "alpha_per_layer", "load_cv", "val_loss"],
+                         t0)
 
 
 def router_order():
@@ -312,7 +320,9 @@ def router_order():
 
 def fine_grained():
     """5. He et al. (arXiv 2410.07524): fine-grained upcycling E'=4, G=2 (8 experts
-    of half width, top-2 = one virtual group) with and without weight scaling."""
+    of half width, top-2 = one virtual group) with and without weight scaling.
+    Expert similarity at the end: over the same-shard pairs (e = e' mod G, the only
+    pairs that started as copies) and, for reference, over all pairs."""
     name, t0 = "fine_grained", time.time()
     dense = dense_base()
     n = iters(300)
@@ -323,13 +333,27 @@ def fine_grained():
                        ("megatron_scaling", ["--upcycle_weight_scaling=megatron"]),
                        ("no_scaling", ["--upcycle_weight_scaling=none"]),
                        ("coarse_8x2", ["--upcycle_granularity=1"])):
-        rows.append(summary(run(os.path.join(OUT, name, tag), *common, *extra)))
+        rows.append(final_similarity(summary(run(os.path.join(OUT, name, tag), *common, *extra))))
     fig = loss_figure(name, [(r["run"], os.path.join(OUT, name, r["run"])) for r in rows],
                       title="Fine-grained upcycling E'4 G2")
     finding = ("Right after upcycling: " + ", ".join(f"{r['run']} {r['val_loss_step0']:.3f}" for r in rows) +
                "; after training: " + ", ".join(f"{r['run']} {r['val_loss']:.3f}" for r in rows) + ".")
     return write_results(name, "Fine-grained upcycling and weight scaling (He et al.)", rows, [fig], finding,
-                         ["run", "val_loss_step0", "val_loss", "expert_sim", "tok_per_s"], t0)
+                         ["run", "val_loss_step0", "val_loss", "expert_sim_same_shard", "expert_sim_all_pairs",
+                          "tok_per_s"], t0)
+
+
+def final_similarity(row):
+    """row + the final checkpoint's mean expert similarity per layer, averaged over
+    layers: over same-shard pairs (G = ffn_hidden // expert_hidden) and over all pairs."""
+    ckpt = load_checkpoint(os.path.join(OUT, "fine_grained", row["run"]))
+    model_args, state = ckpt["model_args"], ckpt["model"]
+    G = model_args["ffn_hidden"] // model_args["expert_hidden"]
+    stacks = [tuple(state[f"blocks.{l}.ffn.{m}"] for m in ("gate_proj", "up_proj", "down_proj"))
+              for l in range(model_args["n_layer"]) if f"blocks.{l}.ffn.gate_proj" in state]
+    row["expert_sim_same_shard"] = float(np.mean([mean_pairwise_similarity(s, G) for s in stacks]))
+    row["expert_sim_all_pairs"] = float(np.mean([mean_pairwise_similarity(s, 1) for s in stacks]))
+    return row
 
 
 def lory():
@@ -389,7 +413,10 @@ def capacity():
 def routers():
     """8. Every router type from scratch on the same 8x2 shape, capacity factor 1.25:
     what their statistics look like after a short run (load balance, drops,
-    sharpness, entropy)."""
+    sharpness, entropy). Load CV is on the kept load, demand CV on the assignments
+    before capacity dropping. Expert choice's val loss is its causal eval routing
+    (k = capacity_factor experts per token); val_loss_training_routing is the
+    routing it trained with (not causal), on the same val batches."""
     name, t0 = "routers", time.time()
     n = iters(200)
     common = [*MOE8, f"--max_iters={n}", f"--eval_interval={max(n // 4, 1)}", "--capacity_factor=1.25"]
@@ -403,12 +430,23 @@ def routers():
         row = summary(d)
         last = [r for r in read(d) if "moe" in r][-1]["moe"]
         row["gate_entropy"] = float(np.mean([l["gate_entropy"] for l in last]))
+        if tag == "expert_choice":
+            row["val_loss_training_routing"] = expert_choice_training_loss(d)
         rows.append(row)
     fig = bar_figure(name, rows, ["load_cv", "drop_rate", "max1_max2", "val_loss"], title="Router types")
     finding = "; ".join(f"{r['run']}: load CV {r['load_cv']:.2f}, drop {r['drop_rate'] * 100:.1f}%, "
                         f"Max1/Max2 {r['max1_max2']:.2f}, val {r['val_loss']:.3f}" for r in rows) + "."
     return write_results(name, "Router types after a short run", rows, [fig], finding,
-                         ["run", "load_cv", "drop_rate", "max1_max2", "gate_entropy", "val_loss", "tok_per_s"], t0)
+                         ["run", "load_cv", "demand_cv", "drop_rate", "max1_max2", "gate_entropy", "val_loss",
+                          "val_loss_training_routing", "tok_per_s"], t0)
+
+
+def expert_choice_training_loss(out_dir):
+    """An expert-choice run's val loss with its training routing, on the val batches
+    train.py evaluates on (its eval_iters x batch_size, the same seed)."""
+    cfg = load_checkpoint(out_dir)["config"]
+    res = evaluate_checkpoint(out_dir, batches=cfg["eval_iters"], batch_size=cfg["batch_size"])
+    return res["expert_choice"]["val_loss_training_routing"]
 
 
 # ----------------------------------------------------------------------------- 9. beyond copy-upcycling

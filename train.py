@@ -876,7 +876,11 @@ def save_checkpoint(st, cfg, env, note=""):
 def forward_backward(st, batches, cfg, env, alphas, stats):
     """Forward and backward over this step's micro-batches, gradients accumulated;
     with DDP the gradients are averaged across processes in the last micro-step's
-    backward only. Returns (mean loss, per-layer tokens per expert, per-layer drop rate)."""
+    backward only. Returns (mean loss, per-layer demand per expert summed over the
+    micro-batches, per-layer adaptive drop rate averaged over them). Both are what
+    update_balancing needs: the demand is the load the router assigned before
+    capacity dropping (DeepSeek-V3 balances it), and the adaptive drop rate is the
+    real one, or capacity factor 1's when dropless (router.AdaptiveAuxCoef)."""
     step_loads, step_drops, lossf = None, None, 0.0
     for m, (X, Y) in enumerate(batches):
         if env.ddp and env.ep is None:
@@ -888,8 +892,8 @@ def forward_backward(st, batches, cfg, env, alphas, stats):
         lossf += loss.item() / env.accum
         stats.add(routings, global_loads(routings, env))
         routed_r = [r for r in routings if isinstance(r, Routing)]
-        loads = [r.stats["tokens_per_expert"] for r in routed_r]
-        drops = [float(r.stats["drop_rate"]) / env.accum for r in routed_r]
+        loads = [r.stats["demand_per_expert"] for r in routed_r]
+        drops = [float(r.stats["adaptive_drop_rate"]) / env.accum for r in routed_r]
         step_loads = loads if step_loads is None else [a + b for a, b in zip(step_loads, loads)]
         step_drops = drops if step_drops is None else [a + b for a, b in zip(step_drops, drops)]
     return lossf, step_loads, step_drops
@@ -931,8 +935,9 @@ def optimizer_step(st, cfg, ep=None):
 
 def update_balancing(st, step_loads, step_drops, cfg, env):
     """After the step, from training statistics only: the sigmoid router's aux-free
-    bias (DeepSeek-V3) from the step's loads, and Skywork's adaptive alphas from
-    its drop rates, both summed over processes so every rank holds the same state."""
+    bias (DeepSeek-V3) from the step's demand per expert (before capacity dropping),
+    and Skywork's adaptive alphas from its adaptive drop rates (capacity factor 1's
+    when dropless), both summed over processes so every rank holds the same state."""
     if not step_loads:
         return
     if env.ddp:
@@ -950,17 +955,22 @@ def current_alphas(st, cfg):
     return list(st.aux_coef.alpha) if cfg["adaptive_aux"] else [cfg["aux_loss_coef"]] * n_routed(st.raw_model)
 
 
-def train_record(st, loss, lr, dt, tokens_per_iter, gpu_name, stats, cfg):
+def train_record(st, loss, lr, dt, tokens_per_iter, world, gpu_name, stats, cfg):
     """(metrics.jsonl record, console line) of one log interval: mean loss, speed,
-    MFU, and the interval's mean routing statistics per MoE layer."""
-    tok_s = tokens_per_iter / dt
-    mfu = st.raw_model.estimate_mfu(tokens_per_iter, dt, gpu_name)
+    MFU, and the interval's mean routing statistics per MoE layer.
+    dt: mean seconds of one training step (evals and checkpoint saves excluded);
+    tokens_per_iter: the step's global tokens over `world` processes. tok_per_s is
+    global; MFU is per device (model.GPT.throughput), with the attention FLOPs at
+    the training sequence length block_size."""
+    thr = st.raw_model.throughput(tokens_per_iter, dt, world, cfg["block_size"], gpu_name)
+    tok_s, mfu = thr["tok_per_s"], thr.get("mfu")
     rec = {"iter": st.iter_num, "tokens": st.iter_num * tokens_per_iter, "split": "train",
-           "loss": loss, "lr": lr, "ms_per_iter": dt * 1000, "tok_per_s": tok_s}
+           "loss": loss, "lr": lr, "ms_per_iter": dt * 1000, "tok_per_s": tok_s,
+           "tok_per_s_per_device": thr["tok_per_s_per_device"]}
     if mfu is not None:
         rec["mfu"] = mfu
     line = (f"iter {st.iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
-            f"{tok_s:,.0f} tok/s" + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ""))
+            f"{tok_s:,.0f} tok/s (global)" + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ""))
     layers = stats.layers()
     if layers:
         if n_routed(st.raw_model):
@@ -1030,7 +1040,7 @@ def train(cfg):
     gpu_name = torch.cuda.get_device_name(env.device) if env.device_type == "cuda" else None
     stats = StatsAccumulator()
     start_iter = st.iter_num
-    t0, loss_sum, n_steps = time.time(), 0.0, 0
+    step_time, loss_sum, n_steps = 0.0, 0.0, 0   # step_time: seconds in training steps only
     while True:
         if (cfg["dense_warmup_iters"] > 0 and st.iter_num >= cfg["dense_warmup_iters"]
                 and target_args["moe_layers"] != "none" and not st.raw_model.config.is_moe):
@@ -1053,7 +1063,8 @@ def train(cfg):
         if st.iter_num >= cfg["max_iters"]:
             break
 
-        # ---- one optimizer step ----
+        # ---- one optimizer step (the only part a log line times) ----
+        t0 = time.time()
         batches = get_batch(train_data, cfg, env, st.data_gen)
         lossf, step_loads, step_drops = forward_backward(st, batches, cfg, env, current_alphas(st, cfg), stats)
         if env.ddp:   # log the global batch's loss, not this rank's share
@@ -1062,14 +1073,15 @@ def train(cfg):
             return stop_not_finite("loss", lossf, st, cfg, env)
         optimizer_step(st, cfg, env.ep)
         update_balancing(st, step_loads, step_drops, cfg, env)
+        step_time += time.time() - t0
 
         loss_sum, n_steps, st.iter_num = loss_sum + lossf, n_steps + 1, st.iter_num + 1
         if st.iter_num % cfg["log_interval"] == 0 and env.master:
-            rec, line = train_record(st, loss_sum / n_steps, lr, (time.time() - t0) / n_steps, tokens_per_iter,
+            rec, line = train_record(st, loss_sum / n_steps, lr, step_time / n_steps, tokens_per_iter, env.world,
                                      gpu_name, stats, cfg)
             metrics.write(rec)
             env.log(line)
-            t0, loss_sum, n_steps = time.time(), 0.0, 0
+            step_time, loss_sum, n_steps = 0.0, 0.0, 0
 
     save_checkpoint(st, cfg, env, " (final)")
     metrics.close()
@@ -1163,11 +1175,16 @@ def domain_usage(routings, dom, n_dom, usage, shape):
 
 
 def expert_similarity_record(model, dense_ffns):
-    """Per MoE layer: mean pairwise cosine similarity of the experts, and each
-    expert's similarity to the dense FFN it came from (Skywork / He et al. monitor:
-    it falls as experts specialise; the run whose experts stay most similar is worst)."""
+    """Per MoE layer of an upcycled model: mean pairwise cosine similarity of the
+    experts that started as copies, and each expert's similarity to the dense FFN it
+    came from (Skywork / He et al. monitor: it falls as experts specialise; the run
+    whose experts stay most similar is worst). A fine-grained upcycle (G shards per
+    dense FFN) only copies shard e mod G, so the mean is over same-shard pairs
+    (upcycle.mean_pairwise_similarity): 1.0 right after a noiseless upcycle.
+    Under expert parallelism the full expert stacks are gathered first."""
+    G = model.config.ffn_hidden // model.config.expert_hidden
     full = {l: parallel.full_expert_stacks(f) for l, f in model.moe_layers()}   # gathered under EP
-    rec = {"expert_similarity": [round(mean_pairwise_similarity(f), 6) for f in full.values()]}
+    rec = {"expert_similarity": [round(mean_pairwise_similarity(f, G), 6) for f in full.values()]}
     if dense_ffns:
         rec["similarity_to_dense"] = [[round(v, 6) for v in similarity_to_dense(f, dense_ffns[l]).tolist()]
                                       for l, f in full.items() if l in dense_ffns]

@@ -48,6 +48,15 @@ def test_all_experiments_smoke(tmp_path):
     # right after exact upcycling the loss equals the dense loss
     r = json.load(open(os.path.join(out, "router_order", "results.json")))
     assert abs(r[0]["val_loss_step0"] - r[0]["dense_val_loss"]) < 1e-4
+    # issue 18: expert choice also has its training-routing loss; fine-grained similarity over same-shard
+    # pairs is at least the all-pairs mean; the adaptive experiment has a run with Skywork's own loss
+    rt = {x["run"]: x for x in json.load(open(os.path.join(out, "routers", "results.json")))}
+    assert "val_loss_training_routing" in rt["expert_choice"] and all("demand_cv" in x for x in rt.values())
+    fg = json.load(open(os.path.join(out, "fine_grained", "results.json")))
+    assert all(x["expert_sim_same_shard"] >= x["expert_sim_all_pairs"] - 1e-6 for x in fg)
+    assert fg[0]["expert_sim_same_shard"] > fg[0]["expert_sim_all_pairs"] + 0.2       # G=2: half the pairs are not copies
+    ad = {x["run"]: x for x in json.load(open(os.path.join(out, "adaptive_aux", "results.json")))}
+    assert ad["adaptive_skywork"]["aux_loss"] == "skywork" and ad["adaptive"]["aux_loss"] == "switch"
 
 
 def test_unknown_experiment_is_one_line_error():
