@@ -5,6 +5,7 @@ gets one line naming the problem and the fix, and exit status 2.
 """
 import argparse
 import math
+import sys
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -13,6 +14,27 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see python {self.prog} --help)\n")
+
+
+def run_cli(main, argv=None, user_errors=()):
+    """Run a script's main(argv) the way every CLI here ends: argparse's own exit
+    code (--help 0, a usage error 2, already printed), and a user error (one of
+    user_errors, or an OSError / ValueError: a missing file, an output path that is a
+    file, bad data) as one line on stderr with exit status 2."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+    except user_errors as e:
+        print(f"error: {_first_line(e)}", file=sys.stderr)
+    except (OSError, ValueError) as e:
+        print(f"error: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
+    return 2
+
+
+def _first_line(e):
+    text = str(e)
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def device_problem(name):

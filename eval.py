@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, file_sha256, load_checkpoint, load_model
-from cli import ArgumentParser, device_problem, float_problem, ram_available
+from cli import ArgumentParser, device_problem, float_problem, ram_available, run_cli
 from data.dataset import TokenDataset
 from metrics import metrics_path, read_metrics
 from model import LoryFFN, MoEFFN
@@ -688,17 +688,8 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """main() with user errors turned into one line on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except SystemExit as e:          # argparse: --help (0) or a usage error (already printed, 2)
-        return e.code
-    except (EvalError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as e:   # missing files, an output path that is a file, bad data
-        print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
-        return 2
+    """main() with user errors as one line on stderr and exit status 2."""
+    return run_cli(main, argv, user_errors=(EvalError, CheckpointError))
 
 
 if __name__ == "__main__":

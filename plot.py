@@ -23,7 +23,7 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 
-from cli import ArgumentParser
+from cli import ArgumentParser, run_cli
 from metrics import load_metrics
 
 def _figure(figsize, dpi):
@@ -509,14 +509,8 @@ def read_eval_json(path):
 
 
 def cli(argv=None):
-    """main() with user errors turned into one line on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except SystemExit as e:          # argparse: --help (0) or a usage error (already printed, 2)
-        return e.code
-    except (OSError, ValueError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
+    """main() with user errors as one line on stderr and exit status 2."""
+    return run_cli(main, argv, user_errors=(OSError, ValueError))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import sys
 import torch
 
 from checkpoint import CheckpointError
-from cli import ArgumentParser, device_problem, float_problem
+from cli import ArgumentParser, device_problem, float_problem, run_cli
 from data.dataset import load_meta
 from data.tokenizer import HFTokenizer, find_tokenizer_dir, load_tokenizer
 from eval import EvalError, _prepare_hint, load_run, resolve_data_dir
@@ -150,17 +150,8 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    """main() with user errors turned into one line on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except SystemExit as e:          # argparse: --help (0) or a usage error (already printed, 2)
-        return e.code
-    except (EvalError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as e:
-        print(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
-        return 2
+    """main() with user errors as one line on stderr and exit status 2."""
+    return run_cli(main, argv, user_errors=(EvalError, CheckpointError))
 
 
 if __name__ == "__main__":

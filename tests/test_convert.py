@@ -21,6 +21,7 @@ pytest.importorskip("safetensors")
 
 import convert  # noqa: E402
 import eval as E  # noqa: E402
+import sample as S  # noqa: E402
 import upcycle as U  # noqa: E402
 from checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: E402
 from helpers import ROOT, make_dataset, run_train  # noqa: E402
@@ -260,7 +261,7 @@ def test_imported_checkpoint_in_eval_upcycle_train(imported, tmp_path, capsys):
     assert res["kind"] == "dense" and res["val_loss"] > 0
     # without --data_dir there is no data of this model's vocabulary: one line, exit 2
     assert E.cli(["--ckpt", imported, "--data_dir", str(tmp_path / "none")]) == 2
-    assert E.cli(["--ckpt", imported, "--sample", "--data_dir", str(tmp_path / "none")]) == 2
+    assert S.cli(["--ckpt", imported, "--data_dir", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(l.startswith("error: ") for l in err)
     assert U.main(["--ckpt", imported, "--out_dir", str(tmp_path / "up"), "--n_experts=4", "--top_k=2"]) == 0
