@@ -337,6 +337,18 @@ def _options(options, kw):
     return opts
 
 
+def scale_experts(g1, g3, g2, weight_scaling, s):
+    """Apply the activation scale s to stacked expert weights: 'exact' multiplies W2
+    by s, 'megatron' spreads it as s^(1/3) over W1, W3 and W2; anything else leaves
+    them as they are. Returns (g1, g3, g2)."""
+    if weight_scaling == "exact":
+        return g1, g3, g2 * s
+    if weight_scaling == "megatron":
+        c = s ** (1.0 / 3.0)
+        return g1 * c, g3 * c, g2 * c
+    return g1, g3, g2
+
+
 def upcycle_ffn(w1, w3, w2, cfg, G, weight_scaling="exact", expert_noise=0.0, shared_fraction=0.5,
                 generator=None):
     """One dense SwiGLU (w1, w3: (d_ff, d); w2: (d, d_ff)) -> the tensors of one MoE
@@ -382,12 +394,7 @@ def upcycle_ffn(w1, w3, w2, cfg, G, weight_scaling="exact", expert_noise=0.0, sh
         g3 = g3 + expert_noise * w3.std() * torch.randn(g3.shape, generator=generator)
         g2 = g2 + expert_noise * w2.std() * torch.randn(g2.shape, generator=generator)
     g2 = g2 * routed_col.view(G, h).repeat(Ep, 1)[:, None, :]
-    s = activation_scale(cfg.router, E, G, k)
-    if ws == "exact":
-        g2 = g2 * s
-    elif ws == "megatron":
-        c = s ** (1.0 / 3.0)
-        g1, g3, g2 = g1 * c, g3 * c, g2 * c
+    g1, g3, g2 = scale_experts(g1, g3, g2, ws, activation_scale(cfg.router, E, G, k))
     out["gate_proj"], out["up_proj"], out["down_proj"] = (t.to(dtype).contiguous() for t in (g1, g3, g2))
     return out
 
@@ -663,12 +670,7 @@ def btx_ffn(ffns, branch, cfg, weight_scaling, generator):
     if cfg.router == "sigmoid":
         out["router.expert_bias"] = torch.zeros(E)
     g1, g3, g2 = (torch.stack([ffns[b][i].float() for b in branch]) for i in range(3))  # (E, h, d) x2, (E, d, h)
-    s = activation_scale(cfg.router, E, 1, cfg.top_k)
-    if weight_scaling == "exact":
-        g2 = g2 * s
-    elif weight_scaling == "megatron":
-        c = s ** (1.0 / 3.0)
-        g1, g3, g2 = g1 * c, g3 * c, g2 * c
+    g1, g3, g2 = scale_experts(g1, g3, g2, weight_scaling, activation_scale(cfg.router, E, 1, cfg.top_k))
     out["gate_proj"], out["up_proj"], out["down_proj"] = (t.to(dtype).contiguous() for t in (g1, g3, g2))
     return out
 
