@@ -46,6 +46,7 @@ return y in x's original dtype, as the loop path does.
 import contextlib
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -720,20 +721,38 @@ def auto_impl(device, dtype):
     return "grouped", f"{name}: padded bmm / per-expert GEMMs ({why})"
 
 
+class MergedExperts(NamedTuple):
+    """One merged SwiGLU per (sequence, segment): w1, w3 (B, S, h, d), w2 (B, S, d, h)."""
+    w1: torch.Tensor
+    w3: torch.Tensor
+    w2: torch.Tensor
+
+
+def merge_experts(weights, w1, w3, w2):
+    """Lory expert merging (arXiv 2405.03133 eq. 2; SMEAR): theta_bar = sum_e w_e theta_e
+    per segment. weights (B, S, E) (rows sum to 1); w1, w3 (E, h, d), w2 (E, d, h).
+    Cost: E*3*h*d multiply-adds per segment."""
+    weights = weights.to(w1.dtype)
+    return MergedExperts(torch.einsum("bse,ehd->bshd", weights, w1),    # (B, S, h, d)
+                         torch.einsum("bse,ehd->bshd", weights, w3),
+                         torch.einsum("bse,edh->bsdh", weights, w2))    # (B, S, d, h)
+
+
+def merged_swiglu(x, merged):
+    """x (B, S, L, d) through each segment's merged SwiGLU -> (B, S, L, d)."""
+    a = F.silu(x @ merged.w1.transpose(-1, -2)) * (x @ merged.w3.transpose(-1, -2))   # (B, S, L, h)
+    return a @ merged.w2.transpose(-1, -2)                                            # (B, S, L, d)
+
+
 def merged_ffn(x, weights, w1, w3, w2):
-    """Lory expert merging (arXiv 2405.03133 eq. 2; SMEAR): per segment, merge the
-    expert stacks with that segment's weights and apply one SwiGLU.
+    """Lory's FFN: per segment, merge the expert stacks with that segment's weights
+    (merge_experts) and apply one SwiGLU with the merged weights (merged_swiglu).
 
     x:       (B, S, L, d)  S segments of L tokens
     weights: (B, S, E)     merge weights (rows sum to 1)
     w1, w3:  (E, h, d);  w2: (E, d, h)
     returns  (B, S, L, d)
-    Cost: one merge (E*3*h*d multiply-adds) per segment, i.e. about E/L of the
-    FFN's own cost per token; then batched matmuls with the merged weights.
+    Cost: one merge per segment, about E/L of the FFN's own cost per token.
+    Generation merges once, from the prompt, and keeps the MergedExperts.
     """
-    weights = weights.to(w1.dtype)
-    m1 = torch.einsum("bse,ehd->bshd", weights, w1)                     # (B, S, h, d)
-    m3 = torch.einsum("bse,ehd->bshd", weights, w3)
-    m2 = torch.einsum("bse,edh->bsdh", weights, w2)                     # (B, S, d, h)
-    a = F.silu(x @ m1.transpose(-1, -2)) * (x @ m3.transpose(-1, -2))   # (B, S, L, h)
-    return a @ m2.transpose(-1, -2)                                     # (B, S, L, d)
+    return merged_swiglu(x, merge_experts(weights, w1, w3, w2))

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import IMPLS, merged_ffn, moe_ffn, swiglu
+from kernels import IMPLS, MergedExperts, merge_experts, merged_ffn, merged_swiglu, moe_ffn, swiglu
 from router import DROP_POLICIES, ROUTERS, Router, SegmentRouter, expert_choice_k
 
 EXPERT_IMPLS = ("auto", *IMPLS)   # kernels.moe_ffn paths
@@ -235,7 +235,7 @@ class KVCache:
     Routed MoE layers must be dropless while a cache is in use: capacity drops
     depend on which other tokens share the batch, so one token decoded alone
     would be kept where the same token in a full-sequence forward may be dropped
-    (GPT.generate turns capacity off, see `dropless`).
+    (GPT.generate turns capacity off, see `inference_routing`).
     """
 
     def __init__(self, cfg):
@@ -290,13 +290,14 @@ class Attention(nn.Module):
         pos = 0 if cache is None else cache.pos
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)                                      # (B, Hkv, pos+T, hd)
-        if self.n_kv_head != self.n_head:   # grouped-query attention: share each kv head
-            rep = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         # pos == 0: the usual causal mask; one new token sees every key, needs none
         mask = causal_mask(pos, T, x.device) if pos > 0 and T > 1 else None
+        # grouped-query attention: query head i reads kv head i // (n_head / n_kv_head), the
+        # order of repeat_interleave on dim 1 (and of transformers' repeat_kv); enable_gqa
+        # does that inside SDPA without materialising the repeated k, v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=pos == 0,
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -357,8 +358,17 @@ class LoryFFN(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, d, h))
         self.segment_len = cfg.segment_len
 
+    def merge(self, weights):
+        """The experts merged with weights (B, E): one MergedExperts of (B, 1, ...)."""
+        return merge_experts(weights[:, None, :], self.gate_proj, self.up_proj, self.down_proj)
+
     def forward(self, x, prompt_weights=None):
+        """x (B, T, d). prompt_weights: None (training: causal segment routing), (B, E)
+        merge weights of the prompt (inference: one merge for the whole sequence), or the
+        experts already merged with them (generation merges once, see GPT.generate)."""
         B, T, d = x.shape
+        if isinstance(prompt_weights, MergedExperts):
+            return merged_swiglu(x[:, None], prompt_weights).reshape(B, T, d), None
         if prompt_weights is not None:   # inference: one merge for the whole sequence
             weights = prompt_weights[:, None, :]                        # (B, 1, E)
             xs = x[:, None]                                             # (B, 1, T, d)
@@ -543,7 +553,7 @@ class GPT(nn.Module):
         (the reference that tests and bench.py compare with). Both compute the
         same function, in eval mode only:
         - routed MoE layers route each token on its own: capacity is off
-          (`dropless`), and expert choice falls back to token-choice top-k at
+          (`inference_routing`), and expert choice falls back to token-choice top-k at
           eval (router.py), because both would make a token's experts depend on
           the other tokens in the batch;
         - Lory layers merge once from the prompt (Lory section 3.4) and keep
@@ -559,19 +569,21 @@ class GPT(nn.Module):
         if idx.shape[1] == 0:
             raise ValueError("generate needs a prompt of at least one token (e.g. the end-of-text token)")
         block_size = self.config.block_size
-        prompt_weights = None
-        if any(isinstance(f, LoryFFN) for _, f in self.moe_layers()):
-            prompt_weights = self.lory_prompt_weights(idx[:, -block_size:])
+        prompt_experts = None
+        lory = [f for _, f in self.moe_layers() if isinstance(f, LoryFFN)]
+        if lory:   # merge each Lory layer's experts once, with the prompt's weights
+            weights = self.lory_prompt_weights(idx[:, -block_size:])
+            prompt_experts = [f.merge(w) for f, w in zip(lory, weights)]
         cache = KVCache(self.config) if use_cache else None
         start = max(0, idx.shape[1] - block_size)            # first token of the context window
-        with dropless(self):
+        with inference_routing(self):
             for _ in range(max_new_tokens):
                 if idx.shape[1] - start > block_size:        # window full: hop (see above)
                     start = idx.shape[1] - max(1, block_size // 2)
                     if cache is not None:
                         cache.reset()
                 cached = 0 if cache is None else cache.pos  # context tokens already in the cache
-                logits, _, _ = self(idx[:, start + cached:], prompt_weights=prompt_weights, cache=cache)
+                logits, _, _ = self(idx[:, start + cached:], prompt_weights=prompt_experts, cache=cache)
                 idx_next = next_token(logits[:, -1, :], temperature, top_k, generator)   # (B, 1)
                 idx = torch.cat((idx, idx_next), dim=1)
         return idx
@@ -591,21 +603,24 @@ def next_token(logits, temperature=1.0, top_k=None, generator=None):
 
 
 @contextmanager
-def dropless(model):
-    """Capacity off in every routed MoE layer for the duration (generation). With a
-    capacity, whether a token is dropped depends on the other tokens of the batch:
-    the other sequences, and the whole prefix when it is recomputed. Decoding one
-    token per step from a cache would then compute a different function from a
-    full forward (and from the same prompt in another batch)."""
+def inference_routing(model):
+    """Routed MoE layers as generation needs them, for the duration:
+    - capacity off (dropless). With a capacity, whether a token is dropped depends
+      on the other tokens of the batch: the other sequences, and the whole prefix
+      when it is recomputed. Decoding one token per step from a cache would then
+      compute a different function from a full forward (and from the same prompt
+      in another batch);
+    - routers return the decision only (Router.with_stats): the auxiliary losses
+      and diagnostics are a few dozen small ops per layer and decode step."""
     routers = [ffn.router for _, ffn in model.moe_layers() if isinstance(ffn, MoEFFN)]
-    saved = [r.eval_capacity_factor for r in routers]
+    saved = [(r.eval_capacity_factor, r.with_stats) for r in routers]
     for r in routers:
-        r.eval_capacity_factor = 0.0
+        r.eval_capacity_factor, r.with_stats = 0.0, False
     try:
         yield
     finally:
-        for r, cf in zip(routers, saved):
-            r.eval_capacity_factor = cf
+        for r, (cf, with_stats) in zip(routers, saved):
+            r.eval_capacity_factor, r.with_stats = cf, with_stats
 
 
 # peak dense bf16 FLOP/s by GPU name (substring match, most specific first)

@@ -187,6 +187,9 @@ class Router(nn.Module):
         # expert choice in eval mode: False = causal token-choice fallback (k = capacity_factor),
         # True = the training routing (batch-wise top-C per expert), for eval to report both
         self.eval_expert_choice = False
+        # False while generating (model.inference_routing): forward returns the routing
+        # decision only, without the auxiliary losses and diagnostics nobody reads there
+        self.with_stats = True
         if noisy:   # Shazeer et al. 2017 eq. 4: H = z + N(0,1) * softplus(W_noise x)
             self.noise_weight = nn.Parameter(torch.zeros(n_experts, n_embd))
         if router_type == "sigmoid":
@@ -249,8 +252,10 @@ class Router(nn.Module):
         token_idx = torch.arange(T, device=x.device).repeat_interleave(k)   # (T*k,)
         expert_idx = topi.reshape(-1)
         flat_gates = gates.reshape(-1)
-        demand = torch.bincount(expert_idx, minlength=E)                # before dropping
         C = expert_capacity(T, E, k, cf)
+        if C is None and not self.with_stats:   # generation: the decision is all that is used
+            return Routing(token_idx, expert_idx, flat_gates)
+        demand = torch.bincount(expert_idx, minlength=E)                # before dropping
         if C is not None and C < T * k:
             priority = None if self.drop_policy == "position" else probs.gather(-1, topi).reshape(-1).detach()
             keep = capacity_keep_mask(expert_idx, priority, E, C)

@@ -141,6 +141,34 @@ def test_generation_is_dropless_whatever_eval_capacity_factor():
     assert torch.equal(out, m.generate(prompt, 20, temperature=0, use_cache=False))
     assert torch.equal(out, dropless.generate(prompt, 20, temperature=0))
     assert all(f.router.eval_capacity_factor == 0.5 for _, f in m.moe_layers() if isinstance(f, MoEFFN))
+    assert all(f.router.with_stats for _, f in m.moe_layers() if isinstance(f, MoEFFN))   # restored too
+
+
+@pytest.mark.parametrize("router", ROUTED)
+def test_routing_without_stats_is_the_same_decision(router):
+    """While generating, routers skip the losses and diagnostics (Router.with_stats):
+    the assignments and gates must be exactly those of the full routing."""
+    m = make_model(**router_kw(router))
+    r = m.moe_layers()[0][1].router
+    x = torch.randn(24, 32)
+    full = r(x)
+    r.with_stats = False
+    bare = r(x)
+    r.with_stats = True
+    assert bare.aux_losses == {} and bare.stats == {} and full.stats
+    for a, b in ((full.token_idx, bare.token_idx), (full.expert_idx, bare.expert_idx), (full.gates, bare.gates)):
+        assert torch.equal(a, b)
+
+
+def test_lory_merged_once_equals_merging_per_call():
+    """Generation merges each Lory layer's experts once (LoryFFN.merge) and reuses them:
+    the same outputs as merging with the prompt weights on every forward."""
+    m = make_model(**CASES["lory"])
+    ffn = m.moe_layers()[0][1]
+    x, w = torch.randn(2, 5, 32), torch.softmax(torch.randn(2, 4), -1)
+    y_weights, routing = ffn(x, prompt_weights=w)
+    y_merged, none = ffn(x, prompt_weights=ffn.merge(w))
+    assert torch.equal(y_weights, y_merged) and none is None and routing["merge_weights"].shape == (2, 1, 4)
 
 
 def test_lory_decodes_with_the_prompt_merge_weights():
