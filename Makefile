@@ -21,8 +21,10 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) demo.py
 
+# one pytest worker per core (pytest-xdist), one thread each; --dist loadfile keeps a
+# file's tests (and its module fixtures) on one worker
 test: venv
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile tests
 
 experiments: venv
 	$(PY) experiments.py all

@@ -4,22 +4,25 @@ of train.py runs on the default data that ends in a figure and a table.
 
     python experiments.py list
     python experiments.py upcycle_vs_scratch         # one experiment
-    python experiments.py all                        # the whole suite (1-8: 48 min on 2 quiet CPU cores)
-    python experiments.py beyond_copy                # 9: ~35 min on 2 quiet cores (estimated, README)
+    python experiments.py all --jobs=2               # the whole suite, two runs at a time (README: times)
+    python experiments.py beyond_copy --jobs=2       # 9. issue 16's long-budget comparison
     python experiments.py all --scale=gpu            # larger GPU-sized runs (more iterations and width)
     python experiments.py router_order --smoke       # 3 iterations per run: checks the configs, not the claims
 
 Outputs: out/exp/<experiment>/{results.md, *.png} and one row per run in the
 table; runs whose final checkpoint already exists are reused (--fresh reruns).
+--jobs=N trains N independent runs at a time, each with cpu_count / N threads:
+a small model uses 2 threads poorly (on 2 cores one run at 2 threads took 400
+ms/step, at 1 thread 600), so two 1-thread runs side by side finish sooner.
 Every run starts from config/exp/base.py, the dense shape of config/dense_small.py.
 """
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import matplotlib
 matplotlib.use("Agg")   # files only, no display (before pyplot is imported)
@@ -41,7 +44,7 @@ DEFAULT_OUT = os.path.join("out", "exp")   # --smoke: out/exp_smoke, --scale=gpu
 OUT = DEFAULT_OUT
 BASE = "config/exp/base.py"
 MOE8 = ["--moe_layers=all", "--n_experts=8", "--top_k=2"]
-OPTS = {"smoke": False, "fresh": False, "scale": "cpu", "data_dir": ""}
+OPTS = {"smoke": False, "fresh": False, "scale": "cpu", "data_dir": "", "jobs": 1}
 SMOKE_ITERS = 3
 
 
@@ -73,14 +76,32 @@ def run(out_dir, *args):
         if full:
             sys.exit(f"error: {out_dir} holds a full run; a --smoke run will not replace it (choose another --out)")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), BASE, f"--out_dir={out_dir}", "--overwrite=True", *args, *extra]
+    env = dict(os.environ)
+    if OPTS["jobs"] > 1 and "OMP_NUM_THREADS" not in env:   # share the cores between the parallel runs
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // OPTS["jobs"]))
     t0 = time.time()
     print(f"  train {out_dir}: {' '.join(args)}", flush=True)
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         sys.exit(f"error: run {out_dir} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     last = [l for l in p.stdout.splitlines() if l.startswith("eval iter")][-1:]
-    print(f"    {last[0] if last else ''} ({time.time() - t0:.0f} s)", flush=True)
+    print(f"    done {out_dir}: {last[0] if last else ''} ({time.time() - t0:.0f} s)", flush=True)
     return out_dir
+
+
+def run_many(specs):
+    """Train every (out_dir, [args]) of specs as run() does, --jobs of them at a time
+    (the runs must not depend on each other). Returns the out_dirs, in order."""
+    if OPTS["jobs"] <= 1 or len(specs) <= 1:
+        return [run(d, *args) for d, args in specs]
+    with ThreadPoolExecutor(OPTS["jobs"]) as pool:
+        futures = [pool.submit(run, d, *args) for d, args in specs]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:   # a failed run: start no more
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def upcycled_8x2(dense, n):
@@ -207,17 +228,18 @@ def upcycle_vs_scratch():
     scratch catches up. Dense base: 600 steps. Budgets: 200 and 1200 further steps."""
     name, t0 = "upcycle_vs_scratch", time.time()
     dense = dense_base()
-    rows = []
+    specs, labels = [], []
     for budget in (200, 1200):
         n = iters(budget)
         sched = [f"--max_iters={n}", f"--eval_interval={max(n // 6, 1)}", "--warmup_iters=20"]
-        up = run(os.path.join(OUT, name, f"upcycled_{budget}"), f"--init_from={dense}", *MOE8, *sched,
-                 "--learning_rate=1.5e-3")
-        sc = run(os.path.join(OUT, name, f"scratch_{budget}"), *MOE8, *sched)
-        dc = run(os.path.join(OUT, name, f"dense_cont_{budget}"), f"--init_from={dense}", *sched,
-                 "--learning_rate=1.5e-3")
-        for d, method in ((up, "upcycled"), (sc, "moe_scratch"), (dc, "dense_continued")):
-            rows.append(summary(d, budget=budget, steps=n, method=method))
+        specs += [(os.path.join(OUT, name, f"upcycled_{budget}"),
+                   [f"--init_from={dense}", *MOE8, *sched, "--learning_rate=1.5e-3"]),
+                  (os.path.join(OUT, name, f"scratch_{budget}"), [*MOE8, *sched]),
+                  (os.path.join(OUT, name, f"dense_cont_{budget}"),
+                   [f"--init_from={dense}", *sched, "--learning_rate=1.5e-3"])]
+        labels += [(budget, n, method) for method in ("upcycled", "moe_scratch", "dense_continued")]
+    rows = [summary(d, budget=budget, steps=n, method=method)
+            for d, (budget, n, method) in zip(run_many(specs), labels)]
     fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
     for method in ("upcycled", "moe_scratch", "dense_continued"):
         pts = [(r["budget"], r["val_loss"]) for r in rows if r["method"] == method]
@@ -250,12 +272,11 @@ def gate_norm():
     name, t0 = "gate_norm", time.time()
     dense = dense_base()
     n = iters(300)
-    rows = []
-    for lam in (None, 1.0, 2.0):
-        tag = "off" if lam is None else f"lambda{lam:g}"
-        d = run(os.path.join(OUT, name, tag), *upcycled_8x2(dense, n), "--capacity_factor=1.0",
-                f"--gate_norm_lambda={lam}")
-        rows.append(summary(d, gate_norm_lambda=str(lam)))
+    lambdas = (None, 1.0, 2.0)
+    dirs = run_many([(os.path.join(OUT, name, "off" if lam is None else f"lambda{lam:g}"),
+                      [*upcycled_8x2(dense, n), "--capacity_factor=1.0", f"--gate_norm_lambda={lam}"])
+                     for lam in lambdas])
+    rows = [summary(d, gate_norm_lambda=str(lam)) for d, lam in zip(dirs, lambdas)]
     fig = bar_figure(name, rows, ["max1_max2", "drop_rate", "val_loss"], title="Gating logit normalisation")
     finding = ("Max1/Max2: " + ", ".join(f"{r['gate_norm_lambda']}: {r['max1_max2']:.2f}" for r in rows) +
                "; drop rate: " + ", ".join(f"{r['drop_rate'] * 100:.1f}%" for r in rows) +
@@ -273,11 +294,12 @@ def adaptive_aux():
     name, t0 = "adaptive_aux", time.time()
     n = iters(300)
     common = [*MOE8, f"--max_iters={n}", f"--eval_interval={max(n // 6, 1)}", "--capacity_factor=1.0"]
+    variants = (("fixed_1e-2", ["--aux_loss_coef=0.01"]), ("fixed_1e-3", ["--aux_loss_coef=0.001"]),
+                ("adaptive", ["--adaptive_aux=True"]),
+                ("adaptive_skywork", ["--adaptive_aux=True", "--aux_loss=skywork"]))
+    dirs = run_many([(os.path.join(OUT, name, tag), [*common, *extra]) for tag, extra in variants])
     rows = []
-    for tag, extra in (("fixed_1e-2", ["--aux_loss_coef=0.01"]), ("fixed_1e-3", ["--aux_loss_coef=0.001"]),
-                       ("adaptive", ["--adaptive_aux=True"]),
-                       ("adaptive_skywork", ["--adaptive_aux=True", "--aux_loss=skywork"])):
-        d = run(os.path.join(OUT, name, tag), *common, *extra)
+    for d, (tag, extra) in zip(dirs, variants):
         row = summary(d, aux_loss="skywork" if "--aux_loss=skywork" in extra else "switch")
         last = [r for r in read(d) if "moe" in r][-1]
         row["drop_per_layer"] = " ".join(f"{l['drop_rate'] * 100:.1f}" for l in last["moe"])
@@ -300,13 +322,12 @@ def router_order():
     dense = dense_base()
     n = iters(300)
     common = upcycled_8x2(dense, n)
-    rows = []
-    for tag, extra in (("topk_softmax", ["--router=topk_softmax"]),
-                       ("softmax_topk_exact", ["--router=softmax_topk", "--upcycle_weight_scaling=exact",
-                                               "--router_init_std=0.0"]),
-                       ("softmax_topk_megatron", ["--router=softmax_topk", "--upcycle_weight_scaling=megatron"]),
-                       ("softmax_topk_unscaled", ["--router=softmax_topk", "--upcycle_weight_scaling=none"])):
-        rows.append(summary(run(os.path.join(OUT, name, tag), *common, *extra)))
+    variants = (("topk_softmax", ["--router=topk_softmax"]),
+                ("softmax_topk_exact", ["--router=softmax_topk", "--upcycle_weight_scaling=exact",
+                                        "--router_init_std=0.0"]),
+                ("softmax_topk_megatron", ["--router=softmax_topk", "--upcycle_weight_scaling=megatron"]),
+                ("softmax_topk_unscaled", ["--router=softmax_topk", "--upcycle_weight_scaling=none"]))
+    rows = [summary(d) for d in run_many([(os.path.join(OUT, name, tag), [*common, *extra]) for tag, extra in variants])]
     dense_loss = evals(dense)[-1]["val_loss"]
     for r in rows:
         r["dense_val_loss"] = dense_loss
@@ -328,12 +349,12 @@ def fine_grained():
     n = iters(300)
     common = [f"--init_from={dense}", "--moe_layers=all", "--n_experts=8", "--top_k=2", "--upcycle_granularity=2",
               f"--max_iters={n}", f"--eval_interval={max(n // 6, 1)}", "--learning_rate=1.5e-3", "--warmup_iters=20"]
-    rows = []
-    for tag, extra in (("exact_scaling", ["--upcycle_weight_scaling=exact"]),
-                       ("megatron_scaling", ["--upcycle_weight_scaling=megatron"]),
-                       ("no_scaling", ["--upcycle_weight_scaling=none"]),
-                       ("coarse_8x2", ["--upcycle_granularity=1"])):
-        rows.append(final_similarity(summary(run(os.path.join(OUT, name, tag), *common, *extra))))
+    variants = (("exact_scaling", ["--upcycle_weight_scaling=exact"]),
+                ("megatron_scaling", ["--upcycle_weight_scaling=megatron"]),
+                ("no_scaling", ["--upcycle_weight_scaling=none"]),
+                ("coarse_8x2", ["--upcycle_granularity=1"]))
+    dirs = run_many([(os.path.join(OUT, name, tag), [*common, *extra]) for tag, extra in variants])
+    rows = [final_similarity(summary(d)) for d in dirs]
     fig = loss_figure(name, [(r["run"], os.path.join(OUT, name, r["run"])) for r in rows],
                       title="Fine-grained upcycling E'4 G2")
     finding = ("Right after upcycling: " + ", ".join(f"{r['run']} {r['val_loss_step0']:.3f}" for r in rows) +
@@ -372,8 +393,8 @@ def lory():
     data_dir = OPTS["data_dir"] or os.path.join(ROOT, "data", "multidomain")
     ensure_similarity_order(data_dir)   # here, not inside train.py's captured output, to show its progress
     rows = []
-    for tag, extra in runs:
-        d = run(os.path.join(OUT, name, tag), *common, *extra)
+    dirs = run_many([(os.path.join(OUT, name, tag), [*common, *extra]) for tag, extra in runs])
+    for d, (tag, _) in zip(dirs, runs):
         res = evaluate_checkpoint(d, skip_positions=seg, batches=4 if OPTS["smoke"] else 32)
         row = summary(d, eval_val_loss=res["val_loss"])
         if res.get("val_loss_from_pos"):
@@ -399,9 +420,9 @@ def capacity():
     dense = dense_base()
     n = iters(300)
     common = upcycled_8x2(dense, n)
-    rows = []
-    for tag, cf in (("cf1", 1.0), ("cf2", 2.0), ("dropless", 0.0)):
-        rows.append(summary(run(os.path.join(OUT, name, tag), *common, f"--capacity_factor={cf}"), capacity_factor=cf))
+    variants = (("cf1", 1.0), ("cf2", 2.0), ("dropless", 0.0))
+    dirs = run_many([(os.path.join(OUT, name, tag), [*common, f"--capacity_factor={cf}"]) for tag, cf in variants])
+    rows = [summary(d, capacity_factor=cf) for d, (_, cf) in zip(dirs, variants)]
     fig = bar_figure(name, rows, ["val_loss", "drop_rate", "tok_per_s"], title="Capacity factor")
     finding = ("Val loss: " + ", ".join(f"{r['run']} {r['val_loss']:.3f}" for r in rows) + "; drop rate: " +
                ", ".join(f"{r['drop_rate'] * 100:.1f}%" for r in rows) + "; tokens/s: " +
@@ -420,13 +441,14 @@ def routers():
     name, t0 = "routers", time.time()
     n = iters(200)
     common = [*MOE8, f"--max_iters={n}", f"--eval_interval={max(n // 4, 1)}", "--capacity_factor=1.25"]
+    variants = (("topk_softmax", []), ("softmax_topk", ["--router=softmax_topk"]),
+                ("sigmoid_auxfree", ["--router=sigmoid", "--aux_loss=none"]),
+                ("expert_choice", ["--router=expert_choice", "--capacity_factor=1.0"]),
+                ("noisy_topk", ["--router_noise=True"]),
+                ("topk_lambda1", ["--gate_norm_lambda=1.0"]))
     rows = []
-    for tag, extra in (("topk_softmax", []), ("softmax_topk", ["--router=softmax_topk"]),
-                       ("sigmoid_auxfree", ["--router=sigmoid", "--aux_loss=none"]),
-                       ("expert_choice", ["--router=expert_choice", "--capacity_factor=1.0"]),
-                       ("noisy_topk", ["--router_noise=True"]),
-                       ("topk_lambda1", ["--gate_norm_lambda=1.0"])):
-        d = run(os.path.join(OUT, name, tag), *common, *extra)
+    for d, (tag, _) in zip(run_many([(os.path.join(OUT, name, tag), [*common, *extra]) for tag, extra in variants]),
+                           variants):
         row = summary(d)
         last = [r for r in read(d) if "moe" in r][-1]["moe"]
         row["gate_entropy"] = float(np.mean([l["gate_entropy"] for l in last]))
@@ -465,9 +487,9 @@ def btx_branches(name, dense, domains):
     """Branch-Train-MiX's branch stage (arXiv 2403.07816 section 2): one dense copy per
     domain, trained on that domain only (--domains), BTX_BRANCH_STEPS / n steps each."""
     b = iters(BTX_BRANCH_STEPS // len(domains))
-    return [run(os.path.join(OUT, name, f"branch_{D}"), f"--init_from={dense}", f"--domains={D}", f"--max_iters={b}",
-                f"--eval_interval={max(b // 3, 1)}", "--learning_rate=1.5e-3", "--warmup_iters=20")
-            for D in domains]
+    return run_many([(os.path.join(OUT, name, f"branch_{D}"),
+                      [f"--init_from={dense}", f"--domains={D}", f"--max_iters={b}", f"--eval_interval={max(b // 3, 1)}",
+                       "--learning_rate=1.5e-3", "--warmup_iters=20"]) for D in domains])
 
 
 def beyond_copy_runs(name, dense, branches):
@@ -486,7 +508,8 @@ def beyond_copy_runs(name, dense, branches):
              ("btx_random", btx), ("btx_hidden", [*btx, "--upcycle_router_init=hidden"]),
              ("moe_scratch", [*MOE8, *sched(n)]),
              ("dense_continued", [f"--init_from={dense}", *sched(n), "--learning_rate=1.5e-3"])]
-    return [(tag, run(os.path.join(OUT, name, tag), *args)) for tag, args in specs]
+    dirs = run_many([(os.path.join(OUT, name, tag), args) for tag, args in specs])
+    return [(tag, d) for (tag, _), d in zip(specs, dirs)]
 
 
 def last_tokens(out_dir):
@@ -591,9 +614,14 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="output root (default out/exp; out/exp_smoke with --smoke, "
                                                 "out/exp_gpu with --scale=gpu)")
     p.add_argument("--data_dir", default="", help="data directory (default data/multidomain)")
+    p.add_argument("--jobs", type=int, default=1, help="independent runs trained at a time (each with "
+                                                        "cpu_count / jobs threads; default 1)")
     a = p.parse_args(argv)
     globals()["OUT"] = a.out or DEFAULT_OUT + ("_smoke" if a.smoke else "_gpu" if a.scale == "gpu" else "")
-    OPTS.update(smoke=a.smoke, fresh=a.fresh, scale=a.scale, data_dir=a.data_dir)
+    if a.jobs < 1:
+        print(f"error: --jobs={a.jobs}: need at least 1 run at a time", file=sys.stderr)
+        return 2
+    OPTS.update(smoke=a.smoke, fresh=a.fresh, scale=a.scale, data_dir=a.data_dir, jobs=a.jobs)
     if a.name == "list":
         for k, f in EXPERIMENTS.items():
             print(f"{k:20s} {f.__doc__.strip().splitlines()[0]}")

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from experiments import EXPERIMENTS
 from helpers import ROOT, make_dataset
 from model import GPTConfig
 from train import model_args_from, parse_config
@@ -20,43 +21,84 @@ def test_config_file_loads_and_builds_a_valid_model(path):
     GPTConfig(**model_args_from(cfg, vocab_size=256))   # validates the MoE shape
 
 
-def test_all_experiments_smoke(tmp_path):
-    data = make_dataset(str(tmp_path / "data"), n_docs=80, doc_len=(80, 200))
-    out = str(tmp_path / "exp")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "experiments.py"), "all", "--smoke", f"--out={out}",
-                        f"--data_dir={data}"], cwd=ROOT, capture_output=True, text=True, timeout=1200,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    for name in ("upcycle_vs_scratch", "gate_norm", "adaptive_aux", "router_order", "fine_grained", "lory", "capacity",
-                 "routers", "beyond_copy"):
-        rows = json.load(open(os.path.join(out, name, "results.json")))
-        assert rows and all("val_loss" in r for r in rows), name
-        assert os.path.getsize(os.path.join(out, name, "results.md")) > 100
-        assert glob.glob(os.path.join(out, name, "*.png")), name
-    # the gate-norm experiment measures what it claims to: sharper gates as lambda grows
-    g = json.load(open(os.path.join(out, "gate_norm", "results.json")))
+def check_gate_norm(out):
+    # measures what it claims to: sharper gates as lambda grows
+    g = load_rows(out, "gate_norm")
     assert g[0]["max1_max2"] < g[1]["max1_max2"] < g[2]["max1_max2"]
-    # beyond_copy: every method ran, BTX's routing-by-domain figures exist, and copy-upcycling starts at the
+
+
+def check_router_order(out):
+    # right after exact upcycling the loss equals the dense loss
+    r = load_rows(out, "router_order")
+    assert abs(r[0]["val_loss_step0"] - r[0]["dense_val_loss"]) < 1e-4
+
+
+def check_routers(out):
+    # issue 18: expert choice also has its training-routing loss; demand CV everywhere
+    rt = {x["run"]: x for x in load_rows(out, "routers")}
+    assert "val_loss_training_routing" in rt["expert_choice"] and all("demand_cv" in x for x in rt.values())
+
+
+def check_fine_grained(out):
+    # similarity over same-shard pairs is at least the all-pairs mean; G=2: half the pairs are not copies
+    fg = load_rows(out, "fine_grained")
+    assert all(x["expert_sim_same_shard"] >= x["expert_sim_all_pairs"] - 1e-6 for x in fg)
+    assert fg[0]["expert_sim_same_shard"] > fg[0]["expert_sim_all_pairs"] + 0.2
+
+
+def check_adaptive_aux(out):
+    # the adaptive experiment has a run with Skywork's own loss
+    ad = {x["run"]: x for x in load_rows(out, "adaptive_aux")}
+    assert ad["adaptive_skywork"]["aux_loss"] == "skywork" and ad["adaptive"]["aux_loss"] == "switch"
+
+
+def check_beyond_copy(out):
+    # every method ran, BTX's routing-by-domain figures exist, and copy-upcycling starts at the
     # dense loss while Drop-Upcycling (re-initialised channels) starts above it
-    b = {r["method"]: r for r in json.load(open(os.path.join(out, "beyond_copy", "results.json")))}
+    b = {r["method"]: r for r in load_rows(out, "beyond_copy")}
     assert sorted(b) == sorted(["copy", "drop_0.25", "drop_0.5", "drop_0.75", "btx_random", "btx_hidden",
                                 "moe_scratch", "dense_continued"])
     assert all(os.path.exists(os.path.join(out, "beyond_copy", f"routing_{t}.png")) for t in ("btx_random", "btx_hidden"))
     dense0 = [r for r in map(json.loads, open(os.path.join(out, "dense", "metrics.jsonl"))) if r["split"] == "eval"][-1]
     assert abs(b["copy"]["val_loss_step0"] - dense0["val_loss"]) < 1e-4
     assert b["drop_0.75"]["val_loss_step0"] > b["copy"]["val_loss_step0"]
-    # right after exact upcycling the loss equals the dense loss
-    r = json.load(open(os.path.join(out, "router_order", "results.json")))
-    assert abs(r[0]["val_loss_step0"] - r[0]["dense_val_loss"]) < 1e-4
-    # issue 18: expert choice also has its training-routing loss; fine-grained similarity over same-shard
-    # pairs is at least the all-pairs mean; the adaptive experiment has a run with Skywork's own loss
-    rt = {x["run"]: x for x in json.load(open(os.path.join(out, "routers", "results.json")))}
-    assert "val_loss_training_routing" in rt["expert_choice"] and all("demand_cv" in x for x in rt.values())
-    fg = json.load(open(os.path.join(out, "fine_grained", "results.json")))
-    assert all(x["expert_sim_same_shard"] >= x["expert_sim_all_pairs"] - 1e-6 for x in fg)
-    assert fg[0]["expert_sim_same_shard"] > fg[0]["expert_sim_all_pairs"] + 0.2       # G=2: half the pairs are not copies
-    ad = {x["run"]: x for x in json.load(open(os.path.join(out, "adaptive_aux", "results.json")))}
-    assert ad["adaptive_skywork"]["aux_loss"] == "skywork" and ad["adaptive"]["aux_loss"] == "switch"
+
+
+CHECKS = {"gate_norm": check_gate_norm, "router_order": check_router_order, "routers": check_routers,
+          "fine_grained": check_fine_grained, "adaptive_aux": check_adaptive_aux, "beyond_copy": check_beyond_copy}
+
+
+def load_rows(out, name):
+    return json.load(open(os.path.join(out, name, "results.json")))
+
+
+@pytest.fixture(scope="module")
+def smoke_data(tmp_path_factory):
+    return make_dataset(str(tmp_path_factory.mktemp("data")), n_docs=80, doc_len=(80, 200))
+
+
+# one test per experiment, so that a parallel test run spreads them; beyond_copy, the largest,
+# also checks --jobs=2 (independent runs side by side)
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_experiment_smoke(name, smoke_data, tmp_path):
+    out = str(tmp_path / "exp")
+    jobs = ["--jobs=2"] if name == "beyond_copy" else []
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "experiments.py"), name, "--smoke", f"--out={out}",
+                        f"--data_dir={smoke_data}", *jobs], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = load_rows(out, name)
+    assert rows and all("val_loss" in r for r in rows), name
+    assert os.path.getsize(os.path.join(out, name, "results.md")) > 100
+    assert glob.glob(os.path.join(out, name, "*.png")), name
+    if name in CHECKS:
+        CHECKS[name](out)
+
+
+def test_jobs_below_one_is_one_line_error():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "experiments.py"), "gate_norm", "--jobs=0"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "--jobs=0" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_unknown_experiment_is_one_line_error():
