@@ -47,7 +47,7 @@ from dataclasses import asdict
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from cli import ArgumentParser
+from cli import ArgumentParser, run_cli
 from data.tokenizer import HF_TOKENIZER_FILES as TOKENIZER_FILES, find_tokenizer_dir
 from model import GPT, GPTConfig
 
@@ -501,13 +501,9 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    try:
-        return main(argv)
-    except SystemExit as e:
-        return e.code
-    except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """main() with the CLI's error handling (cli.run_cli): a ConvertError, or an OSError
+    such as a full disk while writing, is one line on stderr and exit status 2."""
+    return run_cli(main, argv, user_errors=(ConvertError,))
 
 
 if __name__ == "__main__":

@@ -534,6 +534,7 @@ def run_summary(run_dir, evaluate=False, **eval_kw):
     model, ckpt = load_run(run_dir)
     tr = [r for r in recs if r.get("split") == "train"]
     ev = [r for r in recs if r.get("split") == "eval" and "val_loss" in r]
+    finite = [r for r in ev if math.isfinite(r["val_loss"])]
     row = {
         "run": run_dir,
         "kind": model_kind(model),
@@ -543,10 +544,11 @@ def run_summary(run_dir, evaluate=False, **eval_kw):
         "tokens": (tr[-1] if tr else ev[-1] if ev else {}).get("tokens"),
         "train_loss": tr[-1]["loss"] if tr else None,
         "val_loss": ev[-1]["val_loss"] if ev else None,
-        "best_val_loss": min(r["val_loss"] for r in ev) if ev else None,
+        "best_val_loss": min(r["val_loss"] for r in finite) if finite else None,   # a diverged run: before NaN
         "tok_per_s": float(np.median([r["tok_per_s"] for r in tr if "tok_per_s" in r])) if tr else None,
     }
     row["val_ppl"] = math.exp(min(row["val_loss"], 50)) if row["val_loss"] is not None else None
+    row["diverged"] = bool(ev) and not math.isfinite(ev[-1]["val_loss"])
     if evaluate:
         res = evaluate_checkpoint(run_dir, **eval_kw)
         row["eval_val_loss"], row["eval_val_ppl"] = res["val_loss"], res["val_ppl"]
@@ -597,6 +599,9 @@ def compare_runs(dirs, out_dir, evaluate=False, dpi=100, **eval_kw):
         runs.append((name, recs, row))
     cols = COMPARE_COLUMNS + (["eval_val_loss", "eval_val_ppl"] if evaluate else [])
     table = markdown_table(rows, cols)
+    notes = [f"{r['run']}: the last val loss is {r['val_loss']} (the run diverged); best_val_loss is its best "
+             f"finite one" for r in rows if r["diverged"]]
+    table += "".join(f"\n\nnote: {n}" for n in notes)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "compare.md"), "w") as f:
         f.write(table + "\n")

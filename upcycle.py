@@ -670,7 +670,7 @@ def btx_ffn(ffns, branch, cfg, weight_scaling, generator):
     if cfg.router == "sigmoid":
         out["router.expert_bias"] = torch.zeros(E)
     g1, g3, g2 = (torch.stack([ffns[b][i].float() for b in branch]) for i in range(3))  # (E, h, d) x2, (E, d, h)
-    g1, g3, g2 = scale_experts(g1, g3, g2, weight_scaling, activation_scale(cfg.router, E, 1, cfg.top_k))
+    g1, g3, g2 = scale_experts(g1, g3, g2, weight_scaling, activation_scale(cfg.router, E, 1, routed_k(cfg)))
     out["gate_proj"], out["up_proj"], out["down_proj"] = (t.to(dtype).contiguous() for t in (g1, g3, g2))
     return out
 
@@ -722,7 +722,7 @@ def btx_merge(dense_states, dense_args, options=None, names=None, **kw):
         "options": {
             "n_experts": E, "top_k": cfg.top_k, "moe_layers": cfg.moe_layers, "router": cfg.router,
             "router_init_std": cfg.router_init_std, "weight_scaling": ws,
-            "activation_scale": activation_scale(cfg.router, E, 1, cfg.top_k), "seed": int(opts["seed"]),
+            "activation_scale": activation_scale(cfg.router, E, 1, routed_k(cfg)), "seed": int(opts["seed"]),
             "branches": names, "expert_branch": branch,
             "function_preserving": verdict, "preservation_note": note,
         },
@@ -874,7 +874,7 @@ def router_init_hidden(model, data_dir, domains, n_windows=16, block_size=None, 
     hidden_router_rows(model, windows, names)
     out = {"router_init": "hidden", "router_init_domains": names, "router_init_data": os.path.abspath(data_dir),
            "router_init_windows": n_windows}
-    if cfg.router in ("softmax_topk", "expert_choice") and cfg.n_experts != cfg.top_k:
+    if cfg.router in ("softmax_topk", "expert_choice") and cfg.n_experts != routed_k(cfg):
         out.update(function_preserving="approximate",
                    preservation_note="softmax-then-topk gates sum to an input-dependent value with a non-zero "
                                      "(hidden-state) router")

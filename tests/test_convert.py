@@ -380,6 +380,19 @@ def test_failed_write_leaves_nothing(hf_llamas, imported, tmp_path, monkeypatch)
     assert os.listdir(tmp_path) == []
 
 
+def test_cli_write_failure_is_one_line(imported, tmp_path, capsys, monkeypatch):
+    """Through the command line, the same crash is one line and exit status 2 (cli.run_cli)."""
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    assert convert.cli([f"--ckpt={imported}", f"--to_hf={tmp_path}/hf"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err, err
+    assert not os.path.exists(tmp_path / "hf")
+
+
 def test_import_bf16_upcasts_exactly(tmp_path):
     hf = H.random_model(H.hf_config("llama"), seed=5).to(torch.bfloat16)
     H.save(hf, str(tmp_path / "hf"), tokenizer=False)

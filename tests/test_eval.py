@@ -187,6 +187,24 @@ def test_compare_two_runs(runs, tmp_path, capsys):
     assert "eval_val_loss" in p.stdout and os.path.exists(tmp_path / "cmp2" / "compare.png")
 
 
+def test_compare_names_a_diverged_run(runs, tmp_path):
+    """A run whose last val loss is NaN is named under the table, and its best_val_loss
+    is the best finite one, not NaN (min over a list with NaN depends on the order)."""
+    bad = tmp_path / "diverged"
+    shutil.copytree(runs["dense"], bad)
+    recs = [json.loads(l) for l in open(bad / "metrics.jsonl")]
+    evals = [r for r in recs if r.get("split") == "eval"]
+    evals[-1]["val_loss"] = float("nan")
+    best = min(r["val_loss"] for r in evals[:-1])
+    with open(bad / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    table, _ = ev.compare_runs([runs["dense"], str(bad)], str(tmp_path / "cmp"))
+    row = ev.run_summary(str(bad))[0]
+    assert row["diverged"] and row["best_val_loss"] == best
+    assert "note: diverged: the last val loss is nan (the run diverged)" in table
+    assert table.count("note:") == 1                                   # the healthy run has none
+
+
 # ---------------------------------------------------------------- bad input
 
 def _one_line_error(p, *needles):

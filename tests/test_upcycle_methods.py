@@ -195,6 +195,22 @@ def test_btx_of_identical_branches_equals_the_dense_model(tmp_path, n_experts):
     assert diff < 1e-5, diff
 
 
+def test_btx_expert_choice_scales_for_the_experts_it_routes_to(tmp_path):
+    """Expert choice routes capacity_factor experts per token at eval (router.expert_choice_k),
+    not top_k: with a zero router the exact scaling must use that k (E/k = 4 here, not E/2),
+    as upcycle_ffn does, or the merged model computes half the dense FFN."""
+    dense = make_dense()
+    paths = [save_dense(dense, tmp_path / f"b{i}") for i in range(4)]
+    rc = U.main([f"--ckpt={','.join(paths)}", f"--out_dir={tmp_path / 'btx'}", "--method=btx", "--n_experts=4",
+                 "--top_k=2", "--router=expert_choice", "--capacity_factor=1.0", "--router_init_std=0",
+                 "--weight_scaling=exact", "--verify=false"])
+    assert rc == 0
+    moe, ckpt = load_model(str(tmp_path / "btx"))
+    assert ckpt["upcycled_from"]["options"]["activation_scale"] == 4.0
+    diff = float((logits(moe, X) - logits(dense, X)).abs().max())
+    assert diff < 1e-5, diff
+
+
 def test_btx_averages_exactly_and_takes_each_branch_ffn():
     branches = [make_dense(seed=s) for s in (1, 2, 3)]
     states = [b.state_dict() for b in branches]
