@@ -6,7 +6,6 @@ afterwards and no temp file is left behind."""
 import errno
 import hashlib
 import json
-import math
 import os
 import shutil
 
