@@ -171,7 +171,9 @@ def table(rows, columns=None):
 def write_results(name, title, rows, figures, finding, columns=None, t0=None):
     out = os.path.join(OUT, name)
     os.makedirs(out, exist_ok=True)
-    md = [f"# {title}", "", f"Command: `python experiments.py {name}`" + (" --scale=gpu" if OPTS["scale"] == "gpu" else ""),
+    flags = ((" --scale=gpu" if OPTS["scale"] == "gpu" else "") + (f" --jobs={OPTS['jobs']}" if OPTS["jobs"] > 1 else "")
+             + (f" --data_dir={OPTS['data_dir']}" if OPTS["data_dir"] else ""))
+    md = [f"# {title}", "", f"Command: `python experiments.py {name}{flags}`",
           f"Wall time: {time.time() - t0:.0f} s" if t0 else "", "", table(rows, columns), ""]
     md += [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figures]
     md += ["", finding, ""]
