@@ -11,9 +11,10 @@ of train.py runs on the default data that ends in a figure and a table.
 
 Outputs: out/exp/<experiment>/{results.md, *.png} and one row per run in the
 table; runs whose final checkpoint already exists are reused (--fresh reruns).
---jobs=N trains N independent runs at a time, each with cpu_count / N threads:
-a small model uses 2 threads poorly (on 2 cores one run at 2 threads took 400
-ms/step, at 1 thread 600), so two 1-thread runs side by side finish sooner.
+--jobs=N trains N independent runs at a time, each with cpu_count / N threads
+(a run with nothing beside it, like the dense base, keeps every core): a small
+model uses 2 threads poorly (on 2 cores one run at 2 threads took 400 ms/step,
+at 1 thread 600), so two 1-thread runs side by side finish sooner.
 Every run starts from config/exp/base.py, the dense shape of config/dense_small.py.
 """
 import argparse
@@ -55,9 +56,10 @@ def iters(n):
     return SMOKE_ITERS if OPTS["smoke"] else (4 * n if OPTS["scale"] == "gpu" else n)
 
 
-def run(out_dir, *args):
+def run(out_dir, *args, threads=None):
     """Train one run (train.py BASE args...) unless out_dir holds the finished run
-    of exactly these settings (train.finished_run)."""
+    of exactly these settings (train.finished_run). threads: its torch threads
+    (run_many's share of the cores; default torch's own, all cores)."""
     extra = [f"--data_dir={OPTS['data_dir']}"] if OPTS["data_dir"] else []
     if OPTS["smoke"]:   # a tiny model: checks that every run's configuration loads and trains
         extra += ["--eval_interval=3", "--eval_iters=2", "--log_interval=1", "--warmup_iters=1", "--n_layer=2",
@@ -77,8 +79,8 @@ def run(out_dir, *args):
             sys.exit(f"error: {out_dir} holds a full run; a --smoke run will not replace it (choose another --out)")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), BASE, f"--out_dir={out_dir}", "--overwrite=True", *args, *extra]
     env = dict(os.environ)
-    if OPTS["jobs"] > 1 and "OMP_NUM_THREADS" not in env:   # share the cores between the parallel runs
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // OPTS["jobs"]))
+    if threads and "OMP_NUM_THREADS" not in env:   # share the cores between the parallel runs
+        env["OMP_NUM_THREADS"] = str(threads)
     t0 = time.time()
     print(f"  train {out_dir}: {' '.join(args)}", flush=True)
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -94,8 +96,10 @@ def run_many(specs):
     (the runs must not depend on each other). Returns the out_dirs, in order."""
     if OPTS["jobs"] <= 1 or len(specs) <= 1:
         return [run(d, *args) for d, args in specs]
-    with ThreadPoolExecutor(OPTS["jobs"]) as pool:
-        futures = [pool.submit(run, d, *args) for d, args in specs]
+    jobs = min(OPTS["jobs"], len(specs))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(run, d, *args, threads=threads) for d, args in specs]
         try:
             return [f.result() for f in futures]
         except BaseException:   # a failed run: start no more
