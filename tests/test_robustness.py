@@ -106,7 +106,17 @@ DAMAGED = [   # (field, bad value, text the one-line error must contain)
 ]
 
 
-@pytest.mark.parametrize("field, value, needle", DAMAGED, ids=[f"{f}={v!r}"[:40] for f, v, _ in DAMAGED])
+def describe(value):
+    """A test id that does not depend on tensor contents (the rng state differs between
+    pytest-xdist workers, and every worker must collect the same ids)."""
+    if torch.is_tensor(value):
+        return f"tensor({str(value.dtype).replace('torch.', '')}, {tuple(value.shape)})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+@pytest.mark.parametrize("field, value, needle", DAMAGED, ids=[f"{f}={describe(v)}"[:60] for f, v, _ in DAMAGED])
 def test_damaged_field_is_one_line_error_naming_file_and_field(run, tmp_path, field, value, needle):
     path = str(tmp_path / "ckpt.pt")
     torch.save(with_field(run["ckpt"], field, value), path)
