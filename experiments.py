@@ -30,7 +30,7 @@ matplotlib.use("Agg")   # files only, no display (before pyplot is imported)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from checkpoint import CheckpointError, load_checkpoint, load_model  # noqa: E402
 from cli import ArgumentParser  # noqa: E402
 from data.dataset import load_meta  # noqa: E402
 from data.similarity import ensure_similarity_order  # noqa: E402
@@ -371,15 +371,13 @@ def fine_grained():
 
 
 def final_similarity(row):
-    """row + the final checkpoint's mean expert similarity per layer, averaged over
-    layers: over same-shard pairs (G = ffn_hidden // expert_hidden) and over all pairs."""
-    ckpt = load_checkpoint(os.path.join(OUT, "fine_grained", row["run"]))
-    model_args, state = ckpt["model_args"], ckpt["model"]
-    G = model_args["ffn_hidden"] // model_args["expert_hidden"]
-    stacks = [tuple(state[f"blocks.{l}.ffn.{m}"] for m in ("gate_proj", "up_proj", "down_proj"))
-              for l in range(model_args["n_layer"]) if f"blocks.{l}.ffn.gate_proj" in state]
-    row["expert_sim_same_shard"] = float(np.mean([mean_pairwise_similarity(s, G) for s in stacks]))
-    row["expert_sim_all_pairs"] = float(np.mean([mean_pairwise_similarity(s, 1) for s in stacks]))
+    """row + the expert similarity at the end, averaged over the MoE layers: over the
+    same-shard pairs (e = e' mod G, the only pairs that started as copies), which is
+    train.py's similarity monitor at the last eval (row["expert_sim"]), and over all
+    pairs, from the final checkpoint."""
+    model, _ = load_model(os.path.join(OUT, "fine_grained", row["run"]))
+    row["expert_sim_same_shard"] = row["expert_sim"]
+    row["expert_sim_all_pairs"] = float(np.mean([mean_pairwise_similarity(f) for _, f in model.moe_layers()]))
     return row
 
 
