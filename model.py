@@ -268,6 +268,12 @@ def rope_scaling_of(cfg):
                 high_freq_factor=cfg.rope_high_freq_factor, original_max_pos=cfg.rope_original_max_pos)
 
 
+def rope_tables(cfg):
+    """The rotary cos/sin tables (block_size, head_dim/2) of a GPTConfig: its theta and
+    scaling. GPT keeps them as buffers; parallel.py rebuilds them after to_empty."""
+    return rope_cache(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta, scaling=rope_scaling_of(cfg))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -419,7 +425,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_cache(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta, scaling=rope_scaling_of(cfg))
+        cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)

@@ -62,7 +62,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from kernels import moe_ffn
-from model import GPT, GPTConfig, rope_cache
+from model import GPT, GPTConfig, rope_tables
 from router import Router, Routing
 from upcycle import (FFN_MATS, _as_dict, _check_keys, _options, resolve_weight_scaling, target_config, upcycle_ffn,
                      upcycle_info)
@@ -414,7 +414,7 @@ def build_sharded_model(cfg, ep, local_state=None):
     model.to_empty(device="cpu")              # new, untied tensors: tie and rebuild below
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
-    model.rope_cos, model.rope_sin = rope_cache(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta)
+    model.rope_cos, model.rope_sin = rope_tables(cfg)
     model.load_state_dict(local_state)
     return model
 

@@ -310,6 +310,18 @@ def test_shards_take_global_expert_slices():
                                                         full["blocks.1.ffn.up_proj"])
 
 
+def test_sharded_model_keeps_rope_scaling():
+    # an imported Llama 3.1-style model (rope_scaling "llama3") trained under EP: the
+    # rebuilt rotary tables must be the scaled ones GPT(cfg) computes
+    cfg = GPTConfig(**{**CFG, "rope_theta": 500000.0, "rope_scaling": "llama3", "rope_factor": 8.0,
+                       "rope_original_max_pos": 8})
+    torch.manual_seed(0)
+    full = GPT(cfg)
+    model = parallel.build_sharded_model(cfg, fake_ep(1, 2), parallel.shard_state_dict(full.state_dict(), cfg, fake_ep(1, 2)))
+    assert not torch.equal(full.rope_cos, GPT(GPTConfig(**{**CFG, "rope_theta": 500000.0})).rope_cos)
+    assert torch.equal(model.rope_cos, full.rope_cos) and torch.equal(model.rope_sin, full.rope_sin)
+
+
 def test_online_upcycling_builds_only_owned_experts():
     dense_args = {**CFG, "moe_layers": "none"}
     torch.manual_seed(0)
