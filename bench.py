@@ -23,7 +23,8 @@ an MoE layer costing what its active FLOPs cost) and, on a GPU, achieved TFLOP/s
 Routing is random uniform top-k (seeded), gates a softmax over the chosen k.
 
 Timing: each path is run `--warmup` times, then `--repeats` rounds in which every path
-runs once (interleaved, so a noisy neighbour hurts all paths alike); the median is
+runs once (interleaved, so a noisy neighbour hurts all paths alike; in --model, --decode
+and --hf the order rotates every round, so no path always goes first); the median is
 reported (column n: rounds; a very slow path gets fewer, see --max_path_seconds).
 The Triton path on CPU only runs in the interpreter (seconds per launch): it is
 skipped there with a note.
@@ -273,7 +274,7 @@ def bench_model(args, device):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randint(0, 256, (B, T), generator=g).to(device)
-    steps, times = {}, {}
+    steps = {}
     for name, c in configs.items():
         torch.manual_seed(args.seed)
         m = GPT(GPTConfig(**c)).to(device)
@@ -285,14 +286,11 @@ def bench_model(args, device):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        steps[name], times[name] = (step, m), []
+        steps[name] = (step, m)
     run = timer(device)
-    for _ in range(max(args.warmup or 1, 1)):
-        for step, _ in steps.values():
-            run(step)
-    for _ in range(args.repeats or 5):
-        for name, (step, _) in steps.items():
-            times[name].append(run(step))
+    paths = {name: step for name, (step, _) in steps.items()}
+    interleaved_rounds(paths, max(args.warmup or 1, 1), run)
+    times = interleaved_rounds(paths, args.repeats or 5, run)
     print(f"machine: {machine(device)}")
     print(f"training step: batch {B} x {T} tokens, AdamW; median of {args.repeats or 5} interleaved rounds")
     print(f"{'model':<34} {'params':>8} {'active':>8} {'ms/step':>9} {'tok/s':>10} {'vs dense':>9} {'vs matched':>10}")
@@ -357,13 +355,25 @@ def bench_decode(args, device):
 
 def time_decode_paths(paths, repeats, run):
     """{path: output}, {path: [seconds]} of `repeats` interleaved rounds over `paths`."""
-    outs, times = {}, {p: [] for p in paths}
-    for _ in range(repeats):
-        for p, fn in paths.items():
-            def call(p=p, fn=fn):
-                outs[p] = fn()
-            times[p].append(run(call))
+    outs = {}
+
+    def keeping_output(p, fn):
+        def call():
+            outs[p] = fn()
+        return call
+    times = interleaved_rounds({p: keeping_output(p, fn) for p, fn in paths.items()}, repeats, run)
     return outs, times
+
+
+def interleaved_rounds(paths, repeats, run):
+    """{path: [seconds]} of `repeats` rounds in which every path runs once. The order
+    rotates by one path per round, so that no path always runs first or always
+    follows the same other path (whose freed memory and cache state it inherits)."""
+    names, times = list(paths), {p: [] for p in paths}
+    for i in range(repeats):
+        for p in names[i % len(names):] + names[:i % len(names)]:
+            times[p].append(run(paths[p]))
+    return times
 
 
 def decode_hf_twin(model, tmp, device):
@@ -446,14 +456,9 @@ def bench_hf(args, device):
             with torch.no_grad():
                 diff = (ours.eval()(x)[0] - theirs.eval()(x).logits).abs().max().item()
             paths = hf_bench_paths(ours, theirs, x)
-            times = {k: [] for k in paths}
             run = timer(device)
-            for _ in range(max(args.warmup or 1, 1)):
-                for f in paths.values():
-                    run(f)
-            for _ in range(args.repeats or 5):
-                for k, f in paths.items():
-                    times[k].append(run(f))
+            interleaved_rounds(paths, max(args.warmup or 1, 1), run)
+            times = interleaved_rounds(paths, args.repeats or 5, run)
             med = {k: statistics.median(t) for k, t in times.items()}
             print(f"{name:<22} {ours.num_params() / 1e6:>7.2f}M {T:>5} {diff:>12.1e} "
                   f"{B * T / med['fwd ours']:>15,.0f} {B * T / med['fwd theirs']:>10,.0f} "
