@@ -52,6 +52,16 @@ from data.tokenizer import HF_TOKENIZER_FILES as TOKENIZER_FILES, find_tokenizer
 from model import GPT, GPTConfig
 
 IMPORTABLE = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
+# What transformers assumes for a key that config.json leaves out: the defaults of its
+# LlamaConfig / MistralConfig / MixtralConfig (read from transformers 5). They differ by
+# class (Mixtral's rope_theta is 1e6, Mistral's window 4096), so a missing key is read
+# the way transformers reads that class, never with one project-wide default.
+# num_key_value_heads None: as many kv heads as query heads.
+HF_DEFAULTS = {
+    "LlamaForCausalLM": dict(rope_theta=10000.0, rms_norm_eps=1e-6, num_key_value_heads=None, sliding_window=None),
+    "MistralForCausalLM": dict(rope_theta=10000.0, rms_norm_eps=1e-6, num_key_value_heads=8, sliding_window=4096),
+    "MixtralForCausalLM": dict(rope_theta=1e6, rms_norm_eps=1e-5, num_key_value_heads=8, sliding_window=None),
+}
 
 
 class ConvertError(Exception):
@@ -113,26 +123,27 @@ def read_tensors(hf_dir):
 
 # ============================================================================ HF config -> GPTConfig
 
-def rope_settings(cfg):
+def rope_settings(cfg, default_theta):
     """(rope_theta, GPTConfig rope-scaling fields) from a transformers 4 config.json
     (rope_theta, rope_scaling) or a transformers 5 one (rope_parameters)."""
     params = cfg.get("rope_parameters") or {}
+    key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"   # named in the errors
     scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta = params.get("rope_theta", cfg.get("rope_theta", default_theta))
     if params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ConvertError("partial_rotary_factor != 1 is not supported: model.py rotates the whole head")
     if not scaling or scaling.get("rope_type", scaling.get("type")) in (None, "default"):
         return float(theta), {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind != "llama3":
-        raise ConvertError(f"rope_scaling type {kind!r} is not supported: model.py implements 'llama3' only")
+        raise ConvertError(f"{key} type {kind!r} is not supported: model.py implements 'llama3' only")
     try:
         return float(theta), dict(rope_scaling="llama3", rope_factor=float(scaling["factor"]),
                                   rope_low_freq_factor=float(scaling["low_freq_factor"]),
                                   rope_high_freq_factor=float(scaling["high_freq_factor"]),
                                   rope_original_max_pos=int(scaling["original_max_position_embeddings"]))
     except KeyError as e:
-        raise ConvertError(f"rope_scaling of type 'llama3' lacks {e.args[0]!r}") from None
+        raise ConvertError(f"{key} of type 'llama3' lacks {e.args[0]!r}") from None
 
 
 def refuse_unsupported(cfg, arch):
@@ -142,9 +153,12 @@ def refuse_unsupported(cfg, arch):
             raise ConvertError(f"{key}=true is not supported: model.py has no biases")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ConvertError(f"hidden_act={cfg['hidden_act']!r} is not supported: model.py's FFN is SwiGLU (silu)")
-    if arch in ("MistralForCausalLM", "MixtralForCausalLM") and cfg.get("sliding_window") is not None:
-        raise ConvertError(f"sliding_window={cfg['sliding_window']} is not supported: model.py attends to the "
-                           f"whole causal context (set sliding_window to null only if the model never used it)")
+    window = cfg.get("sliding_window", HF_DEFAULTS[arch]["sliding_window"])
+    if window is not None and window < cfg.get("max_position_embeddings", 0):   # a window that binds
+        raise ConvertError(f"sliding_window={window}{'' if 'sliding_window' in cfg else ' (' + arch + ' default)'} "
+                           f"is shorter than max_position_embeddings={cfg.get('max_position_embeddings')}: "
+                           f"not supported, model.py attends to the whole causal context (set sliding_window "
+                           f"to null only if the model never used it)")
     if cfg.get("pretraining_tp", 1) != 1:
         raise ConvertError(f"pretraining_tp={cfg['pretraining_tp']} is not supported (only 1)")
     if arch == "MixtralForCausalLM" and cfg.get("router_jitter_noise", 0.0):
@@ -164,13 +178,15 @@ def model_args_from_hf(cfg):
         raise ConvertError(f"architectures={archs}: not supported; importable: {', '.join(IMPORTABLE)}")
     try:
         refuse_unsupported(cfg, arch)
-        theta, scaling = rope_settings(cfg)
+        default = HF_DEFAULTS[arch]
+        theta, scaling = rope_settings(cfg, default["rope_theta"])
         args = dict(block_size=int(cfg["max_position_embeddings"]), vocab_size=int(cfg["vocab_size"]),
                     n_layer=int(cfg["num_hidden_layers"]), n_head=int(cfg["num_attention_heads"]),
-                    n_kv_head=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+                    n_kv_head=int(cfg.get("num_key_value_heads", default["num_key_value_heads"])
+                                  or cfg["num_attention_heads"]),
                     n_embd=int(cfg["hidden_size"]), ffn_hidden=int(cfg["intermediate_size"]),
                     tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), rope_theta=theta,
-                    norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), **scaling)
+                    norm_eps=float(cfg.get("rms_norm_eps", default["rms_norm_eps"])), **scaling)
         if arch == "MixtralForCausalLM":
             args.update(moe_layers="all", n_experts=int(cfg["num_local_experts"]),
                         top_k=int(cfg["num_experts_per_tok"]), expert_hidden=int(cfg["intermediate_size"]),

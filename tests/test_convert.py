@@ -146,6 +146,26 @@ def test_import_mistral_without_sliding_window(tmp_path):
     assert max_diff(load_model(str(tmp_path / "o"))[0], hf, ids()) < TOL
 
 
+def test_missing_config_keys_read_as_transformers_reads_them(tmp_path, caplog):
+    """A Mixtral config.json without rope_theta and rms_norm_eps: transformers takes
+    MixtralConfig's defaults (1e6, 1e-5), not Llama's (1e4, 1e-6); so must the import.
+    A Mistral sliding_window at least as long as the context never binds: accepted."""
+    hf = H.random_model(H.hf_config("mixtral", rope_scaling=None), seed=6)
+    src = str(tmp_path / "hf")
+    H.save(hf, src)
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    for key in ("rope_parameters", "rope_theta", "rope_scaling", "rms_norm_eps"):
+        cfg.pop(key, None)
+    json.dump(cfg, open(os.path.join(src, "config.json"), "w"))
+    theirs = load_hf(src, caplog)
+    convert.import_hf(src, str(tmp_path / "o"))
+    ours = load_model(str(tmp_path / "o"))[0]
+    assert (ours.config.rope_theta, ours.config.norm_eps) == (1e6, 1e-5)
+    assert max_diff(ours, theirs, ids()) < TOL
+    mistral = dict(cfg, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=64)
+    assert convert.model_args_from_hf(mistral)["block_size"] == 64   # the window covers the whole context
+
+
 def test_load_check_catches_missing_and_unexpected_keys(imported, tmp_path, caplog):
     """load_hf really sees transformers' report: an export with a renamed tensor fails it."""
     from safetensors.torch import load_file, save_file
@@ -321,7 +341,10 @@ def refused(capsys, argv, words, out):
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, None, None, ["yarn"]),
     ({"head_dim": 32}, None, None, ["head_dim=32"]),
     ({"architectures": ["Qwen2ForCausalLM"]}, None, None, ["Qwen2ForCausalLM", "not supported"]),
-    ({"architectures": ["MistralForCausalLM"], "sliding_window": 4096}, None, None, ["sliding_window=4096"]),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": 16}, None, None,
+     ["sliding_window=16", "max_position_embeddings=64"]),
+    ({"architectures": ["MistralForCausalLM"], "max_position_embeddings": 8192}, None, None,
+     ["sliding_window=4096 (MistralForCausalLM default)", "max_position_embeddings=8192"]),
     ({"hidden_size": 32, "head_dim": 8}, None, None, ["model.embed_tokens.weight", "shape"]),
     (None, "model.layers.1.mlp.up_proj.weight", None, ["model.layers.1.mlp.up_proj.weight", "missing"]),
     (None, None, {"model.layers.0.self_attn.k_proj.weight": torch.zeros(64, 64)},
