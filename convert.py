@@ -48,10 +48,12 @@ import torch
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cli import ArgumentParser, run_cli
-from data.tokenizer import HF_TOKENIZER_FILES as TOKENIZER_FILES, find_tokenizer_dir
+from data.tokenizer import HF_TOKENIZER_FILES as TOKENIZER_FILES, HFTokenizer, find_tokenizer_dir
 from model import GPT, GPTConfig
 
 IMPORTABLE = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
+GENERATION_CONFIG = "generation_config.json"   # travels with the tokenizer files (data/tokenizer.py)
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # What transformers assumes for a key that config.json leaves out: the defaults of its
 # LlamaConfig / MistralConfig / MixtralConfig (read from transformers 5). They differ by
 # class (Mixtral's rope_theta is 1e6, Mistral's window 4096), so a missing key is read
@@ -298,8 +300,18 @@ def import_hf(hf_dir, out_dir):
         for name in TOKENIZER_FILES:
             if os.path.exists(os.path.join(hf_dir, name)):
                 shutil.copyfile(os.path.join(hf_dir, name), os.path.join(tmp, name))
+        ids = special_ids(hf_cfg)
+        if ids and not os.path.exists(os.path.join(hf_dir, GENERATION_CONFIG)):   # transformers derives it so
+            with open(os.path.join(tmp, GENERATION_CONFIG), "w") as f:
+                json.dump(ids, f, indent=2)
     write_atomically(out_dir, write)
     return os.path.join(out_dir, "ckpt.pt")
+
+
+def special_ids(cfg):
+    """{bos_token_id, eos_token_id, pad_token_id: value} of an HF config or generation
+    config dict, for the keys it sets (eos may be a list: generation stops at any)."""
+    return {k: cfg[k] for k in SPECIAL_IDS if cfg.get(k) is not None}
 
 
 def check_new_output(path, flag):
@@ -463,20 +475,38 @@ def export_hf(ckpt_dir, hf_dir):
     if missing:
         raise ConvertError(f"the checkpoint lacks tensor {missing[0]}: damaged or from another model")
     tensors = hf_state(state, cfg, target)
-    config = hf_config(cfg, target)
     src = tokenizer_dir(ckpt, ckpt_dir)
+    ids = export_special_ids(src)
+    config = {**hf_config(cfg, target), **ids}
 
     def write(tmp):
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump({"do_sample": False}, f, indent=2)
+        with open(os.path.join(tmp, GENERATION_CONFIG), "w") as f:   # replaced by the model's own, if any
+            json.dump({"do_sample": False, **{k: v for k, v in ids.items() if v is not None}}, f, indent=2)
         for name in TOKENIZER_FILES:
             if src and os.path.exists(os.path.join(src, name)):
                 shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
     write_atomically(hf_dir, write)
     return target
+
+
+def export_special_ids(src):
+    """bos/eos/pad ids for an exported config.json: those of the model's own generation
+    config (imported with it, carried with its tokenizer), else the tokenizer's bos and
+    end-of-text tokens, else None written out, so that transformers does not fill in its
+    classes' defaults (bos 1, eos 2: ordinary tokens of most vocabularies)."""
+    ids = dict.fromkeys(SPECIAL_IDS[:2])
+    if src and os.path.exists(os.path.join(src, GENERATION_CONFIG)):
+        ids.update(special_ids(read_json(os.path.join(src, GENERATION_CONFIG), "the model's generation defaults")))
+    elif src:
+        try:
+            tok = HFTokenizer(src)
+        except ValueError as e:   # a damaged tokenizer.json
+            raise ConvertError(str(e)) from None
+        ids.update(bos_token_id=tok.bos_token, eos_token_id=tok.eot_token)
+    return ids
 
 
 def tokenizer_dir(ckpt, ckpt_dir):

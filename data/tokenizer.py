@@ -35,7 +35,10 @@ WHISPER_MEMBER = "whisper/assets/gpt2.tiktoken"
 # the GPT-2 pre-tokenisation regex (tiktoken_ext.openai_public.r50k_pat_str)
 R50K_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 ENDOFTEXT = "<|endoftext|>"
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# the HF files of a model's text interface, copied together wherever its tokenizer goes
+# (convert.py, train.py, the prepare scripts): the tokenizer, and the generation defaults
+# with the bos/eos ids that transformers' generate stops at (convert.py's export reads them)
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 # end-of-document tokens of common HF vocabularies, tried when the config names none
 # (Llama 1/2 and Mistral, GPT-2 family, Llama 3)
 EOS_GUESSES = ("</s>", "<|endoftext|>", "<|end_of_text|>")

@@ -441,6 +441,32 @@ def test_export_refusals(tmp_path, capsys, kw, words):
     refused(capsys, [f"--ckpt={tmp_path}/c", f"--to_hf={tmp_path}/hf"], words, str(tmp_path / "hf"))
 
 
+def test_export_keeps_the_models_bos_eos(tmp_path):
+    """An imported model's bos/eos ids reach the exported config.json and
+    generation_config.json, through upcycling, whether the HF directory had a
+    generation_config.json or only config.json's ids. Without them transformers would
+    fill in its defaults (bos 1, eos 2) and its generate would not stop at the model's eos."""
+    from transformers import AutoConfig, GenerationConfig
+    hf = H.random_model(H.hf_config(bos_token_id=5, eos_token_id=6), seed=7)
+    src = H.save(hf, str(tmp_path / "hf"))
+    for with_generation_config in (True, False):
+        if not with_generation_config:
+            os.remove(os.path.join(src, "generation_config.json"))
+        tag = str(with_generation_config)
+        convert.import_hf(src, str(tmp_path / f"dense{tag}"))
+        U.upcycle_checkpoint(str(tmp_path / f"dense{tag}"), str(tmp_path / f"moe{tag}"),
+                           {"model_args": {"moe_layers": "all", "n_experts": 4, "top_k": 2}})
+        convert.export_hf(str(tmp_path / f"moe{tag}"), str(tmp_path / f"out{tag}"))
+        cfg = AutoConfig.from_pretrained(str(tmp_path / f"out{tag}"))
+        gen = GenerationConfig.from_pretrained(str(tmp_path / f"out{tag}"))
+        assert (cfg.bos_token_id, cfg.eos_token_id, gen.bos_token_id, gen.eos_token_id) == (5, 6, 5, 6), tag
+    # a model of this project's own, with no HF tokenizer: no ids, rather than transformers' 1 and 2
+    save_model(moe_model(moe_layers="all"), str(tmp_path / "own"))
+    convert.export_hf(str(tmp_path / "own"), str(tmp_path / "own_hf"))
+    cfg = AutoConfig.from_pretrained(str(tmp_path / "own_hf"))
+    assert (cfg.bos_token_id, cfg.eos_token_id) == (None, None)
+
+
 def test_cli_subprocess(imported, tmp_path, capsys):
     """The real entry point exits 0 and writes the HF files; bad flags exit 2 with one line."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
