@@ -407,11 +407,25 @@ def expert_choice_losses(model, batches, causal_loss, device="cpu"):
             "val_loss_causal": causal_loss, "val_loss_training_routing": train_routing}
 
 
+def eval_block_size(model, train_cfg, block_size=None):
+    """The eval window length: block_size when given (1..the model's), else the
+    training run's (train_cfg: the checkpoint's config), else the model's."""
+    limit = model.config.block_size
+    if block_size is None:
+        return min(int(train_cfg.get("block_size", limit)), limit)
+    if not 1 <= block_size <= limit:
+        raise EvalError(f"--block_size={block_size} must be between 1 and the model's block_size={limit}")
+    return block_size
+
+
 def evaluate_checkpoint(ckpt_dir, batches=DEFAULT_BATCHES, batch_size=DEFAULT_BATCH_SIZE, data_dir=None,
-                        device="cpu", skip_positions=None, eval_capacity_factor=None, seed=VAL_SEED):
+                        device="cpu", skip_positions=None, eval_capacity_factor=None, seed=VAL_SEED,
+                        block_size=None):
     """Load a checkpoint and evaluate it on fixed, seeded val batches.
 
-    batches x batch_size sequences of the run's block_size, drawn by
+    batches x batch_size sequences of block_size tokens (default: the block_size the
+    run trained at, else the model's, which for an imported model is its
+    max_position_embeddings; Lory rounds down to whole segments), drawn by
     TokenDataset.fixed_batches(seed=1234): the same for every run on the same data.
     skip_positions: also report the loss over positions >= this (None: segment_len
     for Lory, else off) -- the causal Lory loss, or a dense model's loss on the same
@@ -431,9 +445,11 @@ def evaluate_checkpoint(ckpt_dir, batches=DEFAULT_BATCHES, batch_size=DEFAULT_BA
     model, ckpt = load_run(ckpt_dir, device)
     ds = load_val_data(ckpt, data_dir)
     cfg = ckpt.get("config") or {}
-    T = min(int(cfg.get("block_size", model.config.block_size)), model.config.block_size)
+    T = eval_block_size(model, cfg, block_size)
     kind = model_kind(model)
     if kind == "lory" and T % model.config.segment_len:
+        if T < model.config.segment_len:
+            raise EvalError(f"block_size={T} is shorter than one Lory segment ({model.config.segment_len} tokens)")
         T -= T % model.config.segment_len
     if skip_positions is None:
         skip_positions = model.config.segment_len if kind == "lory" else 0
@@ -617,6 +633,8 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="last stdout line: the result as one JSON object")
     p.add_argument("--batches", type=int, default=DEFAULT_BATCHES, help="fixed val batches (default %(default)s)")
     p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="sequences per batch")
+    p.add_argument("--block_size", type=int, default=None,
+                   help="tokens per sequence (default: the run's training block_size, else the model's)")
     p.add_argument("--data_dir", default=None, help="default: the checkpoint config's data_dir or data/<dataset>")
     p.add_argument("--device", default="cpu", help="cpu | cuda | ... (default cpu)")
     p.add_argument("--skip_positions", type=int, default=None,
@@ -675,7 +693,7 @@ def main(argv=None):
     if not args.ckpt:
         raise EvalError("pass --ckpt=OUT_DIR (or --compare RUN_DIR ...); see python eval.py --help")
     res = evaluate_checkpoint(args.ckpt, args.batches, args.batch_size, args.data_dir, args.device,
-                              args.skip_positions, args.eval_capacity_factor)
+                              args.skip_positions, args.eval_capacity_factor, block_size=args.block_size)
     if not args.json:
         print(format_report(res))
     if args.plots:

@@ -278,7 +278,12 @@ def test_round_trip_is_bit_identical(imported, tmp_path, moe):
 def test_imported_checkpoint_in_eval_upcycle_train(imported, tmp_path, capsys):
     data = make_dataset(str(tmp_path / "data"), vocab=128)
     res = E.evaluate_checkpoint(imported, batches=2, batch_size=2, data_dir=data)
-    assert res["kind"] == "dense" and res["val_loss"] > 0
+    assert res["kind"] == "dense" and res["val_loss"] > 0 and res["block_size"] == 64   # max_position_embeddings
+    # a long-context model is evaluated at a window the user picks (the val set may be shorter)
+    assert E.cli(["--ckpt", imported, "--data_dir", data, "--block_size=16", "--batches=2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["block_size"] == 16
+    assert E.cli(["--ckpt", imported, "--data_dir", data, "--block_size=65"]) == 2
+    assert "--block_size=65 must be between 1 and the model's block_size=64" in capsys.readouterr().err
     # without --data_dir there is no data of this model's vocabulary: one line, exit 2
     assert E.cli(["--ckpt", imported, "--data_dir", str(tmp_path / "none")]) == 2
     assert S.cli(["--ckpt", imported, "--data_dir", str(tmp_path / "none")]) == 2
