@@ -229,8 +229,10 @@ def causal_mask(pos, T, device=None):
 class KVCache:
     """Keys and values of every layer for the tokens generated so far.
 
-    k, v: (n_layer, B, n_kv_head, T_max, head_dim) with T_max = block_size,
-    allocated once, on the first write, in the dtype and device of the keys
+    k, v: (n_layer, B, n_kv_head, T_max, head_dim) with T_max = max_len (default
+    block_size; generate passes what the prompt and the new tokens need, which for
+    an imported 128k-context model is far less), allocated once, on the first
+    write, in the dtype and device of the keys
     (bf16 under autocast). The first `pos` positions are filled. A forward with
     the cache writes its T new tokens at pos..pos+T-1 in every layer and then
     advances pos by T (GPT.forward does both).
@@ -241,8 +243,8 @@ class KVCache:
     (GPT.generate turns capacity off, see `inference_routing`).
     """
 
-    def __init__(self, cfg):
-        self.n_layer, self.max_len = cfg.n_layer, cfg.block_size
+    def __init__(self, cfg, max_len=None):
+        self.n_layer, self.max_len = cfg.n_layer, min(max_len or cfg.block_size, cfg.block_size)
         self.k = self.v = None
         self.pos = 0
 
@@ -256,6 +258,9 @@ class KVCache:
             self.v = v.new_zeros(shape)
         if B != self.k.shape[1]:
             raise ValueError(f"KV cache holds a batch of {self.k.shape[1]} sequences, got {B}; start a new KVCache")
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions cannot take {T} more after {self.pos}; "
+                             f"make a KVCache with a larger max_len (at most block_size)")
         self.k[layer, :, :, self.pos:self.pos + T] = k
         self.v[layer, :, :, self.pos:self.pos + T] = v
         return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
@@ -583,7 +588,8 @@ class GPT(nn.Module):
         if lory:   # merge each Lory layer's experts once, with the prompt's weights
             weights = self.lory_prompt_weights(idx[:, -block_size:])
             prompt_experts = [f.merge(w) for f, w in zip(lory, weights)]
-        cache = KVCache(self.config) if use_cache else None
+        # the window never holds more than the whole sequence or block_size tokens
+        cache = KVCache(self.config, max_len=idx.shape[1] + max_new_tokens) if use_cache else None
         start = max(0, idx.shape[1] - block_size)            # first token of the context window
         with inference_routing(self):
             for _ in range(max_new_tokens):

@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import model as M  # noqa: E402
 from model import GPT, GPTConfig, KVCache, MoEFFN  # noqa: E402
 from router import ROUTERS  # noqa: E402
 
@@ -203,6 +204,29 @@ def test_cache_past_block_size_is_a_one_line_error():
     cache.reset()
     m(torch.randint(0, 64, (2, 32)), cache=cache)                      # a full block fits
     assert cache.pos == 32 and cache.k.shape == (2, 2, 4, 32, 8)       # (L, B, Hkv, T_max, hd)
+
+
+def test_generate_sizes_the_cache_for_the_sequence(monkeypatch):
+    """The cache holds prompt + new tokens, at most block_size (an imported model's
+    block_size is its max_position_embeddings, 131072 for Llama 3.2: 8 GiB of fp32
+    keys and values per sequence that a short sample never uses)."""
+    made = []
+
+    class Spy(KVCache):
+        def __init__(self, cfg, max_len=None):
+            super().__init__(cfg, max_len)
+            made.append(self)
+    monkeypatch.setattr(M, "KVCache", Spy)
+    m = make_model()
+    for prompt_len, new, size in ((3, 4, 7), (45, 3, 32), (20, 30, 32)):   # the last two hop their window
+        prompt = torch.randint(0, 64, (2, prompt_len))
+        out = m.generate(prompt, new, temperature=0)
+        assert made[-1].max_len == size and made[-1].k.shape[3] == size
+        assert torch.equal(out, m.generate(prompt, new, temperature=0, use_cache=False))
+    cache = KVCache(m.config, max_len=7)
+    m(torch.randint(0, 64, (1, 7)), cache=cache)
+    with pytest.raises(ValueError, match=r"^KV cache of 7 positions cannot take 1 more after 7"):
+        m(torch.randint(0, 64, (1, 1)), cache=cache)
 
 
 def test_long_prompt_keeps_its_last_block():
