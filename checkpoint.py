@@ -12,6 +12,7 @@ OUT_DIR/ckpt.pt is a dict:
     config         train.py's full config dict
     rng            {"torch": cpu RNG state, "cuda": [...], "data": data generator state}
     aux_coef       AdaptiveAuxCoef state (MoE runs), or None
+    scaler         the float16 loss scaler's state_dict (scale, growth tracker), or None
     upcycled_from  {"path", "sha256", "method", "options"} for upcycled models, else None
 
 Loading checks every field above (validate_checkpoint) and names the file and the
@@ -34,7 +35,7 @@ from model import GPT, GPTConfig
 FORMAT = "moe-upcycling/1"
 CKPT_NAME = "ckpt.pt"
 FIELDS = ("format", "model_args", "model", "optimizer", "iter_num", "best_val_loss", "config", "rng",
-          "aux_coef", "upcycled_from")
+          "aux_coef", "upcycled_from", "scaler")
 DAMAGED = "damaged or foreign checkpoint: retrain it, or point at another one"
 
 
@@ -196,6 +197,7 @@ def validate_checkpoint(ckpt, path):
     check_rng(ckpt.get("rng"), path)
     check_aux_coef(ckpt.get("aux_coef"), path)
     check_upcycled_from(ckpt.get("upcycled_from"), path)
+    check_scaler(ckpt.get("scaler"), path)
 
 
 def check_model_args(args, path):
@@ -285,6 +287,15 @@ def check_aux_coef(aux, path):
     for key in ("xi", "alpha_max", "beta"):
         if not _is_number(aux[key]):
             raise _bad(path, f"aux_coef.{key}", aux[key], "must be a finite number")
+
+
+def check_scaler(scaler, path):
+    """scaler: None or torch.amp.GradScaler.state_dict(): names to finite numbers."""
+    if scaler is None:
+        return
+    if not isinstance(scaler, dict) or not scaler or not all(isinstance(k, str) and _is_number(v)
+                                                              for k, v in scaler.items()):
+        raise _bad(path, "scaler", scaler, "must be None or a GradScaler state_dict {'scale': number, ...}")
 
 
 def check_upcycled_from(src, path):

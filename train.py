@@ -41,14 +41,15 @@ from metrics import METRICS_FILE, MetricsWriter, trim_for_resume
 from model import GPT, GPTConfig, MoEFFN
 from router import AdaptiveAuxCoef, Routing
 from runlock import LockError, OutDirLock
-from upcycle import (METHODS, ROUTER_INITS, branch_domains, btx_from_checkpoints, check_upcycle_options,
-                     dense_ffn_weights, mean_pairwise_similarity, router_init_hidden, similarity_to_dense,
+from upcycle import (FUNCTION_KEYS, METHODS, ROUTER_INITS, SHAPE_KEYS, branch_domains, btx_from_checkpoints,
+                     check_upcycle_options, dense_ffn_weights, mean_pairwise_similarity, router_init_hidden, similarity_to_dense,
                      upcycle_from_checkpoint, upcycle_model)
 
 # -----------------------------------------------------------------------------
 # defaults: I/O
 out_dir = "out/dense"
-init_from = "scratch"        # 'scratch' | 'resume' | path of a dense out_dir to upcycle online
+init_from = "scratch"        # 'scratch' | 'resume' | a checkpoint dir: upcycled online when moe_layers is set,
+                             # else a warm start that keeps the checkpoint's shape (its model keys win)
 eval_interval = 100
 eval_iters = 20              # fixed val batches per evaluation
 log_interval = 10
@@ -283,6 +284,35 @@ class StatsAccumulator:
             out.setdefault(l, {})[k] = v.tolist() if v.dim() else round(float(v), 6)
         self.sums, self.n = {}, 0
         return [out[l] for l in sorted(out)]
+
+
+class LogWindow:
+    """The training steps since the last train record: summed loss and step time, the
+    last step's learning rate, and their routing statistics. close() writes the
+    record (rank 0) and opens a new window; train() closes it every log_interval
+    steps and before every checkpoint save, so that a resumed run starts with an
+    empty window, as the straight run has at that step, and writes the same records."""
+
+    def __init__(self, metrics, env, tokens_per_iter, gpu_name):
+        self.metrics, self.env, self.tokens_per_iter, self.gpu_name = metrics, env, tokens_per_iter, gpu_name
+        self.reset()
+
+    def reset(self):
+        self.stats = StatsAccumulator()
+        self.loss_sum, self.n_steps, self.step_time, self.lr = 0.0, 0, 0.0, None
+
+    def add(self, loss, seconds, lr):
+        """One training step: its loss, its seconds (the step only) and learning rate."""
+        self.loss_sum, self.n_steps = self.loss_sum + loss, self.n_steps + 1
+        self.step_time, self.lr = self.step_time + seconds, lr
+
+    def close(self, st, cfg):
+        if self.n_steps and self.env.master:
+            rec, line = train_record(st, self.loss_sum / self.n_steps, self.lr, self.step_time / self.n_steps,
+                                     self.tokens_per_iter, self.env.world, self.gpu_name, self.stats, cfg)
+            self.metrics.write(rec)
+            self.env.log(line)
+        self.reset()
 
 
 # -----------------------------------------------------------------------------
@@ -593,10 +623,20 @@ def build_model(cfg, target_args, env):
         src = load_checkpoint(init, map_location="cpu")
         model = model_with_runtime_keys(src["model_args"], target_args)
         load_weights(model, src["model"], init)
-        env.log(f"warm start from {init} (iter {src.get('iter_num', '?')}): fresh optimizer and schedule")
+        env.log(f"warm start from {init} (iter {src.get('iter_num', '?')}): fresh optimizer and schedule"
+                + kept_shape_note(model.config, target_args))
         return model, None, None
     model, upcycled_from = upcycle_online(cfg, target_args, env)
     return model, None, upcycled_from
+
+
+def kept_shape_note(model_cfg, target_args):
+    """A warm start keeps the checkpoint's shape: name the keys where this run's
+    config asks for another one ('' when none)."""
+    asked = GPTConfig(**{**target_args, "moe_layers": "none"})   # n_kv_head=0, ffn_hidden=0 resolved
+    diff = [f"{k}={getattr(model_cfg, k)} (this run's config: {getattr(asked, k)})"
+            for k in SHAPE_KEYS + FUNCTION_KEYS if k != "vocab_size" and getattr(model_cfg, k) != getattr(asked, k)]
+    return f"; it keeps the checkpoint's shape: {', '.join(diff)}" if diff else ""
 
 
 def upcycle_online(cfg, target_args, env):
@@ -649,7 +689,8 @@ def build_model_ep(cfg, target_args, env):
     if target_args["moe_layers"] == "none":
         model = model_with_runtime_keys(src["model_args"], target_args)
         load_weights(model, src["model"], init)
-        env.log(f"warm start from {init} (iter {src.get('iter_num', '?')}): fresh optimizer and schedule")
+        env.log(f"warm start from {init} (iter {src.get('iter_num', '?')}): fresh optimizer and schedule"
+                + kept_shape_note(model.config, target_args))
         return model, None, None
     state, gpt_cfg, info = parallel.upcycle_owned(src["model"], src["model_args"], upcycle_options(cfg, target_args), ep)
     model = sharded_from_state(gpt_cfg, state, ep, init)
@@ -713,14 +754,26 @@ def new_aux_coef(model, cfg):
                            cfg["adaptive_aux_beta"], alpha_init=cfg["adaptive_aux_max"])
 
 
-def restore_training_state(ckpt, optimizer, aux_coef, data_gen, device_type, model=None, ep=None):
-    """Resume exactly: optimizer moments, Skywork alphas, and the torch, CUDA and data RNGs.
-    Under expert parallelism (ep) the saved full expert moments are sliced to model's experts."""
+def restore_training_state(ckpt, st, device_type, ep=None):
+    """Resume exactly: optimizer moments, Skywork alphas, the float16 loss scale, and the
+    torch, CUDA and data RNGs, into RunState st. Under expert parallelism (ep) the saved
+    full expert moments are sliced to the model's experts."""
+    # the checkpoint brings the moments and the alphas; the settings (weight decay, betas,
+    # Skywork's xi, alpha_max, beta) are this run's, which may differ from the saved ones
     if ckpt.get("optimizer") is not None:
-        sd = ckpt["optimizer"] if ep is None else parallel.shard_optimizer_state(ckpt["optimizer"], optimizer, model, ep)
-        optimizer.load_state_dict(sd)
+        opt = ckpt["optimizer"]
+        sd = opt if ep is None else parallel.shard_optimizer_state(opt, st.optimizer, st.raw_model, ep)
+        settings = [{k: g[k] for k in ("weight_decay", "betas")} for g in st.optimizer.param_groups]
+        st.optimizer.load_state_dict(sd)
+        for g, keep in zip(st.optimizer.param_groups, settings):
+            g.update(keep)
     if ckpt.get("aux_coef") is not None:
-        aux_coef.load_state_dict(ckpt["aux_coef"])
+        keep = st.aux_coef.xi, st.aux_coef.alpha_max, st.aux_coef.beta
+        st.aux_coef.load_state_dict(ckpt["aux_coef"])
+        st.aux_coef.xi, st.aux_coef.alpha_max, st.aux_coef.beta = keep
+    if ckpt.get("scaler") is not None and st.scaler.is_enabled():   # a float16 run continues its loss scale
+        st.scaler.load_state_dict(ckpt["scaler"])
+    data_gen = st.data_gen
     rng = ckpt.get("rng") or {}
     if "torch" in rng:
         torch.set_rng_state(rng["torch"].cpu())
@@ -868,6 +921,7 @@ def save_checkpoint(st, cfg, env, note=""):
                 "cuda": torch.cuda.get_rng_state() if env.device_type == "cuda" else None},
         "aux_coef": st.aux_coef.state_dict() if n_routed(st.raw_model) else None,
         "upcycled_from": st.upcycled_from,
+        "scaler": st.scaler.state_dict() if st.scaler.is_enabled() else None,
     }
     path = checkpoint.save_checkpoint(obj, cfg["out_dir"])
     env.log(f"saved checkpoint {path}{note}")
@@ -1007,7 +1061,7 @@ def train(cfg):
     if env.master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
     raw_model, ckpt, upcycled_from = build_model(cfg, target_args, env)
-    dense_ffns = source_ffns(upcycled_from, raw_model)
+    dense_ffns = source_ffns(upcycled_from, raw_model, env, resumed=ckpt is not None)
     check_model_fits_data(raw_model, cfg, vocab_size, data_dir)
     if env.master:
         carry_tokenizer(cfg)
@@ -1016,7 +1070,7 @@ def train(cfg):
     st = RunState(raw_model, raw_model, optimizer, torch.amp.GradScaler(enabled=(env.dtype == "float16")),
                   new_aux_coef(raw_model, cfg), data_gen, upcycled_from=upcycled_from, dense_ffns=dense_ffns)
     if ckpt is not None:
-        restore_training_state(ckpt, st.optimizer, st.aux_coef, data_gen, env.device_type, raw_model, env.ep)
+        restore_training_state(ckpt, st, env.device_type, env.ep)
         st.iter_num, st.best_val_loss = ckpt.get("iter_num", 0), ckpt.get("best_val_loss", 1e9)
         ckpt = None   # free memory
     if env.master:
@@ -1038,9 +1092,8 @@ def train(cfg):
     env.log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {raw_model.num_params(active=True) / 1e6:.2f}M "
             f"active; {tokens_per_iter} tokens/iter; device {env.device} ({env.dtype}); {env.world} process(es)")
     gpu_name = torch.cuda.get_device_name(env.device) if env.device_type == "cuda" else None
-    stats = StatsAccumulator()
     start_iter = st.iter_num
-    step_time, loss_sum, n_steps = 0.0, 0.0, 0   # step_time: seconds in training steps only
+    window = LogWindow(metrics, env, tokens_per_iter, gpu_name)
     while True:
         if (cfg["dense_warmup_iters"] > 0 and st.iter_num >= cfg["dense_warmup_iters"]
                 and target_args["moe_layers"] != "none" and not st.raw_model.config.is_moe):
@@ -1059,6 +1112,7 @@ def train(cfg):
             if ev["val_loss"] < st.best_val_loss or cfg["always_save_checkpoint"]:
                 st.best_val_loss = min(st.best_val_loss, ev["val_loss"])
                 if st.iter_num > start_iter:   # nothing new to save at the start
+                    window.close(st, cfg)
                     save_checkpoint(st, cfg, env)
         if st.iter_num >= cfg["max_iters"]:
             break
@@ -1066,23 +1120,19 @@ def train(cfg):
         # ---- one optimizer step (the only part a log line times) ----
         t0 = time.time()
         batches = get_batch(train_data, cfg, env, st.data_gen)
-        lossf, step_loads, step_drops = forward_backward(st, batches, cfg, env, current_alphas(st, cfg), stats)
+        lossf, step_loads, step_drops = forward_backward(st, batches, cfg, env, current_alphas(st, cfg), window.stats)
         if env.ddp:   # log the global batch's loss, not this rank's share
             lossf = all_reduce_sum([lossf], env).item() / env.world
         if not math.isfinite(lossf):
             return stop_not_finite("loss", lossf, st, cfg, env)
         optimizer_step(st, cfg, env.ep)
         update_balancing(st, step_loads, step_drops, cfg, env)
-        step_time += time.time() - t0
+        window.add(lossf, time.time() - t0, lr)
+        st.iter_num += 1
+        if st.iter_num % cfg["log_interval"] == 0:
+            window.close(st, cfg)
 
-        loss_sum, n_steps, st.iter_num = loss_sum + lossf, n_steps + 1, st.iter_num + 1
-        if st.iter_num % cfg["log_interval"] == 0 and env.master:
-            rec, line = train_record(st, loss_sum / n_steps, lr, step_time / n_steps, tokens_per_iter, env.world,
-                                     gpu_name, stats, cfg)
-            metrics.write(rec)
-            env.log(line)
-            step_time, loss_sum, n_steps = 0.0, 0.0, 0
-
+    window.close(st, cfg)
     save_checkpoint(st, cfg, env, " (final)")
     metrics.close()
     if env.ddp:
@@ -1126,11 +1176,16 @@ def train_reporting_errors(cfg):
 # -----------------------------------------------------------------------------
 # helpers of the steps above (and of demo.py, experiments.py and the tests)
 
-def source_ffns(upcycled_from, model):
+def source_ffns(upcycled_from, model, env, resumed=False):
     """{layer: (W1, W3, W2)} of the dense checkpoint an upcycled model came from,
-    or {} when the source is unknown or gone."""
+    or {} when the source is unknown or gone, or (resumed: checked against the sha256
+    recorded at upcycling) has changed since, e.g. a dense run that trained on."""
     path = (upcycled_from or {}).get("path")
     if not path or not os.path.exists(path):
+        return {}
+    want = upcycled_from.get("sha256")
+    if resumed and want and checkpoint.file_sha256(path) != want:
+        env.log(f"note: {path} changed since it was upcycled (sha256 differs): similarity_to_dense is not logged")
         return {}
     try:
         state = load_checkpoint(path)["model"]
@@ -1141,8 +1196,12 @@ def source_ffns(upcycled_from, model):
 
 
 def upcycle_options(cfg, target_args):
-    """What the upcycler needs: the target MoE shape and the upcycling options."""
-    return {"model_args": target_args, "granularity": cfg["upcycle_granularity"],
+    """What the upcycler needs: the target MoE shape and the upcycling options. The
+    MoE keeps the source's block_size (the context it was trained for: for an imported
+    model its max_position_embeddings), as a warm start does; this run's block_size is
+    the length it trains at."""
+    model_args = {k: v for k, v in target_args.items() if k != "block_size"}
+    return {"model_args": model_args, "granularity": cfg["upcycle_granularity"],
             "weight_scaling": cfg["upcycle_weight_scaling"], "expert_noise": cfg["upcycle_expert_noise"],
             "seed": cfg["upcycle_seed"],
             "drop_ratio": cfg["upcycle_drop_ratio"] if cfg["upcycle_method"] == "drop" else 0.0}

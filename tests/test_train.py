@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from helpers import TINY, make_dataset, read_jsonl, run_train
+import checkpoint  # noqa: E402
+import train  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 from train import ConfigError, check_run_config, parse_config
 
 
@@ -153,6 +156,72 @@ def test_kill_and_resume_is_exact(data_dir, tmp_path, extra):
         assert a["aux_coef"]["alpha"] == b["aux_coef"]["alpha"]
 
 
+def test_resume_logs_like_a_straight_run(data_dir, tmp_path):
+    """A log window closes at every checkpoint: with a record every 3 steps and a
+    checkpoint every 4, the resumed run's train records (loss and routing statistics)
+    equal the straight run's; the straight run also logs iters 4 and 8 (checkpoints)."""
+    common = TINY + [f"--data_dir={data_dir}", "--eval_interval=4", "--log_interval=3", "--lr_decay_iters=8",
+                     "--moe_layers=all", "--n_experts=4", "--top_k=2"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run_train(common + [f"--out_dir={full}", "--max_iters=8"])
+    run_train(common + [f"--out_dir={part}", "--max_iters=4"])
+    run_train(common + [f"--out_dir={part}", "--max_iters=8", "--init_from=resume"])
+    a, b = state(full), state(part)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    la, lb = ([r for r in read_jsonl(os.path.join(d, "metrics.jsonl")) if r["split"] == "train"] for d in (full, part))
+    assert [r["iter"] for r in la] == [r["iter"] for r in lb] == [3, 4, 6, 8]
+    assert [(r["loss"], r["moe"]) for r in la] == [(r["loss"], r["moe"]) for r in lb]
+
+
+def test_float16_loss_scale_is_saved_and_restored(tmp_path):
+    """A float16 run's checkpoint keeps its GradScaler (scale and growth tracker), and
+    resume loads it: a fresh scaler would restart at 65536 and skip different steps.
+    (float16 trains on CUDA only; the scaler itself runs here on the CPU.)"""
+    from types import SimpleNamespace
+
+    def run_state(scaler):
+        torch.manual_seed(0)
+        m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=32, block_size=8))
+        return train.RunState(m, m, torch.optim.AdamW(m.parameters()), scaler, train.new_aux_coef(m, train.DEFAULTS),
+                              torch.Generator().manual_seed(0))
+    st = run_state(torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2))
+    x = torch.randint(0, 32, (2, 8))
+    for overflow in (False, False, True, False):   # the scale grows, backs off, counts again
+        st.scaler.scale(st.raw_model(x, x)[1]).backward()
+        if overflow:
+            next(st.raw_model.parameters()).grad.fill_(float("inf"))
+        st.scaler.step(st.optimizer)
+        st.scaler.update()
+        st.optimizer.zero_grad()
+    want = st.scaler.state_dict()
+    assert (want["scale"], want["_growth_tracker"]) == (1024.0, 1)
+    env = SimpleNamespace(ep=None, master=True, device_type="cpu", log=lambda *a: None)
+    train.save_checkpoint(st, dict(train.DEFAULTS, out_dir=str(tmp_path)), env)
+    resumed = run_state(torch.amp.GradScaler("cpu", growth_interval=2))
+    train.restore_training_state(checkpoint.load_checkpoint(str(tmp_path)), resumed, "cpu")
+    assert resumed.scaler.state_dict() == want
+    bad = {**torch.load(tmp_path / "ckpt.pt", weights_only=True), "scaler": {"scale": float("nan")}}
+    with pytest.raises(checkpoint.CheckpointError, match="field scaler"):
+        checkpoint.validate_checkpoint(bad, "ckpt.pt")
+
+
+def test_resume_applies_this_runs_optimizer_settings(data_dir, tmp_path):
+    """A resumed run trains with the weight decay, betas and Skywork settings on its command
+    line (the checkpoint brings the Adam moments and the alphas only), which its
+    checkpoint's config records."""
+    common = TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}/r", "--eval_interval=2", "--moe_layers=all",
+                     "--n_experts=4", "--top_k=2", "--adaptive_aux=True"]
+    run_train(common + ["--max_iters=2"])
+    alphas = state(f"{tmp_path}/r")["aux_coef"]["alpha"]
+    run_train(common + ["--max_iters=2", "--init_from=resume", "--weight_decay=0.5", "--beta2=0.5",
+                        "--adaptive_aux_xi=1.0", "--adaptive_aux_max=0.05"])
+    ck = state(f"{tmp_path}/r")
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in ck["optimizer"]["param_groups"]] == \
+        [(0.5, (0.9, 0.5)), (0.0, (0.9, 0.5))]
+    assert (ck["aux_coef"]["xi"], ck["aux_coef"]["alpha_max"], ck["aux_coef"]["alpha"]) == (1.0, 0.05, alphas)
+    assert (ck["config"]["weight_decay"], ck["config"]["beta2"]) == (0.5, 0.5)
+
+
 def test_new_run_never_replaces_an_existing_checkpoint(data_dir, tmp_path):
     out = str(tmp_path / "o")
     run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2"])
@@ -240,6 +309,17 @@ def dense_run(data_dir, tmp_path_factory):
     return out
 
 
+def test_online_upcycling_keeps_the_source_block_size(data_dir, dense_run, tmp_path):
+    """Training at 16 tokens from a dense model of block_size 32 (an imported model: its
+    max_position_embeddings) leaves the model's context at 32, by upcycling as by warm start."""
+    short = [f"--data_dir={data_dir}", "--max_iters=1", "--eval_interval=1", "--block_size=16"]
+    run_train(TINY + short + [f"--init_from={dense_run}", f"--out_dir={tmp_path}/moe", "--moe_layers=all",
+                              "--n_experts=4", "--top_k=2"])
+    run_train(TINY + short + [f"--init_from={dense_run}", f"--out_dir={tmp_path}/warm"])
+    assert state(dense_run)["model_args"]["block_size"] == 32
+    assert state(f"{tmp_path}/moe")["model_args"]["block_size"] == state(f"{tmp_path}/warm")["model_args"]["block_size"] == 32
+
+
 def test_online_upcycling_matches_offline_cli(data_dir, dense_run, tmp_path):
     import subprocess
     import sys
@@ -275,10 +355,36 @@ def test_upcycled_training_starts_at_dense_loss_and_logs_similarity(data_dir, de
     assert state(out)["upcycled_from"]["path"].endswith("ckpt.pt")
 
 
+def test_resume_does_not_compare_with_a_changed_dense_source(data_dir, dense_run, tmp_path):
+    """The similarity_to_dense monitor of a resumed MoE run reads the dense checkpoint
+    again; when that file changed since upcycling (its run trained on), the monitor is
+    off with a note instead of logging similarity to other weights."""
+    import shutil
+    dense = str(tmp_path / "dense")
+    shutil.copytree(dense_run, dense)
+    common = TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}/moe", f"--init_from={dense}",
+                     "--eval_interval=2", "--moe_layers=all", "--n_experts=4", "--top_k=2"]
+    run_train(common + ["--max_iters=2"])
+    run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={dense}", "--init_from=resume", "--max_iters=8",
+                      "--eval_interval=3"])                              # the dense run trains on
+    p = run_train(common + ["--init_from=resume", "--max_iters=4"])
+    assert "changed since it was upcycled" in p.stdout
+    evals = [r for r in read_jsonl(f"{tmp_path}/moe/metrics.jsonl") if r["split"] == "eval"]
+    assert "similarity_to_dense" in evals[0] and "similarity_to_dense" not in evals[-1]
+    assert "expert_similarity" in evals[-1]
+
+
 def test_dense_warm_start_and_upcycle_errors(data_dir, dense_run, tmp_path):
     out = str(tmp_path / "cont")
-    run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", f"--init_from={dense_run}", "--max_iters=2"])
+    p = run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", f"--init_from={dense_run}", "--max_iters=2"])
     assert state(out)["iter_num"] == 2 and state(out)["model_args"]["moe_layers"] == "none"
+    assert "keeps the checkpoint's shape" not in p.stdout
+    # a warm start takes the checkpoint's shape; a different one asked for is named, not silently dropped
+    p = run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}/w", f"--init_from={dense_run}",
+                          "--max_iters=1", "--n_layer=3", "--rope_theta=500000.0"])
+    assert "keeps the checkpoint's shape: n_layer=2 (this run's config: 3), rope_theta=10000.0 (this run's " \
+           "config: 500000.0)" in p.stdout
+    assert state(f"{tmp_path}/w")["model_args"]["n_layer"] == 2
     p = run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}/x", f"--init_from={tmp_path}/missing",
                           "--moe_layers=all"], check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr

@@ -82,8 +82,10 @@ def test_log_line_times_training_steps_only(kind, data_dir, tmp_path, monkeypatc
     extra = (["--moe_layers=all", "--router=lory", "--n_experts=4", "--segment_len=8", "--dense_warmup_iters=1"]
              if kind == "lory_warmup" else [])
     out = str(tmp_path / "run")
-    train_here([f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=1",
-                "--log_interval=2", *extra])
+    # evaluations and checkpoints every 2 steps (a checkpoint also closes a log window), the
+    # Lory upcycle after step 1, inside the first window
+    train_here([f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2",
+                "--log_interval=2", "--always_save_checkpoint=True", *extra])
     tr = records(out, "train")
     assert [r["iter"] for r in tr] == [2, 4]
     assert all(r["ms_per_iter"] == pytest.approx(1000.0) for r in tr), [r["ms_per_iter"] for r in tr]
