@@ -607,6 +607,8 @@ class GPT(nn.Module):
 def next_token(logits, temperature=1.0, top_k=None, generator=None):
     """logits (B, V) -> next token ids (B, 1): argmax when temperature <= 0, else a
     sample from softmax(logits / temperature) over the top_k most likely tokens."""
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1 (or None: every token)")
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
@@ -628,14 +630,14 @@ def inference_routing(model):
     - routers return the decision only (Router.with_stats): the auxiliary losses
       and diagnostics are a few dozen small ops per layer and decode step."""
     routers = [ffn.router for _, ffn in model.moe_layers() if isinstance(ffn, MoEFFN)]
-    saved = [(r.eval_capacity_factor, r.with_stats) for r in routers]
-    for r in routers:
-        r.eval_capacity_factor, r.with_stats = 0.0, False
+    saved = [(r.eval_capacity_factor, r.with_stats, r.eval_expert_choice) for r in routers]
+    for r in routers:   # (expert choice's batch-wide selection at eval, as eval.py measures it, is off too)
+        r.eval_capacity_factor, r.with_stats, r.eval_expert_choice = 0.0, False, False
     try:
         yield
     finally:
-        for r, (cf, with_stats) in zip(routers, saved):
-            r.eval_capacity_factor, r.with_stats = cf, with_stats
+        for r, (cf, with_stats, ec) in zip(routers, saved):
+            r.eval_capacity_factor, r.with_stats, r.eval_expert_choice = cf, with_stats, ec
 
 
 # peak dense bf16 FLOP/s by GPU name (substring match, most specific first)

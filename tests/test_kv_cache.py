@@ -239,6 +239,21 @@ def test_long_prompt_keeps_its_last_block():
     assert torch.equal(out[:, 45:48], m.generate(prompt[:, 13:], 3, temperature=0)[:, 32:])
 
 
+def test_generation_ignores_eval_expert_choice_and_refuses_top_k_0():
+    """eval.py's switch for expert choice's batch-wide routing at eval is off while
+    generating (a token's experts must not depend on the batch) and restored after;
+    top_k=0 is a one-line error, not an IndexError inside topk."""
+    m = make_model(**CASES["moe_expert_choice"]).eval()
+    prompt = torch.randint(0, 64, (2, 5))
+    want = m.generate(prompt, 4, temperature=0)
+    for _, ffn in m.moe_layers():
+        ffn.router.eval_expert_choice = True
+    assert torch.equal(m.generate(prompt, 4, temperature=0), want)
+    assert all(ffn.router.eval_expert_choice for _, ffn in m.moe_layers())
+    with pytest.raises(ValueError, match="top_k=0 must be >= 1"):
+        m.generate(prompt, 1, top_k=0)
+
+
 def test_generate_refuses_training_mode_and_empty_prompt():
     m = make_model(**CASES["moe_expert_choice"]).train()
     with pytest.raises(ValueError, match=r"model\.eval\(\)"):
