@@ -153,7 +153,7 @@ def refuse_unsupported(cfg, arch):
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
             raise ConvertError(f"{key}=true is not supported: model.py has no biases")
-    if cfg.get("hidden_act", "silu") != "silu":
+    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):   # transformers' ACT2FN: swish is silu
         raise ConvertError(f"hidden_act={cfg['hidden_act']!r} is not supported: model.py's FFN is SwiGLU (silu)")
     window = cfg.get("sliding_window", HF_DEFAULTS[arch]["sliding_window"])
     if window is not None and window < cfg.get("max_position_embeddings", 0):   # a window that binds
@@ -172,6 +172,26 @@ def refuse_unsupported(cfg, arch):
                            f"model.py needs head_dim = hidden_size / num_attention_heads")
 
 
+def integer(cfg, key, default=KeyError):
+    """config.json's cfg[key], an int. When a default is given: that when the key is
+    absent, and None for an explicit null (num_key_value_heads: null means as many as
+    the query heads, in every class). Else a missing key raises KeyError (named by the
+    caller); a value of another type is one line naming it."""
+    if default is not KeyError and cfg.get(key) is None:
+        return default if key not in cfg else None
+    v = cfg[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConvertError(f"config.json: {key}={v!r} must be an integer")
+    return v
+
+
+def number(cfg, key, default):
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConvertError(f"config.json: {key}={v!r} must be a number")
+    return float(v)
+
+
 def model_args_from_hf(cfg):
     """GPTConfig fields of an HF config.json (dict). ConvertError when unsupported."""
     archs = cfg.get("architectures") or [None]
@@ -182,16 +202,16 @@ def model_args_from_hf(cfg):
         refuse_unsupported(cfg, arch)
         default = HF_DEFAULTS[arch]
         theta, scaling = rope_settings(cfg, default["rope_theta"])
-        args = dict(block_size=int(cfg["max_position_embeddings"]), vocab_size=int(cfg["vocab_size"]),
-                    n_layer=int(cfg["num_hidden_layers"]), n_head=int(cfg["num_attention_heads"]),
-                    n_kv_head=int(cfg.get("num_key_value_heads", default["num_key_value_heads"])
-                                  or cfg["num_attention_heads"]),
-                    n_embd=int(cfg["hidden_size"]), ffn_hidden=int(cfg["intermediate_size"]),
+        n_head = integer(cfg, "num_attention_heads")
+        args = dict(block_size=integer(cfg, "max_position_embeddings"), vocab_size=integer(cfg, "vocab_size"),
+                    n_layer=integer(cfg, "num_hidden_layers"), n_head=n_head,
+                    n_kv_head=integer(cfg, "num_key_value_heads", default["num_key_value_heads"]) or n_head,
+                    n_embd=integer(cfg, "hidden_size"), ffn_hidden=integer(cfg, "intermediate_size"),
                     tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), rope_theta=theta,
-                    norm_eps=float(cfg.get("rms_norm_eps", default["rms_norm_eps"])), **scaling)
+                    norm_eps=number(cfg, "rms_norm_eps", default["rms_norm_eps"]), **scaling)
         if arch == "MixtralForCausalLM":
-            args.update(moe_layers="all", n_experts=int(cfg["num_local_experts"]),
-                        top_k=int(cfg["num_experts_per_tok"]), expert_hidden=int(cfg["intermediate_size"]),
+            args.update(moe_layers="all", n_experts=integer(cfg, "num_local_experts"),
+                        top_k=integer(cfg, "num_experts_per_tok"), expert_hidden=args["ffn_hidden"],
                         router="topk_softmax")
     except KeyError as e:
         raise ConvertError(f"config.json lacks {e.args[0]!r}, which {arch} needs") from None
@@ -471,9 +491,17 @@ def export_hf(ckpt_dir, hf_dir):
         raise ConvertError(str(e)) from None
     state = ckpt["model"]
     target = export_target(cfg, state)
-    missing = sorted(set(GPT_state_keys(cfg)) - set(state))
+    want = GPT_state_shapes(cfg)
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
     if missing:
         raise ConvertError(f"the checkpoint lacks tensor {missing[0]}: damaged or from another model")
+    if extra:
+        raise ConvertError(f"the checkpoint has tensor {extra[0]}, which its model_args have no place for: "
+                           f"damaged or from another model")
+    wrong = [k for k in want if tuple(state[k].shape) != want[k]]
+    if wrong:
+        raise ConvertError(f"tensor {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, model_args say "
+                           f"{want[wrong[0]]}: damaged or from another model")
     tensors = hf_state(state, cfg, target)
     src = tokenizer_dir(ckpt, ckpt_dir)
     ids = export_special_ids(src)
@@ -516,9 +544,10 @@ def tokenizer_dir(ckpt, ckpt_dir):
     return find_tokenizer_dir(ckpt, ckpt_dir)
 
 
-def GPT_state_keys(cfg):
+def GPT_state_shapes(cfg):
+    """{key: shape} of GPT(cfg)'s state dict (built on the meta device: no memory)."""
     with torch.device("meta"):
-        return list(GPT(cfg).state_dict())
+        return {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
 
 
 # ============================================================================ CLI

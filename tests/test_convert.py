@@ -351,6 +351,9 @@ def refused(capsys, argv, words, out):
     ({"architectures": ["MistralForCausalLM"], "max_position_embeddings": 8192}, None, None,
      ["sliding_window=4096 (MistralForCausalLM default)", "max_position_embeddings=8192"]),
     ({"hidden_size": 32, "head_dim": 8}, None, None, ["model.embed_tokens.weight", "shape"]),
+    ({"intermediate_size": None}, None, None, ["intermediate_size=None must be an integer"]),
+    ({"num_hidden_layers": "2"}, None, None, ["num_hidden_layers='2' must be an integer"]),
+    ({"rms_norm_eps": "1e-5"}, None, None, ["rms_norm_eps='1e-5' must be a number"]),
     (None, "model.layers.1.mlp.up_proj.weight", None, ["model.layers.1.mlp.up_proj.weight", "missing"]),
     (None, None, {"model.layers.0.self_attn.k_proj.weight": torch.zeros(64, 64)},
      ["model.layers.0.self_attn.k_proj.weight", "(64, 64)", "(32, 64)"]),
@@ -444,6 +447,31 @@ def test_import_bf16_upcasts_exactly(tmp_path):
 def test_export_refusals(tmp_path, capsys, kw, words):
     save_model(moe_model(**kw), str(tmp_path / "c"))
     refused(capsys, [f"--ckpt={tmp_path}/c", f"--to_hf={tmp_path}/hf"], words, str(tmp_path / "hf"))
+
+
+@pytest.mark.parametrize("edit,words", [
+    ("wrong_shape", ["blocks.0.attn.q_proj.weight", "(64, 32)", "(64, 64)"]),
+    ("missing", ["lacks tensor blocks.1.ffn.router.weight"]),
+    ("extra", ["blocks.0.attn.q_proj.bias", "no place"]),
+])
+def test_export_refuses_a_state_that_does_not_fit_its_model_args(tmp_path, capsys, edit, words):
+    """Checked before writing, instead of an export that from_pretrained rejects later."""
+    model = moe_model(moe_layers="all")
+    state = model.state_dict()
+    if edit == "wrong_shape":
+        state["blocks.0.attn.q_proj.weight"] = torch.zeros(64, 32)
+    elif edit == "missing":
+        state.pop("blocks.1.ffn.router.weight")
+    else:
+        state["blocks.0.attn.q_proj.bias"] = torch.zeros(64)
+    save_checkpoint({"model_args": asdict(model.config), "model": state, "config": {}}, str(tmp_path / "c"))
+    refused(capsys, [f"--ckpt={tmp_path}/c", f"--to_hf={tmp_path}/hf"], words, str(tmp_path / "hf"))
+
+
+def test_swish_is_silu():
+    """transformers' ACT2FN maps 'swish' to SiLU: such a config imports."""
+    cfg = {**H.TINY, "architectures": ["LlamaForCausalLM"], "hidden_act": "swish", "rope_scaling": None}
+    assert convert.model_args_from_hf(cfg)["n_embd"] == 64
 
 
 def test_export_keeps_the_models_bos_eos(tmp_path):
