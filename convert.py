@@ -2,12 +2,15 @@
 Hugging Face interop: import Llama-family checkpoints into this project's format,
 export dense and MoE checkpoints to classes that `transformers` loads.
 
-    python convert.py --from_hf=HF_DIR --out_dir=OUT_DIR    # -> OUT_DIR/ckpt.pt (+ tokenizer files)
+    python convert.py --from_hf=HF_DIR --out_dir=OUT_DIR    # -> OUT_DIR/ckpt.pt (+ tokenizer files and
+                                                            #    generation_config.json: bos/eos ids)
     python convert.py --ckpt=CKPT_DIR --to_hf=HF_DIR        # -> config.json, model.safetensors,
                                                             #    generation_config.json
 
 Import reads config.json and model.safetensors (or model-0000X-of-0000N.safetensors
 with model.safetensors.index.json). Safetensors only: nothing is ever unpickled.
+A key config.json leaves out is read as transformers reads it for that class
+(HF_DEFAULTS). Export writes the model's bos/eos ids back (export_special_ids).
 LlamaForCausalLM, MistralForCausalLM without sliding window and MixtralForCausalLM
 are supported; anything this project cannot compute exactly is refused with one line.
 
