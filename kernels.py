@@ -26,7 +26,7 @@ Implementations (impl=...):
              A custom autograd.Function (_GroupedMoE) with a hand-written backward.
              The grouped GEMMs (_Rows) are torch's grouped GEMM (F.grouped_mm with
              `offs`: no host sync; bf16 on CUDA sm90+), else one torch.bmm over the
-             experts padded to the largest one (when that adds <= 25% rows), else
+             experts padded to the largest one (when that adds <= 50% rows), else
              one torch.mm per expert slice. On CPU torch's grouped_mm runs but is
              several times slower than either (bench.py --impls=grouped_mm).
   "triton"   fused Triton kernels in the style of ScatterMoE (Tan et al. 2024,
@@ -117,14 +117,15 @@ class _Rows:
                   GEMM with offs = ends (int32): no host sync.
     "slices":     the same rows; one torch.mm per expert slice (counts: python list).
     "padded":     R = E * cap rows, expert e's r-th assignment at row e * cap + r, so
-                  every GEMM is ONE torch.bmm over (E, cap, .) views. Padding rows read
-                  token 0 and get gate 0: they cost FLOPs (at most PAD_WASTE - 1 extra)
-                  and contribute nothing.
+                  every GEMM is ONE torch.bmm over (E, cap, .) views. Padding rows are
+                  zeros (gather) with gate 0: they cost FLOPs (at most PAD_WASTE - 1
+                  extra) and contribute exactly nothing (a copy of a real token could
+                  overflow in fp16, and 0 * inf is NaN).
     tok (R,): token row of each row; pos (A,): row of each sorted assignment (None
     when rows == sorted assignments)."""
 
     def __init__(self, backend, tok_s, counts, ends, counts_list=None):
-        self.backend, self.E, self.pos, self.tok = backend, counts.shape[0], None, tok_s
+        self.backend, self.E, self.pos, self.tok, self.tok_s = backend, counts.shape[0], None, tok_s, tok_s
         if backend == "grouped_mm":
             self.offs = ends.to(torch.int32)
             return
@@ -136,6 +137,10 @@ class _Rows:
             rank = torch.arange(A, device=counts.device) - (ends - counts)[ex_s]
             self.pos = ex_s * self.cap + rank                           # (A,)
             self.tok = tok_s.new_zeros(self.E * self.cap).index_copy_(0, self.pos, tok_s)   # (R,)
+
+    def gather(self, x):
+        """(T, d) token rows -> (R, d) rows in expert order (padding rows zero)."""
+        return self.rows(x.index_select(0, self.tok_s))
 
     def rows(self, v):
         """(A, ...) sorted values -> (R, ...) rows (padding rows 0)."""
@@ -194,7 +199,7 @@ class _GroupedMoE(torch.autograd.Function):
         T, d = x.shape
         acc = torch.promote_types(x.dtype, torch.float32)
         g_r = L.rows(gates[order].to(acc))                              # (R,) gate of each row
-        xs = x.index_select(0, L.tok)                                   # (R, d) gather
+        xs = L.gather(x)                                                # (R, d) gather
         h1 = L.mm(xs, w1.transpose(1, 2))                               # (R, h)
         h3 = L.mm(xs, w3.transpose(1, 2))                               # (R, h)
         a = F.silu(h1).mul_(h3)                                         # (R, h)
@@ -212,7 +217,7 @@ class _GroupedMoE(torch.autograd.Function):
         L = ctx.L
         need_x, need_g, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:5]
         dt, acc = xs.dtype, g_r.dtype
-        gys = gy.index_select(0, L.tok).to(acc)                         # (R, d) gather of dy
+        gys = L.gather(gy).to(acc)                                      # (R, d) gather of dy
         dgates = None
         if need_g:
             dg = L.unrows((gys * ys.to(acc)).sum(1))                    # (A,) <dy_t, expert out>

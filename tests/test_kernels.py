@@ -286,3 +286,26 @@ def test_bench_script_smoke():
     assert "machine: CPU" in out and "MoE/dense" in out and "triton skipped" in out, out
     rows = [l.split() for l in out.splitlines() if l.split()[:1] in (["4"], ["8"])]
     assert {r[1] for r in rows} == {"dense", "loop", "grouped", "grouped_padded"}, out
+
+
+def test_padding_rows_contribute_nothing_even_on_overflow():
+    """The padded grouped GEMM fills experts to one size with zero rows: a padding row
+    that copied a real token could overflow in fp16 (expert 1 on token 0 is inf here,
+    although token 0 never goes to expert 1), and gate 0 * inf would be NaN in y[0]."""
+    T, d, h, E = 4, 8, 8, 2
+    x = torch.full((T, d), 0.1, dtype=torch.float16)
+    x[0] = 4.0
+    w1 = torch.full((E, h, d), 0.1, dtype=torch.float16)
+    w1[1] = 30.0
+    w3, w2 = w1.clone(), torch.full((E, d, h), 0.1, dtype=torch.float16)
+    assert not torch.isfinite(kernels.swiglu(x[0], w1[1], w3[1], w2[1])).all()
+    tok, ex, g = torch.arange(4), torch.tensor([0, 0, 0, 1]), torch.ones(4)
+    outs = []
+    for f in (kernels.moe_ffn_loop, lambda *a: kernels.moe_ffn_grouped(*a, gemm="padded")):
+        xx, ww = x.clone().requires_grad_(), [t.clone().requires_grad_() for t in (w1, w3, w2)]
+        y = f(xx, tok, ex, g, *ww)
+        y.float().sum().backward()
+        outs.append((y, xx.grad, *[w.grad for w in ww]))
+    for ref, got in zip(*outs):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2, atol=1e-2)
