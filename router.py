@@ -73,10 +73,12 @@ def z_loss(logits):
 
 
 def expert_capacity(n_tokens, n_experts, top_k, capacity_factor):
-    """C = ceil(k * T / E * capacity_factor); None means dropless (factor <= 0)."""
+    """C = ceil(k * T / E * capacity_factor); None means dropless (factor <= 0).
+    (Rounded to 9 decimals before the ceil: 100 / 2 * 1.1 is 55.000000000000007 in
+    floating point, and C is 55.)"""
     if capacity_factor <= 0:
         return None
-    return math.ceil(top_k * n_tokens / n_experts * capacity_factor)
+    return math.ceil(round(top_k * n_tokens / n_experts * capacity_factor, 9))
 
 
 def expert_choice_k(capacity_factor, n_experts):
@@ -286,7 +288,7 @@ class Router(nn.Module):
         Balanced by construction, so no auxiliary loss is needed (z-loss kept)."""
         T, E = z.shape
         probs = F.softmax(z, dim=-1)                                    # (T, E)
-        C = min(T, math.ceil(T * capacity_factor / E))
+        C = min(T, expert_capacity(T, E, 1, capacity_factor))
         gates, tok = probs.t().topk(C, dim=-1)                          # (E, C)
         expert_idx = torch.arange(E, device=z.device).repeat_interleave(C)
         token_idx = tok.reshape(-1)

@@ -278,6 +278,7 @@ def test_expert_capacity_formula():
     assert expert_capacity(8, 8, 1, 1.0) == 1
     assert expert_capacity(7, 2, 1, 1.0) == 4
     assert expert_capacity(100, 8, 2, 1.0) == 25
+    assert expert_capacity(100, 2, 1, 1.1) == 55 and expert_capacity(100, 2, 2, 1.1) == 110   # not 56 / 111
     assert expert_capacity(10, 4, 2, 0.0) is None
     assert expert_capacity(10, 4, 2, -1.0) is None
 
