@@ -121,7 +121,8 @@ class HFTokenizer:
         except Exception as e:   # the library raises its own Exception subclass for bad JSON / models
             raise ValueError(f"{path} is not a readable tokenizer.json ({str(e).splitlines()[0][:120]}): "
                              f"copy the file from the original model again") from None
-        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        # ids may leave gaps: the vocabulary size a model and a dtype need is max id + 1
+        self.vocab_size = max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         special = special_token_names(self.dir)
         self.eot_token = self._token_id(special.get("eos_token"), EOS_GUESSES)
         self.bos_token = self._token_id(special.get("bos_token"), ())

@@ -146,6 +146,24 @@ def word_docs(path, n_files=12, words=400, top=70_000, seed=0):
     return path
 
 
+def test_char_vocabulary_above_uint16_and_hf_ids_with_gaps(tmp_path):
+    """A character vocabulary above 65,535 is written as uint32 and its meta says so
+    (the loader then reads it back); an HF vocabulary whose ids leave gaps needs
+    max id + 1, not its token count, to choose the dtype and the model's vocab."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    text = "".join(chr(i) for i in range(0x10000, 0x10000 + 70_000)) * 2
+    (tmp_path / "big.txt").write_text(text, encoding="utf-8")
+    meta = scp.prepare(str(tmp_path / "char"), str(tmp_path / "big.txt"), verbose=False)
+    assert (meta["vocab_size"], meta["dtype"]) == (70_000, "uint32")
+    assert TokenDataset(str(tmp_path / "char"), "train").get_batch(2, 8, torch.Generator().manual_seed(0))[0].max() > 0
+    vocab = {"[UNK]": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate("abc")}, "hello": 70_000}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    os.makedirs(tmp_path / "gap")
+    t.save(str(tmp_path / "gap" / "tokenizer.json"))
+    assert tk.HFTokenizer(str(tmp_path / "gap")).vocab_size == 70_001
+
+
 def test_prepare_with_a_big_vocabulary_writes_uint32(tmp_path):
     tok_dir = big_vocab_tokenizer(str(tmp_path / "big"))
     docs = word_docs(str(tmp_path / "docs"))

@@ -99,7 +99,8 @@ def prepare(out_dir=DEFAULT_OUT_DIR, input_path=None, url=URL, timeout=10, verbo
                 "vocab_size": tok.vocab_size, "eot_token": tok.eot_token, "domains": ["shakespeare"],
                 "counts": counts, "source": input_path or url}
     else:
-        meta = {"dataset": "shakespeare_char", "tokenizer": "char", "vocab_size": tok.vocab_size, "eot_token": None,
+        meta = {"dataset": "shakespeare_char", "tokenizer": "char", "dtype": np.dtype(dtype).name,
+                "vocab_size": tok.vocab_size, "eot_token": None,
                 "itos": tok.itos, "stoi": tok.stoi, "domains": ["shakespeare"], "counts": counts,
                 "source": input_path or url}
     atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
