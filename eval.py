@@ -110,10 +110,15 @@ def _prepare_hint(data_dir):
 
 
 def load_val_data(ckpt, data_dir=None, split="val"):
-    """TokenDataset for the checkpoint's data; EvalError naming the prepare.py to run."""
+    """TokenDataset for the checkpoint's data, restricted to the domains the run trained
+    on (a Branch-Train-MiX branch: --domains), as train.py's eval batches are;
+    EvalError naming the prepare.py to run."""
     d = resolve_data_dir(ckpt, data_dir)
+    domains = (ckpt.get("config") or {}).get("domains") or None
     try:
-        ds = TokenDataset(d, split)
+        ds = TokenDataset(d, split, domains=domains)
+    except ValueError as e:   # a domain this data does not have
+        raise EvalError(f"{d}: {e}") from None
     except FileNotFoundError as e:
         msg = str(e).splitlines()[0] if str(e) else f"{d} has no {split} data"
         if "prepare" not in msg:
@@ -491,7 +496,7 @@ def evaluate_checkpoint(ckpt_dir, batches=DEFAULT_BATCHES, batch_size=DEFAULT_BA
                                  else model.config.eval_capacity_factor) if kind == "moe" else None,
         "params": model.num_params(),
         "active_params": model.num_params(active=True),
-        "data_dir": resolve_data_dir(ckpt, data_dir),
+        "data_dir": resolve_data_dir(ckpt, data_dir), "domains": cfg.get("domains") or None,
         "batches": batches, "batch_size": batch_size, "block_size": T,
         "similarity_granularity": G if kind != "dense" else None,
     }

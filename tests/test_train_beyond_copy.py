@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import eval as E
 import train
 import upcycle
 from checkpoint import load_checkpoint
@@ -101,6 +102,11 @@ def test_domains_run_sees_only_that_domain(runs, tmp_path, monkeypatch):
     assert bool(((toks == 0) | ((toks >= lo) & (toks <= hi))).all()), toks.tolist()
     assert all(bool((dom == 2).all()) for e in evals for _, _, dom in e["val"])
     assert load_checkpoint(out)["config"]["domains"] == "dom2"
+    # eval.py evaluates the branch on its domain too: train.py's last val loss, on its batches
+    res = E.evaluate_checkpoint(out, batches=2, batch_size=4)
+    assert set(res["per_domain"]) == {"dom2"} and res["domains"] == "dom2"
+    last = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["split"] == "eval"][-1]
+    assert abs(res["val_loss"] - last["val_loss"]) < 1e-5
     # the reference: without the filter the same run sees every domain
     assert len(np.unique(np.fromfile(os.path.join(runs["data"], "train.bin"), dtype=np.uint16) // BAND)) > 3
 
