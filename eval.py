@@ -688,8 +688,14 @@ def main(argv=None):
         raise EvalError(problem)
     if args.compare:
         out = args.out or os.path.join("out", "compare")
+        eval_only = [f"--{k}" for k in ("block_size", "skip_positions", "eval_capacity_factor")
+                     if getattr(args, k) is not None]
+        if eval_only and not args.eval:
+            raise EvalError(f"{', '.join(eval_only)} applies to evaluation: add --eval to --compare")
         table, pngs = compare_runs(args.compare, out, evaluate=args.eval, batches=args.batches,
-                                   batch_size=args.batch_size, data_dir=args.data_dir, device=args.device)
+                                   batch_size=args.batch_size, data_dir=args.data_dir, device=args.device,
+                                   block_size=args.block_size, skip_positions=args.skip_positions,
+                                   eval_capacity_factor=args.eval_capacity_factor)
         print(table)
         print(f"wrote {os.path.join(out, 'compare.md')} and {', '.join(pngs)}")
         if args.json:

@@ -185,6 +185,14 @@ def test_compare_two_runs(runs, tmp_path, capsys):
     p = cli(["--compare", runs["dense"], runs["lory"], f"--out={tmp_path / 'cmp2'}", "--eval"] + EVAL_ARGS, capsys)
     assert p.returncode == 0, p.stderr
     assert "eval_val_loss" in p.stdout and os.path.exists(tmp_path / "cmp2" / "compare.png")
+    # --compare --eval scores every run with the evaluation flags given (here a shorter window)
+    short = ev.evaluate_checkpoint(runs["dense"], 3, 4, block_size=16)
+    row = ev.run_summary(runs["dense"], evaluate=True, batches=3, batch_size=4, block_size=16)[0]
+    assert row["eval_val_loss"] == short["val_loss"] != ev.evaluate_checkpoint(runs["dense"], 3, 4)["val_loss"]
+    p = cli(["--compare", runs["dense"], f"--out={tmp_path / 'c4'}", "--block_size=16"] + EVAL_ARGS, capsys)
+    assert p.returncode == 2 and "--block_size applies to evaluation: add --eval" in p.stderr
+    p = cli(["--compare", runs["dense"], f"--out={tmp_path / 'c5'}", "--eval", "--block_size=16"] + EVAL_ARGS, capsys)
+    assert p.returncode == 0 and f"{short['val_loss']:.4f}" in p.stdout, p.stdout
 
 
 def test_compare_names_a_diverged_run(runs, tmp_path):
