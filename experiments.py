@@ -22,8 +22,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, CancelledError, ThreadPoolExecutor, wait
 
 import matplotlib
 matplotlib.use("Agg")   # files only, no display (before pyplot is imported)
@@ -46,6 +47,7 @@ OUT = DEFAULT_OUT
 BASE = "config/exp/base.py"
 MOE8 = ["--moe_layers=all", "--n_experts=8", "--top_k=2"]
 OPTS = {"smoke": False, "fresh": False, "scale": "cpu", "data_dir": "", "jobs": 1}
+TRAINED = set()   # out_dirs trained by this invocation
 SMOKE_ITERS = 3
 
 
@@ -66,8 +68,9 @@ def run(out_dir, *args, threads=None):
                   "--n_embd=32", "--n_head=2", "--block_size=64", "--batch_size=2"]
     if OPTS["scale"] == "gpu":
         extra += ["--n_layer=8", "--n_embd=512", "--n_head=8", "--batch_size=32", "--block_size=512"]
-    if not OPTS["fresh"] and finished_run(out_dir, parse_config([os.path.join(ROOT, BASE), f"--out_dir={out_dir}",
-                                                                  *args, *extra])):
+    reusable = not OPTS["fresh"] or out_dir in TRAINED   # --fresh: each run once per invocation (the dense base)
+    if reusable and finished_run(out_dir, parse_config([os.path.join(ROOT, BASE), f"--out_dir={out_dir}",
+                                                        *args, *extra])):
         print(f"  reuse {out_dir}")
         return out_dir
     if OPTS["smoke"] and os.path.exists(os.path.join(out_dir, "ckpt.pt")):
@@ -86,6 +89,7 @@ def run(out_dir, *args, threads=None):
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         sys.exit(f"error: run {out_dir} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+    TRAINED.add(out_dir)
     last = [l for l in p.stdout.splitlines() if l.startswith("eval iter")][-1:]
     print(f"    done {out_dir}: {last[0] if last else ''} ({time.time() - t0:.0f} s)", flush=True)
     return out_dir
@@ -98,11 +102,27 @@ def run_many(specs):
         return [run(d, *args) for d, args in specs]
     jobs = min(OPTS["jobs"], len(specs))
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(run, d, *args, threads=threads) for d, args in specs]
+    failed = threading.Event()
+
+    def run_unless_failed(d, args):   # once a run has failed, no queued run starts
+        if failed.is_set():
+            raise CancelledError(f"{d}: not started, an earlier run failed")
         try:
+            return run(d, *args, threads=threads)
+        except BaseException:
+            failed.set()
+            raise
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(run_unless_failed, d, args) for d, args in specs]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)   # the first failure, whichever run it is
+            for f in futures:   # report the failure, not a run it stopped
+                if f.done() and not f.cancelled() and f.exception() is not None \
+                        and not isinstance(f.exception(), CancelledError):
+                    raise f.exception()
             return [f.result() for f in futures]
-        except BaseException:   # a failed run: start no more
+        except BaseException:   # a failed run (or Ctrl-C): start no more
+            failed.set()
             for f in futures:
                 f.cancel()
             raise
@@ -552,11 +572,14 @@ def tokens_figure(name, curves, dense_loss):
 
 
 def overtakes(ahead, behind):
-    """First training step at which run `behind`'s val loss is below run `ahead`'s (eval
-    records at the same steps), or None."""
-    a = {r["iter"]: r["val_loss"] for r in evals(ahead)}
-    return next((r["iter"] for r in evals(behind) if r["iter"] > 0 and r["iter"] in a
-                 and r["val_loss"] < a[r["iter"]]), None)
+    """First eval step of run `behind` at which its val loss is below run `ahead`'s,
+    or None. The runs may evaluate at different steps (copy every n/6, scratch every
+    n/8): `ahead`'s curve is interpolated linearly between its evals, at steps
+    inside its evaluated range."""
+    a = evals(ahead)
+    steps, losses = [r["iter"] for r in a], [r["val_loss"] for r in a]
+    return next((r["iter"] for r in evals(behind) if 0 < r["iter"] <= steps[-1]
+                 and r["val_loss"] < float(np.interp(r["iter"], steps, losses))), None)
 
 
 def beyond_copy_finding(rows, dirs):
@@ -621,11 +644,15 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="independent runs trained at a time (each with "
                                                         "cpu_count / jobs threads; default 1)")
     a = p.parse_args(argv)
-    globals()["OUT"] = a.out or DEFAULT_OUT + ("_smoke" if a.smoke else "_gpu" if a.scale == "gpu" else "")
+    # absolute (train.py runs in the repository root, the results are read from here): --out from
+    # the current directory, the default in the repository
+    default = os.path.join(ROOT, DEFAULT_OUT + ("_smoke" if a.smoke else "_gpu" if a.scale == "gpu" else ""))
+    globals()["OUT"] = os.path.abspath(a.out) if a.out else default
     if a.jobs < 1:
         print(f"error: --jobs={a.jobs}: need at least 1 run at a time", file=sys.stderr)
         return 2
-    OPTS.update(smoke=a.smoke, fresh=a.fresh, scale=a.scale, data_dir=a.data_dir, jobs=a.jobs)
+    OPTS.update(smoke=a.smoke, fresh=a.fresh, scale=a.scale, data_dir=a.data_dir and os.path.abspath(a.data_dir),
+                jobs=a.jobs)
     if a.name == "list":
         for k, f in EXPERIMENTS.items():
             print(f"{k:20s} {f.__doc__.strip().splitlines()[0]}")

@@ -83,9 +83,10 @@ def smoke_data(tmp_path_factory):
 def test_experiment_smoke(name, smoke_data, tmp_path):
     out = str(tmp_path / "exp")
     jobs = ["--jobs=2"] if name == "beyond_copy" else []
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "experiments.py"), name, "--smoke", f"--out={out}",
-                        f"--data_dir={smoke_data}", *jobs], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    # from another directory, with relative --out and --data_dir (train.py runs in the repository root)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "experiments.py"), name, "--smoke", "--out=exp",
+                        f"--data_dir={os.path.relpath(smoke_data, tmp_path)}", *jobs], cwd=str(tmp_path),
+                       capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = load_rows(out, name)
     assert rows and all("val_loss" in r for r in rows), name
@@ -93,6 +94,67 @@ def test_experiment_smoke(name, smoke_data, tmp_path):
     assert glob.glob(os.path.join(out, name, "*.png")), name
     if name in CHECKS:
         CHECKS[name](out)
+
+
+def test_a_failed_run_stops_the_queue(monkeypatch):
+    """--jobs=2: when one run fails, no queued run starts, even while another is still
+    running, and the failure is what is reported."""
+    import threading
+    import time
+    import experiments as X
+    started, release = [], threading.Event()
+
+    def fake_run(d, *args, threads=None):
+        started.append(d)
+        if d == "b":
+            time.sleep(0.1)
+            sys.exit("error: run b failed")
+        if d == "a":
+            release.wait(5)
+        return d
+    monkeypatch.setattr(X, "run", fake_run)
+    monkeypatch.setitem(X.OPTS, "jobs", 2)
+    timer = threading.Timer(1.0, release.set)   # a is still running well after b failed
+    timer.start()
+    with pytest.raises(SystemExit, match="run b failed"):
+        X.run_many([(d, []) for d in "abcd"])
+    timer.cancel()
+    assert started == ["a", "b"]
+
+
+def test_fresh_trains_each_run_once_per_invocation(monkeypatch):
+    """--fresh retrains what exists, but a run this invocation already trained (the dense
+    base every experiment of `all` starts from) is reused."""
+    import types
+    import experiments as X
+    calls = []
+    monkeypatch.setattr(X, "finished_run", lambda out_dir, cfg: True)
+    monkeypatch.setattr(X.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or types.SimpleNamespace(
+        returncode=0, stdout="", stderr=""))
+    monkeypatch.setitem(X.OPTS, "fresh", True)
+    monkeypatch.setattr(X, "TRAINED", set())
+    for _ in range(3):
+        X.run("/tmp/never_written/dense", "--max_iters=1")
+    assert len(calls) == 1
+
+
+def test_overtakes_compares_curves_evaluated_at_different_steps(tmp_path):
+    """copy evaluates every 200 steps, the others every 150: their first eval below
+    copy's (interpolated) curve is found (1050, 750), which comparing only the steps
+    in common (0, 600, 1200) would miss or place at 1200."""
+    import experiments as X
+
+    def write(name, points):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "metrics.jsonl", "w") as f:
+            for it, loss in points:
+                f.write(json.dumps({"iter": it, "split": "eval", "val_loss": loss, "tokens": it}) + "\n")
+        return str(tmp_path / name)
+    copy = write("copy", [(i, 2.0 - i / 2000) for i in range(0, 1201, 200)])           # 2.0 -> 1.4
+    scratch = write("scratch", [(i, 2.6 - i / 900) for i in range(0, 1201, 150)])      # steeper: crosses at 982
+    assert X.overtakes(copy, scratch) == 1050 and X.overtakes(scratch, copy) == 200
+    late = write("late", [(i, 2.0 - i / 2000 + (0.1 if i < 750 else -0.01)) for i in range(0, 1201, 150)])
+    assert X.overtakes(copy, late) == 750
 
 
 def test_jobs_below_one_is_one_line_error():
