@@ -46,7 +46,7 @@ DEFAULT_OUT = os.path.join("out", "exp")   # --smoke: out/exp_smoke, --scale=gpu
 OUT = DEFAULT_OUT
 BASE = "config/exp/base.py"
 MOE8 = ["--moe_layers=all", "--n_experts=8", "--top_k=2"]
-OPTS = {"smoke": False, "fresh": False, "scale": "cpu", "data_dir": "", "jobs": 1}
+OPTS = {"smoke": False, "fresh": False, "scale": "cpu", "data_dir": "", "jobs": 1, "out": ""}
 TRAINED = set()   # out_dirs trained by this invocation
 SMOKE_ITERS = 3
 
@@ -195,10 +195,12 @@ def table(rows, columns=None):
 def write_results(name, title, rows, figures, finding, columns=None, t0=None):
     out = os.path.join(OUT, name)
     os.makedirs(out, exist_ok=True)
-    flags = ((" --scale=gpu" if OPTS["scale"] == "gpu" else "") + (f" --jobs={OPTS['jobs']}" if OPTS["jobs"] > 1 else "")
-             + (f" --data_dir={OPTS['data_dir']}" if OPTS["data_dir"] else ""))
+    flags = ((" --smoke" if OPTS["smoke"] else "") + (" --scale=gpu" if OPTS["scale"] == "gpu" else "")
+             + (f" --jobs={OPTS['jobs']}" if OPTS["jobs"] > 1 else "")
+             + (f" --data_dir={OPTS['data_dir']}" if OPTS["data_dir"] else "")
+             + (f" --out={OPTS['out']}" if OPTS["out"] else ""))
     md = [f"# {title}", "", f"Command: `python experiments.py {name}{flags}`",
-          f"Wall time: {time.time() - t0:.0f} s" if t0 else "", "", table(rows, columns), ""]
+          f"Wall time of this command: {time.time() - t0:.0f} s (runs it reused cost none)" if t0 else "", "", table(rows, columns), ""]
     md += [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figures]
     md += ["", finding, ""]
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -652,7 +654,7 @@ def main(argv=None):
         print(f"error: --jobs={a.jobs}: need at least 1 run at a time", file=sys.stderr)
         return 2
     OPTS.update(smoke=a.smoke, fresh=a.fresh, scale=a.scale, data_dir=a.data_dir and os.path.abspath(a.data_dir),
-                jobs=a.jobs)
+                jobs=a.jobs, out=a.out or "")
     if a.name == "list":
         for k, f in EXPERIMENTS.items():
             print(f"{k:20s} {f.__doc__.strip().splitlines()[0]}")

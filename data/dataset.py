@@ -39,13 +39,26 @@ def meta_dtype(meta):
 
 
 def prepare_hint(data_dir):
-    """The command that creates data_dir."""
+    """The command that creates data_dir: the prepare script (and tokenizer) its
+    meta.json names when it can be read, else the one named like the directory,
+    else multidomain's."""
+    try:
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        meta = {}
+    meta = meta if isinstance(meta, dict) else {}
     name = os.path.basename(os.path.normpath(data_dir))
-    if os.path.exists(os.path.join(DATA_ROOT, name, "prepare.py")):
-        script = f"python data/{name}/prepare.py"
-        default = os.path.join(DATA_ROOT, name)
-        return script if os.path.abspath(data_dir) == default else f"{script} --out_dir={data_dir}"
-    return f"python data/multidomain/prepare.py --out_dir={data_dir}"
+    dataset = next((n for n in (meta.get("dataset"), name) if isinstance(n, str)
+                    and os.path.exists(os.path.join(DATA_ROOT, n, "prepare.py"))), "multidomain")
+    cmd = f"python data/{dataset}/prepare.py"
+    if os.path.abspath(data_dir) != os.path.join(DATA_ROOT, dataset):
+        cmd += f" --out_dir={data_dir}"
+    if meta.get("tokenizer") == "hf" and isinstance(meta.get("tokenizer_dir"), str):
+        cmd += f" --tokenizer={meta['tokenizer_dir']}"
+    elif meta.get("tokenizer") == "gpt2":
+        cmd += " --tokenizer=gpt2"
+    return cmd
 
 
 def load_meta(data_dir):

@@ -401,3 +401,22 @@ def test_train_builds_similarity_order_on_first_use(tmp_path):
     later = os.path.getmtime(os.path.join(data, "train_similarity.bin")) + 5
     os.utime(os.path.join(data, "train.bin"), (later, later))                     # train.bin re-prepared
     assert ensure_similarity_order(data) is True
+
+
+def test_prepare_hint_names_the_script_and_tokenizer_that_made_the_data(tmp_path):
+    """A damaged dataset's error says how to rebuild that dataset: its meta names the
+    prepare script and the tokenizer (a shakespeare_char dataset with an imported
+    model's tokenizer is not rebuilt by multidomain's script)."""
+    from data.dataset import prepare_hint
+    d = tmp_path / "shakespeare_char_mymodel"
+    d.mkdir()
+    (d / "meta.json").write_text(json.dumps({"dataset": "shakespeare_char", "tokenizer": "hf",
+                                             "tokenizer_dir": "/models/mymodel"}))
+    assert prepare_hint(str(d)) == (f"python data/shakespeare_char/prepare.py --out_dir={d} "
+                                    f"--tokenizer=/models/mymodel")
+    (d / "meta.json").write_text("{not json")
+    assert prepare_hint(str(d)) == f"python data/multidomain/prepare.py --out_dir={d}"
+    g = tmp_path / "md_gpt2"
+    g.mkdir()
+    (g / "meta.json").write_text(json.dumps({"dataset": "multidomain", "tokenizer": "gpt2"}))
+    assert prepare_hint(str(g)) == f"python data/multidomain/prepare.py --out_dir={g} --tokenizer=gpt2"

@@ -91,6 +91,7 @@ def test_experiment_smoke(name, smoke_data, tmp_path):
     rows = load_rows(out, name)
     assert rows and all("val_loss" in r for r in rows), name
     assert os.path.getsize(os.path.join(out, name, "results.md")) > 100
+    assert f"Command: `python experiments.py {name} --smoke" in open(os.path.join(out, name, "results.md")).read()
     assert glob.glob(os.path.join(out, name, "*.png")), name
     if name in CHECKS:
         CHECKS[name](out)
