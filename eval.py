@@ -288,14 +288,14 @@ def evaluate_model(model, batches, n_domains, domain_names=None, skip_positions=
         nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
                               reduction="none", ignore_index=-1).view(B, T).double().cpu()
         valid = (y >= 0).cpu()
-        d = dom.cpu().long()
-        nll_sum.index_add_(0, d[valid], nll[valid])
+        d_in, d = dom[:, :-1].cpu().long(), dom[:, 1:].cpu().long()   # inputs' and targets' domains
+        nll_sum.index_add_(0, d[valid], nll[valid])                    # a loss belongs to its target
         tok_cnt.index_add_(0, d[valid], torch.ones(int(valid.sum()), dtype=torch.float64))
         if skip_positions:
             v = valid[:, skip_positions:]
             skip_sum += float(nll[:, skip_positions:][v].sum())
             skip_cnt += int(v.sum())
-        flat_dom = d.reshape(-1)
+        flat_dom = d_in.reshape(-1)                                     # a routed token's own domain
         for acc, r in zip(per_layer, routings):
             if isinstance(r, Routing):
                 acc["tok"].append(r.token_idx.cpu() + offset)
@@ -308,7 +308,7 @@ def evaluate_model(model, batches, n_domains, domain_names=None, skip_positions=
                 w = r["merge_weights"].float().cpu()                       # (B, S, E)
                 S = w.shape[1]
                 acc["w"].append(w.reshape(-1, w.shape[-1]))
-                acc["wdom"].append(d.view(B, S, -1)[:, :, -1].reshape(-1))  # domain at each segment's end
+                acc["wdom"].append(d_in.reshape(B, S, -1)[:, :, -1].reshape(-1))  # of each segment's last token
         offset += B * T
 
     total = float(tok_cnt.sum())

@@ -863,7 +863,8 @@ def evaluate(raw_model, eval_batches, n_domains, env):
     """Mean loss over the fixed train/val batches; for MoE also per-domain expert
     usage (routed: fraction of each domain's tokens per expert; Lory: mean merge
     weights of the segments whose last token is in the domain).
-    eval_batches: {"train": [...], "val": [...]} of (x, y, domains_y), each (B, T)."""
+    eval_batches: {"train": [...], "val": [...]} of (x, y, domains): (B, T), (B, T) and
+    (B, T+1) (TokenDataset.fixed_batches)."""
     raw_model.eval()
     out = {}
     for split, batches in eval_batches.items():
@@ -1214,10 +1215,10 @@ def resolve_data_dir(cfg):
 
 def domain_usage(routings, dom, n_dom, usage, shape):
     """Accumulate per-layer (n_domains, E) expert usage for one eval batch.
-    dom: (B, T) domain of each target token (the input token at the same position
-    belongs to the same document except at document boundaries)."""
+    dom: (B, T+1) domain of every window position; a routed token counts for its own
+    domain (dom[:, :-1]), a Lory segment for the domain of its last token."""
     B, T = shape
-    dom = dom.reshape(-1).cpu()
+    dom = dom[:, :-1].reshape(-1).cpu()                                 # (B*T,) the input tokens' domains
     out = usage or [None] * len(routings)
     for l, r in enumerate(routings):
         if isinstance(r, Routing):
@@ -1227,7 +1228,7 @@ def domain_usage(routings, dom, n_dom, usage, shape):
         else:
             w = r["merge_weights"].float().cpu()                          # (B, S, E)
             S, E = w.shape[1], w.shape[2]
-            seg_dom = dom.view(B, S, -1)[:, :, -1].reshape(-1)            # domain at each segment's end
+            seg_dom = dom.view(B, S, -1)[:, :, -1].reshape(-1)            # each segment's last token's
             m = torch.zeros(n_dom, E).index_add_(0, seg_dom, w.reshape(-1, E))
         out[l] = m if out[l] is None else out[l] + m
     return out

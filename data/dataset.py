@@ -7,7 +7,7 @@ Reading a prepared dataset (data/<name>/ made by data/<name>/prepare.py):
     meta.json            tokenizer, vocab_size, eot_token, domains, dtype (absent = uint16), ...
 
 TokenDataset draws nanoGPT-style random windows (get_batch) for training and fixed,
-seeded windows with the domain of every target token (fixed_batches) for evaluation.
+seeded windows with the domain of every position (fixed_batches) for evaluation.
 With batching="similarity" the train split is read from train_similarity.bin (the same
 documents in the order written by data/similarity.py: similar documents next to each other).
 
@@ -131,7 +131,7 @@ class TokenDataset:
     """One split of a prepared dataset, optionally only some domains (domains="code").
 
     len(ds) is the number of tokens (of the chosen domains). get_batch draws random windows;
-    fixed_batches gives deterministic evaluation windows plus the domain of each target token.
+    fixed_batches gives deterministic evaluation windows plus the domain of each position.
     """
 
     def __init__(self, data_dir, split, batching="random", domains=None):
@@ -217,13 +217,16 @@ class TokenDataset:
         return self.index[doc, 2]
 
     def fixed_batches(self, n_batches, batch_size, block_size, seed=1234):
-        """n_batches deterministic (x, y, domains_y) triples for evaluation; domains_y (B, T)
-        int64 is the domain of each target token. Depends only on the seed and the data."""
+        """n_batches deterministic (x, y, domains) triples for evaluation; domains (B, T+1)
+        int64 is the domain of every position of the window: the input tokens' domains
+        are domains[:, :-1], the targets' domains[:, 1:] (they differ where a document
+        ends: its end-of-text token belongs to it, the next target to the next one).
+        Depends only on the seed and the data."""
         gen = torch.Generator().manual_seed(seed)
         out = []
         for _ in range(n_batches):
             starts = self.sample_starts(batch_size, block_size, gen)
             x, y = self._windows(starts, block_size)
-            dom = self.domain_of(starts[:, None] + 1 + np.arange(block_size))
+            dom = self.domain_of(starts[:, None] + np.arange(block_size + 1))
             out.append((x, y, torch.from_numpy(dom)))
         return out

@@ -275,13 +275,13 @@ def test_fixed_batches(tmp_path):
     doc_of = np.repeat(np.arange(len(index)), index[:, 1])
     for (x, y, dom), (x2, y2, dom2) in zip(a, b):
         assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(dom, dom2)
-        assert dom.shape == y.shape and dom.dtype == torch.int64
+        assert dom.shape == (4, 33) and dom.dtype == torch.int64
         for row_x, row_y, row_d in zip(x.numpy(), y.numpy(), dom.numpy()):
-            # locate the window and check every target's domain by brute force
+            # locate the window and check every position's domain by brute force
             starts = [s for s in range(len(tokens) - 32) if (tokens[s:s + 32] == row_x).all()
                       and (tokens[s + 1:s + 33] == row_y).all()]
             assert starts
-            assert (index[doc_of[starts[0] + 1 + np.arange(32)], 2] == row_d).all()
+            assert (index[doc_of[starts[0] + np.arange(33)], 2] == row_d).all()
     assert not torch.equal(a[0][0], ds.fixed_batches(1, 4, 32, seed=6)[0][0])
 
 

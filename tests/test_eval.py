@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import eval as ev
+import train
 from helpers import ROOT
 
 EVAL_ARGS = ["--batches=3", "--batch_size=4"]
@@ -292,3 +293,18 @@ def test_notebook_executes(runs):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5
+
+
+def test_a_routed_token_counts_for_its_own_domain():
+    """Expert usage by domain credits each routed token (the input) with its own
+    domain, and a Lory segment with its last token's: a document's end-of-text token
+    belongs to that document, not to the next one (the target's domain)."""
+    from router import Routing
+    B, T, E = 1, 8, 2
+    dom = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1]])    # (B, T+1): positions 0-3 domain 0 (3 = its eot)
+    routed = Routing(token_idx=torch.arange(T), expert_idx=torch.zeros(T, dtype=torch.long),
+                     gates=torch.ones(T), aux_losses={}, stats={"tokens_per_expert": torch.zeros(E)})
+    usage = train.domain_usage([routed], dom, 2, None, (B, T))[0]
+    assert usage[:, 0].tolist() == [4.0, 4.0]              # 4 tokens of each domain, not 3 and 5
+    lory = {"merge_weights": torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])}   # 2 segments of 4 tokens
+    assert train.domain_usage([lory], dom, 2, None, (B, T))[0].tolist() == [[1.0, 0.0], [0.0, 1.0]]
