@@ -99,7 +99,7 @@ def test_missing_data_is_clear_error(tmp_path):
 
 def test_training_lowers_loss_and_writes_metrics(data_dir, tmp_path):
     out = str(tmp_path / "dense")
-    run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=30", "--eval_interval=10"])
+    train_here(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=30", "--eval_interval=10"])
     recs = read_jsonl(os.path.join(out, "metrics.jsonl"))
     evals = [r for r in recs if r["split"] == "eval"]
     trains = [r for r in recs if r["split"] == "train"]
@@ -112,7 +112,7 @@ def test_training_lowers_loss_and_writes_metrics(data_dir, tmp_path):
 
 def test_moe_training_logs_router_statistics(data_dir, tmp_path):
     out = str(tmp_path / "moe")
-    run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=3",
+    train_here(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=3",
                       "--moe_layers=all", "--n_experts=4", "--top_k=2", "--capacity_factor=1.0",
                       "--adaptive_aux=True"])
     recs = read_jsonl(os.path.join(out, "metrics.jsonl"))
@@ -140,9 +140,9 @@ def test_moe_training_logs_router_statistics(data_dir, tmp_path):
 def test_kill_and_resume_is_exact(data_dir, tmp_path, extra):
     common = TINY + [f"--data_dir={data_dir}", "--eval_interval=4", "--lr_decay_iters=8", "--dropout=0.1"] + extra
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    run_train(common + [f"--out_dir={full}", "--max_iters=8"])
-    run_train(common + [f"--out_dir={part}", "--max_iters=4"])        # "killed" after its iter-4 checkpoint
-    run_train(common + [f"--out_dir={part}", "--max_iters=8", "--init_from=resume"])
+    train_here(common + [f"--out_dir={full}", "--max_iters=8"])
+    train_here(common + [f"--out_dir={part}", "--max_iters=4"])        # "killed" after its iter-4 checkpoint
+    train_here(common + [f"--out_dir={part}", "--max_iters=8", "--init_from=resume"])
     a, b = state(full), state(part)
     assert a["iter_num"] == b["iter_num"] == 8
     for k in a["model"]:
@@ -191,15 +191,24 @@ def test_float16_loss_scale_is_saved_and_restored(tmp_path):
         checkpoint.validate_checkpoint(bad, "ckpt.pt")
 
 
+def train_here(argv, capsys=None):
+    """train.py's main in this process (a subprocess spends seconds importing torch);
+    returns what it printed when capsys is given."""
+    if capsys is not None:
+        capsys.readouterr()
+    assert train.main(argv) == 0
+    return capsys.readouterr().out if capsys is not None else None
+
+
 def test_resume_applies_this_runs_optimizer_settings(data_dir, tmp_path):
     """A resumed run trains with the weight decay, betas and Skywork settings on its command
     line (the checkpoint brings the Adam moments and the alphas only), which its
     checkpoint's config records."""
     common = TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}/r", "--eval_interval=2", "--moe_layers=all",
                      "--n_experts=4", "--top_k=2", "--adaptive_aux=True"]
-    run_train(common + ["--max_iters=2"])
+    train_here(common + ["--max_iters=2"])
     alphas = state(f"{tmp_path}/r")["aux_coef"]["alpha"]
-    run_train(common + ["--max_iters=2", "--init_from=resume", "--weight_decay=0.5", "--beta2=0.5",
+    train_here(common + ["--max_iters=2", "--init_from=resume", "--weight_decay=0.5", "--beta2=0.5",
                         "--adaptive_aux_xi=1.0", "--adaptive_aux_max=0.05"])
     ck = state(f"{tmp_path}/r")
     assert [(g["weight_decay"], tuple(g["betas"])) for g in ck["optimizer"]["param_groups"]] == \
@@ -210,7 +219,7 @@ def test_resume_applies_this_runs_optimizer_settings(data_dir, tmp_path):
 
 def test_new_run_never_replaces_an_existing_checkpoint(data_dir, tmp_path):
     out = str(tmp_path / "o")
-    run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2"])
+    train_here(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2"])
     before = sha(os.path.join(out, "ckpt.pt"))
     p = run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2"], check=False)
     assert p.returncode == 2 and "--overwrite=True" in p.stderr and "Traceback" not in p.stderr
@@ -223,7 +232,7 @@ def test_new_run_never_replaces_an_existing_checkpoint(data_dir, tmp_path):
         assert p.returncode == 2 and "top_k=3" in p.stderr and "Traceback" not in p.stderr
     assert sha(os.path.join(out, "ckpt.pt")) == before and sha(os.path.join(out, "metrics.jsonl")) == log_before
     assert not os.path.exists(os.path.join(out, "metrics.jsonl.prev"))
-    run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=3", "--overwrite=True"])
+    train_here(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=3", "--overwrite=True"])
     assert state(out)["iter_num"] == 3
     assert sha(os.path.join(out, "metrics.jsonl.prev")) == log_before    # the old log is kept beside
 
@@ -257,7 +266,7 @@ def test_damaged_checkpoint_is_clear_error(data_dir, dense_run, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     out = str(tmp_path / "o")
     common = TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--eval_interval=2"]
-    run_train(common + ["--max_iters=2"])
+    train_here(common + ["--max_iters=2"])
     good = sha(os.path.join(out, "ckpt.pt"))
     p = run_train(common + ["--max_iters=40", "--init_from=resume", "--learning_rate=1e30", "--min_lr=1e30",
                             "--warmup_iters=0", "--grad_clip=0.0"], check=False)
@@ -275,7 +284,7 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path):
     common = TINY + [f"--data_dir={data_dir}", "--max_iters=4", "--eval_interval=100", "--backend=gloo",
                      "--gradient_accumulation_steps=2"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    run_train(common + [f"--out_dir={one}"])
+    train_here(common + [f"--out_dir={one}"])
     run_train(common + [f"--out_dir={two}"], torchrun_nproc=2)
     a, b = state(one), state(two)
     for k in a["model"]:
@@ -291,7 +300,7 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path):
 @pytest.fixture(scope="module")
 def dense_run(data_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("dense_src"))
-    run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=3"])
+    train_here(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=3"])
     return out
 
 
@@ -299,9 +308,9 @@ def test_online_upcycling_keeps_the_source_block_size(data_dir, dense_run, tmp_p
     """Training at 16 tokens from a dense model of block_size 32 (an imported model: its
     max_position_embeddings) leaves the model's context at 32, by upcycling as by warm start."""
     short = [f"--data_dir={data_dir}", "--max_iters=1", "--eval_interval=1", "--block_size=16"]
-    run_train(TINY + short + [f"--init_from={dense_run}", f"--out_dir={tmp_path}/moe", "--moe_layers=all",
+    train_here(TINY + short + [f"--init_from={dense_run}", f"--out_dir={tmp_path}/moe", "--moe_layers=all",
                               "--n_experts=4", "--top_k=2"])
-    run_train(TINY + short + [f"--init_from={dense_run}", f"--out_dir={tmp_path}/warm"])
+    train_here(TINY + short + [f"--init_from={dense_run}", f"--out_dir={tmp_path}/warm"])
     assert state(dense_run)["model_args"]["block_size"] == 32
     assert state(f"{tmp_path}/moe")["model_args"]["block_size"] == state(f"{tmp_path}/warm")["model_args"]["block_size"] == 32
 
@@ -313,7 +322,7 @@ def test_online_upcycling_matches_offline_cli(data_dir, dense_run, tmp_path):
     moe = ["--moe_layers=all", "--n_experts=4", "--top_k=2"]
     online = str(tmp_path / "online")
     before = sha(os.path.join(dense_run, "ckpt.pt"))
-    run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={online}", f"--init_from={dense_run}",
+    train_here(TINY + [f"--data_dir={data_dir}", f"--out_dir={online}", f"--init_from={dense_run}",
                       "--max_iters=0"] + moe)
     offline = str(tmp_path / "offline")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "upcycle.py"), f"--ckpt={dense_run}",
@@ -330,7 +339,7 @@ def test_online_upcycling_matches_offline_cli(data_dir, dense_run, tmp_path):
 
 def test_upcycled_training_starts_at_dense_loss_and_logs_similarity(data_dir, dense_run, tmp_path):
     out = str(tmp_path / "up")
-    run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", f"--init_from={dense_run}",
+    train_here(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", f"--init_from={dense_run}",
                       "--max_iters=4", "--eval_interval=2", "--moe_layers=all", "--n_experts=4", "--top_k=2",
                       "--upcycle_expert_noise=0.01"])
     dense_eval = [r for r in read_jsonl(os.path.join(dense_run, "metrics.jsonl")) if r["split"] == "eval"][-1]
@@ -341,7 +350,7 @@ def test_upcycled_training_starts_at_dense_loss_and_logs_similarity(data_dir, de
     assert state(out)["upcycled_from"]["path"].endswith("ckpt.pt")
 
 
-def test_resume_does_not_compare_with_a_changed_dense_source(data_dir, dense_run, tmp_path):
+def test_resume_does_not_compare_with_a_changed_dense_source(data_dir, dense_run, tmp_path, capsys):
     """The similarity_to_dense monitor of a resumed MoE run reads the dense checkpoint
     again; when that file changed since upcycling (its run trained on), the monitor is
     off with a note instead of logging similarity to other weights."""
@@ -350,26 +359,26 @@ def test_resume_does_not_compare_with_a_changed_dense_source(data_dir, dense_run
     shutil.copytree(dense_run, dense)
     common = TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}/moe", f"--init_from={dense}",
                      "--eval_interval=2", "--moe_layers=all", "--n_experts=4", "--top_k=2"]
-    run_train(common + ["--max_iters=2"])
-    run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={dense}", "--init_from=resume", "--max_iters=8",
+    train_here(common + ["--max_iters=2"])
+    train_here(TINY + [f"--data_dir={data_dir}", f"--out_dir={dense}", "--init_from=resume", "--max_iters=8",
                       "--eval_interval=3"])                              # the dense run trains on
-    p = run_train(common + ["--init_from=resume", "--max_iters=4"])
-    assert "changed since it was upcycled" in p.stdout
+    out = train_here(common + ["--init_from=resume", "--max_iters=4"], capsys)
+    assert "changed since it was upcycled" in out
     evals = [r for r in read_jsonl(f"{tmp_path}/moe/metrics.jsonl") if r["split"] == "eval"]
     assert "similarity_to_dense" in evals[0] and "similarity_to_dense" not in evals[-1]
     assert "expert_similarity" in evals[-1]
 
 
-def test_dense_warm_start_and_upcycle_errors(data_dir, dense_run, tmp_path):
+def test_dense_warm_start_and_upcycle_errors(data_dir, dense_run, tmp_path, capsys):
     out = str(tmp_path / "cont")
     p = run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", f"--init_from={dense_run}", "--max_iters=2"])
     assert state(out)["iter_num"] == 2 and state(out)["model_args"]["moe_layers"] == "none"
     assert "keeps the checkpoint's shape" not in p.stdout
     # a warm start takes the checkpoint's shape; a different one asked for is named, not silently dropped
-    p = run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}/w", f"--init_from={dense_run}",
-                          "--max_iters=1", "--n_layer=3", "--rope_theta=500000.0"])
+    out = train_here(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}/w", f"--init_from={dense_run}",
+                             "--max_iters=1", "--n_layer=3", "--rope_theta=500000.0"], capsys)
     assert "keeps the checkpoint's shape: n_layer=2 (this run's config: 3), rope_theta=10000.0 (this run's " \
-           "config: 500000.0)" in p.stdout
+           "config: 500000.0)" in out
     assert state(f"{tmp_path}/w")["model_args"]["n_layer"] == 2
     p = run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}/x", f"--init_from={tmp_path}/missing",
                           "--moe_layers=all"], check=False)
@@ -381,7 +390,7 @@ def test_dense_warm_start_and_upcycle_errors(data_dir, dense_run, tmp_path):
 
 def test_dense_warmup_then_lory(data_dir, tmp_path):
     out = str(tmp_path / "lory")
-    run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=2",
+    train_here(TINY + [f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=2",
                       "--moe_layers=all", "--router=lory", "--segment_len=8", "--dense_warmup_iters=2"])
     ck = state(out)
     assert ck["model_args"]["router"] == "lory" and ck["upcycled_from"]["method"] == "dense warm-up"
