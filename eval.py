@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from checkpoint import CheckpointError, file_sha256, load_checkpoint, load_model
 from cli import ArgumentParser, device_problem, float_problem, ram_available, run_cli
-from data.dataset import TokenDataset
+from data.dataset import TokenDataset, prepare_hint
 from metrics import metrics_path, read_metrics
 from model import LoryFFN, MoEFFN
 from plot import make_plots, plot_compare
@@ -106,7 +106,7 @@ def resolve_data_dir(ckpt, data_dir=None):
 
 
 def _prepare_hint(data_dir):
-    return f"run {os.path.join(data_dir, 'prepare.py')} (or pass --data_dir)"
+    return f"run `{prepare_hint(data_dir)}` (or pass --data_dir)"
 
 
 def load_val_data(ckpt, data_dir=None, split="val"):
@@ -117,7 +117,7 @@ def load_val_data(ckpt, data_dir=None, split="val"):
     domains = (ckpt.get("config") or {}).get("domains") or None
     try:
         ds = TokenDataset(d, split, domains=domains)
-    except ValueError as e:   # a domain this data does not have
+    except ValueError as e:   # a domain this data does not have, or a damaged meta.json
         raise EvalError(f"{d}: {e}") from None
     except FileNotFoundError as e:
         msg = str(e).splitlines()[0] if str(e) else f"{d} has no {split} data"

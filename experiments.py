@@ -200,7 +200,8 @@ def write_results(name, title, rows, figures, finding, columns=None, t0=None):
              + (f" --data_dir={OPTS['data_dir']}" if OPTS["data_dir"] else "")
              + (f" --out={OPTS['out']}" if OPTS["out"] else ""))
     md = [f"# {title}", "", f"Command: `python experiments.py {name}{flags}`",
-          f"Wall time of this command: {time.time() - t0:.0f} s (runs it reused cost none)" if t0 else "", "", table(rows, columns), ""]
+          f"Wall time of this command: {time.time() - t0:.0f} s (runs it reused cost none)" if t0 else "",
+          "", table(rows, columns), ""]
     md += [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figures]
     md += ["", finding, ""]
     with open(os.path.join(out, "results.md"), "w") as f:

@@ -773,12 +773,11 @@ def restore_training_state(ckpt, st, device_type, ep=None):
         st.aux_coef.xi, st.aux_coef.alpha_max, st.aux_coef.beta = keep
     if ckpt.get("scaler") is not None and st.scaler.is_enabled():   # a float16 run continues its loss scale
         st.scaler.load_state_dict(ckpt["scaler"])
-    data_gen = st.data_gen
     rng = ckpt.get("rng") or {}
     if "torch" in rng:
         torch.set_rng_state(rng["torch"].cpu())
     if "data" in rng:
-        data_gen.set_state(rng["data"].cpu())
+        st.data_gen.set_state(rng["data"].cpu())
     if device_type == "cuda" and rng.get("cuda") is not None:
         torch.cuda.set_rng_state(rng["cuda"].cpu())
 
