@@ -39,15 +39,17 @@ def meta_dtype(meta):
 
 
 def prepare_hint(data_dir):
-    """The command that creates data_dir: the prepare script (and tokenizer) its
-    meta.json names when it can be read, else the one named like the directory,
-    else multidomain's."""
+    """The command that creates data_dir: the command its meta.json records, else the
+    prepare script (and tokenizer) it names when it can be read, else the one named
+    like the directory, else multidomain's."""
     try:
         with open(os.path.join(data_dir, "meta.json")) as f:
             meta = json.load(f)
     except (OSError, ValueError):
         meta = {}
     meta = meta if isinstance(meta, dict) else {}
+    if isinstance(meta.get("command"), str):      # data/text/prepare.py records its whole command line
+        return meta["command"]
     name = os.path.basename(os.path.normpath(data_dir))
     dataset = next((n for n in (meta.get("dataset"), name) if isinstance(n, str)
                     and os.path.exists(os.path.join(DATA_ROOT, n, "prepare.py"))), "multidomain")

@@ -16,6 +16,7 @@ byte-identical to tiktoken's r50k_base file) and checks its sha256.
 """
 import argparse
 import hashlib
+import itertools
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import json
 import tarfile
 import tempfile
 
+import numpy as np
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 from tokenizers import Tokenizer
@@ -143,6 +145,29 @@ class HFTokenizer:
 
     def decode(self, ids):
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def encode_documents(tok, texts, dtype):
+    """Token ids of `texts`, each followed by tok.eot_token, as one flat array of `dtype`,
+    and every document's length (its eot included): (ids (N,), lengths (n_docs,) int64).
+    The same ids as tok.encode(text) + [eot] per text; the byte tokenizer works on the UTF-8
+    buffer, the others through their batch encoders (the `tokenizers` library's
+    encode_batch_fast when it has one: it skips the character offsets nobody reads here)."""
+    if isinstance(tok, ByteTokenizer):      # eot_token 0 joins the documents
+        blobs = [t.replace("\x00", "").encode("utf-8") for t in texts]
+        ids = np.frombuffer(b"\x00".join(blobs) + b"\x00", dtype=np.uint8).astype(dtype)
+        return ids, np.fromiter((len(b) + 1 for b in blobs), np.int64, count=len(blobs))
+    if isinstance(tok, HFTokenizer):
+        encode = getattr(tok.tok, "encode_batch_fast", tok.tok.encode_batch)
+        lists = [e.ids for e in encode(list(texts), add_special_tokens=False)]
+    else:
+        lists = tok.encode_batch(texts) if hasattr(tok, "encode_batch") else [tok.encode(t) for t in texts]
+    lengths = np.fromiter((len(ids) + 1 for ids in lists), np.int64, count=len(lists))
+    ids = np.full(int(lengths.sum()), tok.eot_token, dtype=dtype)
+    is_text = np.ones(len(ids), dtype=bool)
+    is_text[np.cumsum(lengths) - 1] = False                      # the eot after each document
+    ids[is_text] = np.fromiter(itertools.chain.from_iterable(lists), dtype, count=len(ids) - len(lists))
+    return ids, lengths
 
 
 def special_token_names(tok_dir):
