@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from data.dataset import TokenDataset, load_meta, load_split
+from data.dataset import TokenDataset, load_meta, load_split, token_dtype
 from data.text import prepare as tp
 from data.text import readers
 from data.tokenizer import ByteTokenizer, HFTokenizer, encode_documents
@@ -162,6 +162,22 @@ def test_encode_documents_equals_encode_for_byte_and_gpt2():
     assert ids.tolist() == [i for t in texts for i in gpt2.encode(t) + [gpt2.eot_token]]
 
 
+def test_file_dtype_agrees_with_the_loader():
+    class Vocab:
+        def __init__(self, n):
+            self.vocab_size = n
+    for n in (256, 50257, 2 ** 16, 2 ** 16 + 1, 128_256, 2 ** 32):
+        assert tp.file_dtype(Vocab(n), "auto") == np.dtype(token_dtype(n)), n
+    with pytest.raises(ValueError, match="does not fit uint32"):
+        tp.file_dtype(Vocab(2 ** 32 + 1), "auto")
+
+
+def test_prepare_does_not_import_torch():
+    code = "import sys; import data.text.prepare; print('torch' in sys.modules)"
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "False"
+
+
 # -----------------------------------------------------------------------------
 # the val split
 
@@ -238,12 +254,12 @@ def bad_cases(tmp):
     good = write(tmp / "good" / "g.txt", "some good text\n" * 3)
     latin = tmp / "latin" / "l.txt"
     os.makedirs(latin.parent)
-    latin.write_bytes(b"caf\xe9 au lait\n")
+    latin.write_bytes(b"fine\n" * 5 + b"caf\xe9 au lait\n")
     big_vocab = str(tmp / "big_vocab")
     write_tokenizer(big_vocab, 70_000)
     return {
         "missing file": ([str(tmp / "nope.txt")], {}, r"input .*nope\.txt does not exist"),
-        "not UTF-8": ([str(latin)], {}, r"l\.txt line 1 is not UTF-8 \(byte 0xe9\).*--encoding_errors=replace"),
+        "not UTF-8": ([str(latin)], {}, r"l\.txt line 6 is not UTF-8 \(byte 0xe9\).*--encoding_errors=replace"),
         "not JSON": ([write(tmp / "j" / "a.jsonl", '{"text": "ok"}\nnot json\n')], {},
                      r"a\.jsonl line 2 is not JSON"),
         "no field": ([write(tmp / "k" / "b.jsonl", '{"text": "ok"}\n{"body": "x"}\n')], {},

@@ -42,7 +42,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:  # so `python data/text/prepare.py` can import the data package
     sys.path.insert(0, ROOT)
 from cli import ArgumentParser, run_cli  # noqa: E402
-from data.dataset import MAX_VOCAB, token_dtype  # noqa: E402
 from data.text.readers import list_inputs, parse_domain_from, read_file  # noqa: E402
 from data.tokenizer import HF_TOKENIZER_FILES, copy_tokenizer_files, encode_documents, get_tokenizer  # noqa: E402
 
@@ -51,6 +50,9 @@ try:
 except ImportError:     # a plain progress line instead
     tqdm = None
 
+# the token file dtypes, narrowest first (data/dataset.py's token_dtype picks the same; importing
+# it would import torch, which this script never needs: 2-20 s of start-up, ~200 MB per worker)
+TOKEN_DTYPES = ("uint16", "uint32")
 MAX_DOMAINS = 1024
 BATCH_CHARS = 1 << 20        # characters per batch handed to a tokenizer worker
 BATCH_DOCS = 4096
@@ -271,13 +273,14 @@ class Progress:
 
 def file_dtype(tok, dtype):
     """The .bin dtype: `dtype` (uint16|uint32), or "auto": the narrowest that holds every id."""
-    if tok.vocab_size > MAX_VOCAB:
+    fits = [d for d in TOKEN_DTYPES if np.iinfo(d).max >= tok.vocab_size - 1]
+    if not fits:
         raise ValueError(f"tokenizer vocabulary of {tok.vocab_size:,} ids does not fit uint32 token files")
     if dtype == "auto":
-        return np.dtype(token_dtype(tok.vocab_size))
-    if dtype not in ("uint16", "uint32"):
-        raise ValueError(f"--dtype={dtype!r} is not one of auto, uint16, uint32")
-    if np.iinfo(dtype).max < tok.vocab_size - 1:
+        return np.dtype(fits[0])
+    if dtype not in TOKEN_DTYPES:
+        raise ValueError(f"--dtype={dtype!r} is not one of auto, {', '.join(TOKEN_DTYPES)}")
+    if dtype not in fits:
         raise ValueError(f"--dtype={dtype} cannot hold token id {tok.vocab_size - 1} of a {tok.vocab_size:,}-id "
                          f"vocabulary: use --dtype=uint32 (or auto)")
     return np.dtype(dtype)

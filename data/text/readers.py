@@ -95,7 +95,8 @@ def _open_binary(path):
 def _decode(raw, decoder, path, line_no):
     try:
         return decoder.decode(raw)
-    except UnicodeDecodeError as e:
+    except UnicodeDecodeError as e:     # line_no is the first line of `raw`
+        line_no += e.object[:e.start].count(b"\n")
         raise ValueError(f"{path} line {line_no} is not UTF-8 (byte 0x{e.object[e.start]:02x}): convert the "
                          f"file (iconv -f LATIN1 -t UTF-8) or pass --encoding_errors=replace") from None
 
