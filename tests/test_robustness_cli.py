@@ -18,9 +18,11 @@ import eval as ev
 import metrics as M
 import plot
 import sample
+import init_from
 import train
 import upcycle
 from helpers import TINY, make_dataset
+from model import GPT, GPTConfig
 from runlock import OutDirLock
 
 
@@ -365,6 +367,6 @@ def test_memory_estimate_is_a_lower_bound_of_the_real_model():
                  {"n_layer": 3, "n_head": 4, "n_embd": 64, "vocab_size": 100, "moe_layers": "all", "n_experts": 4},
                  {"n_layer": 4, "n_head": 2, "n_embd": 32, "vocab_size": 64, "moe_layers": "every_other",
                   "tie_embeddings": False}):
-        real = train.GPT(train.GPTConfig(**args)).num_params()
-        _, parts = train.estimate_memory(args, {"batch_size": 1, "block_size": 8, "eval_iters": 1})
+        real = GPT(GPTConfig(**args)).num_params()
+        _, parts = init_from.estimate_memory(args, {"batch_size": 1, "block_size": 8, "eval_iters": 1})
         assert 0.8 * real <= parts["parameters and optimizer state"] / 16 <= real, (args, real)
