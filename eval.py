@@ -163,8 +163,6 @@ def evaluate_model(model, batches, n_domains, domain_names=None, skip_positions=
     model.eval()
     domain_names = domain_names or [f"domain{i}" for i in range(n_domains)]
     moe = model.moe_layers()
-    E = model.config.n_experts
-    k = eval_experts_per_token(model.config)
     nll_sum = torch.zeros(n_domains, dtype=torch.float64)
     tok_cnt = torch.zeros(n_domains, dtype=torch.float64)
     skip_sum, skip_cnt = 0.0, 0
@@ -184,20 +182,8 @@ def evaluate_model(model, batches, n_domains, domain_names=None, skip_positions=
             v = valid[:, skip_positions:]
             skip_sum += float(nll[:, skip_positions:][v].sum())
             skip_cnt += int(v.sum())
-        flat_dom = d_in.reshape(-1)                                     # a routed token's own domain
         for acc, r in zip(per_layer, routings):
-            if isinstance(r, Routing):
-                acc["tok"].append(r.token_idx.cpu() + offset)
-                acc["exp"].append(r.expert_idx.cpu())
-                acc["dom"].append(flat_dom)
-                for key in ("gate_entropy", "max1_max2", "max2_max3"):
-                    if key in r.stats:
-                        acc["gate"].setdefault(key, []).append(float(r.stats[key]))
-            else:
-                w = r["merge_weights"].float().cpu()                       # (B, S, E)
-                S = w.shape[1]
-                acc["w"].append(w.reshape(-1, w.shape[-1]))
-                acc["wdom"].append(d_in.reshape(B, S, -1)[:, :, -1].reshape(-1))  # of each segment's last token
+            collect_routing(acc, r, d_in, offset)
         offset += B * T
 
     total = float(tok_cnt.sum())
@@ -217,27 +203,53 @@ def evaluate_model(model, batches, n_domains, domain_names=None, skip_positions=
         res["val_loss_from_pos"] = {"pos": skip_positions, "loss": l, "ppl": math.exp(min(l, 50)),
                                     "tokens": skip_cnt}
 
-    layers = []
-    for (layer_id, ffn), acc in zip(moe, per_layer):
-        if isinstance(ffn, LoryFFN):
-            diag = lory_diagnostics(torch.cat(acc["w"]), torch.cat(acc["wdom"]), n_domains)
-            diag = {"layer": layer_id, "kind": "lory", **diag}
-            diag["domain_merge_weights"] = dict(zip(domain_names, diag["domain_merge_weights"]))
-            diag["domain_active_experts"] = dict(zip(domain_names, diag["domain_active_experts"]))
-        else:
-            diag = routing_diagnostics(torch.cat(acc["tok"]), torch.cat(acc["exp"]), offset, E, k,
-                                       token_domains=torch.cat(acc["dom"]), n_domains=n_domains)
-            # gate statistics: each batch's mean (router.routing_stats), batches are equal-sized
-            diag.update({key: float(np.mean(v)) for key, v in acc["gate"].items()})
-            diag = {"layer": layer_id, "kind": "routed", **diag}
-            diag["domain_usage"] = dict(zip(domain_names, diag["domain_usage"]))
-        S = expert_similarity(ffn).float()
-        diag["expert_similarity"] = S.tolist()
-        diag["mean_pairwise_similarity"] = mean_similarity_of_pairs(S, granularity)
-        layers.append(diag)
+    layers = [layer_report(layer_id, ffn, acc, offset, model.config, n_domains, domain_names, granularity)
+              for (layer_id, ffn), acc in zip(moe, per_layer)]
     if layers:
         res["layers"] = layers
     return res
+
+
+def collect_routing(acc, r, d_in, offset):
+    """Add one batch's routing of one MoE layer to its accumulator acc: a routed
+    layer's kept (token, expert) pairs (token ids offset by the tokens before this
+    batch) with each token's own domain, and its gate statistics; a Lory layer's
+    merge weights with the domain of each segment's last token. d_in: (B, T) the
+    input tokens' domains."""
+    if isinstance(r, Routing):
+        acc["tok"].append(r.token_idx.cpu() + offset)
+        acc["exp"].append(r.expert_idx.cpu())
+        acc["dom"].append(d_in.reshape(-1))                             # a routed token's own domain
+        for key in ("gate_entropy", "max1_max2", "max2_max3"):
+            if key in r.stats:
+                acc["gate"].setdefault(key, []).append(float(r.stats[key]))
+    else:
+        w = r["merge_weights"].float().cpu()                            # (B, S, E)
+        B, S = w.shape[:2]
+        acc["w"].append(w.reshape(-1, w.shape[-1]))
+        acc["wdom"].append(d_in.reshape(B, S, -1)[:, :, -1].reshape(-1))  # of each segment's last token
+
+
+def layer_report(layer_id, ffn, acc, n_tokens, config, n_domains, domain_names, granularity):
+    """The diagnostics of one MoE layer from its accumulator (collect_routing) over
+    n_tokens tokens, with the expert similarity of its weights."""
+    if isinstance(ffn, LoryFFN):
+        diag = lory_diagnostics(torch.cat(acc["w"]), torch.cat(acc["wdom"]), n_domains)
+        diag = {"layer": layer_id, "kind": "lory", **diag}
+        diag["domain_merge_weights"] = dict(zip(domain_names, diag["domain_merge_weights"]))
+        diag["domain_active_experts"] = dict(zip(domain_names, diag["domain_active_experts"]))
+    else:
+        diag = routing_diagnostics(torch.cat(acc["tok"]), torch.cat(acc["exp"]), n_tokens, config.n_experts,
+                                   eval_experts_per_token(config), token_domains=torch.cat(acc["dom"]),
+                                   n_domains=n_domains)
+        # gate statistics: each batch's mean (router.routing_stats), batches are equal-sized
+        diag.update({key: float(np.mean(v)) for key, v in acc["gate"].items()})
+        diag = {"layer": layer_id, "kind": "routed", **diag}
+        diag["domain_usage"] = dict(zip(domain_names, diag["domain_usage"]))
+    S = expert_similarity(ffn).float()
+    diag["expert_similarity"] = S.tolist()
+    diag["mean_pairwise_similarity"] = mean_similarity_of_pairs(S, granularity)
+    return diag
 
 
 def check_eval_memory(batches, batch_size, T, vocab_size, device):
@@ -301,15 +313,49 @@ def expert_choice_losses(model, batches, causal_loss, device="cpu"):
             "val_loss_causal": causal_loss, "val_loss_training_routing": train_routing}
 
 
-def eval_block_size(model, train_cfg, block_size=None):
+def eval_block_size(model, train_cfg, block_size=None, whole_segments=False):
     """The eval window length: block_size when given (1..the model's), else the
-    training run's (train_cfg: the checkpoint's config), else the model's."""
+    training run's (train_cfg: the checkpoint's config), else the model's; with
+    whole_segments (Lory) rounded down to whole segments."""
     limit = model.config.block_size
     if block_size is None:
-        return min(int(train_cfg.get("block_size", limit)), limit)
-    if not 1 <= block_size <= limit:
+        T = min(int(train_cfg.get("block_size", limit)), limit)
+    elif not 1 <= block_size <= limit:
         raise EvalError(f"--block_size={block_size} must be between 1 and the model's block_size={limit}")
-    return block_size
+    else:
+        T = block_size
+    seg = model.config.segment_len
+    if whole_segments and T < seg:
+        raise EvalError(f"block_size={T} is shorter than one Lory segment ({seg} tokens)")
+    return T - T % seg if whole_segments else T
+
+
+TRAIN_KEYS = ("aux_loss", "aux_loss_coef", "adaptive_aux", "z_loss_coef", "capacity_factor", "batching",
+              "init_from", "max_iters", "batch_size", "block_size", "gradient_accumulation_steps")   # reported
+
+
+def add_router_losses(res, model, kind, batches, device):
+    """The losses that depend on how the router runs at eval: expert choice's training
+    routing beside its causal fallback, and Lory's loss without segment 1."""
+    if kind == "moe" and model.config.router == "expert_choice":
+        res["expert_choice"] = expert_choice_losses(model, batches, res["val_loss"], device)
+    if kind == "lory":
+        lf = res["val_loss_from_pos"]
+        res["lory"] = {"segment_len": model.config.segment_len, "first_segment": model.config.lory_first_segment,
+                       "val_loss_all": res["val_loss"], "val_loss_causal": lf["loss"], "val_ppl_causal": lf["ppl"]}
+
+
+def add_similarity_to_dense(layers, model, ckpt, notes):
+    """Each MoE layer's similarity_to_dense (E,) when the model was upcycled from a
+    dense checkpoint that can still be read; what prevents it goes into notes."""
+    dense_state = dense_source(ckpt, notes) if layers else None
+    if dense_state is None:
+        return
+    for diag, (l, ffn) in zip(layers, model.moe_layers()):
+        try:
+            diag["similarity_to_dense"] = similarity_to_dense(ffn, dense_ffn_weights(dense_state, l)).tolist()
+        except (KeyError, ValueError, RuntimeError) as e:
+            notes.append(f"layer {l}: no similarity to dense ({type(e).__name__}: {e})")
 
 
 def evaluate_checkpoint(ckpt_dir, batches=DEFAULT_BATCHES, batch_size=DEFAULT_BATCH_SIZE, data_dir=None,
@@ -339,59 +385,37 @@ def evaluate_checkpoint(ckpt_dir, batches=DEFAULT_BATCHES, batch_size=DEFAULT_BA
     model, ckpt = load_run(ckpt_dir, device)
     ds = load_val_data(ckpt, data_dir)
     cfg = ckpt.get("config") or {}
-    T = eval_block_size(model, cfg, block_size)
     kind = model_kind(model)
-    if kind == "lory" and T % model.config.segment_len:
-        if T < model.config.segment_len:
-            raise EvalError(f"block_size={T} is shorter than one Lory segment ({model.config.segment_len} tokens)")
-        T -= T % model.config.segment_len
+    T = eval_block_size(model, cfg, block_size, whole_segments=kind == "lory")
     if skip_positions is None:
         skip_positions = model.config.segment_len if kind == "lory" else 0
     if not 0 <= skip_positions < T:
         raise EvalError(f"skip_positions={skip_positions} must be in 0..{T - 1} (the eval windows are {T} tokens)")
     if eval_capacity_factor is not None:
-        for _, ffn in model.moe_layers():
-            if hasattr(ffn.router, "eval_capacity_factor"):
-                ffn.router.eval_capacity_factor = eval_capacity_factor
+        for ffn in model.routed_layers():
+            ffn.router.eval_capacity_factor = eval_capacity_factor
     check_eval_memory(batches, batch_size, T, model.config.vocab_size, device)
     try:
         fixed = ds.fixed_batches(batches, batch_size, T, seed=seed)
     except ValueError as e:
         raise EvalError(f"cannot draw {batches} val batches of {batch_size}x{T}: {e}") from None
-    notes = []
-    G = similarity_granularity(model.config, ckpt.get("upcycled_from"))
+    notes, G = [], similarity_granularity(model.config, ckpt.get("upcycled_from"))
     res = evaluate_model(model, fixed, ds.n_domains, ds.domain_names, skip_positions, device, granularity=G)
-    if kind == "moe" and model.config.router == "expert_choice":
-        res["expert_choice"] = expert_choice_losses(model, fixed, res["val_loss"], device)
-    if kind == "lory":
-        lf = res["val_loss_from_pos"]
-        res["lory"] = {"segment_len": model.config.segment_len, "first_segment": model.config.lory_first_segment,
-                       "val_loss_all": res["val_loss"], "val_loss_causal": lf["loss"], "val_ppl_causal": lf["ppl"]}
-    dense_state = dense_source(ckpt, notes) if res.get("layers") else None
-    if dense_state is not None:
-        for diag, (l, ffn) in zip(res["layers"], model.moe_layers()):
-            try:
-                diag["similarity_to_dense"] = similarity_to_dense(ffn, dense_ffn_weights(dense_state, l)).tolist()
-            except (KeyError, ValueError, RuntimeError) as e:
-                notes.append(f"layer {l}: no similarity to dense ({type(e).__name__}: {e})")
+    add_router_losses(res, model, kind, fixed, device)
+    add_similarity_to_dense(res.get("layers"), model, ckpt, notes)
     head = {
-        "ckpt": ckpt_dir,
-        "iter_num": ckpt.get("iter_num"),
-        "kind": kind,
+        "ckpt": ckpt_dir, "iter_num": ckpt.get("iter_num"), "kind": kind,
         "router": model.config.router if kind != "dense" else None,
         "n_experts": model.config.n_experts if kind != "dense" else None,
         "top_k": model.config.top_k if kind == "moe" else None,
         "eval_capacity_factor": (eval_capacity_factor if eval_capacity_factor is not None
                                  else model.config.eval_capacity_factor) if kind == "moe" else None,
-        "params": model.num_params(),
-        "active_params": model.num_params(active=True),
+        "params": model.num_params(), "active_params": model.num_params(active=True),
         "data_dir": eval_data_dir(ckpt, data_dir), "domains": cfg.get("domains") or None,
         "batches": batches, "batch_size": batch_size, "block_size": T,
         "similarity_granularity": G if kind != "dense" else None,
     }
-    train_keys = ("aux_loss", "aux_loss_coef", "adaptive_aux", "z_loss_coef", "capacity_factor", "batching",
-                  "init_from", "max_iters", "batch_size", "block_size", "gradient_accumulation_steps")
-    res = {**head, **res, "train_config": {k: cfg[k] for k in train_keys if k in cfg},
+    res = {**head, **res, "train_config": {k: cfg[k] for k in TRAIN_KEYS if k in cfg},
            "upcycled_from": ckpt.get("upcycled_from"), "notes": notes}
     return res
 
