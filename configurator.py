@@ -143,8 +143,8 @@ def first_float_problem(cfg):
 # -----------------------------------------------------------------------------
 # train.py's settings: config files and --key=value over the defaults
 
-class ConfigError(Exception):
-    pass
+class ConfigError(ValueError):
+    """A setting that cannot work, as one line naming it and the fix."""
 
 
 OPTIONAL_FLOATS = {"gate_norm_lambda"}   # None or a number
@@ -266,6 +266,8 @@ def check_run_config(cfg, defaults):
         raise ConfigError(problem)
     if cfg["aux_loss"] not in AUX_LOSSES:
         raise ConfigError(f"aux_loss={cfg['aux_loss']!r} must be one of {', '.join(AUX_LOSSES)}")
+    if cfg["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype={cfg['dtype']!r} must be 'auto', 'float32', 'bfloat16' or 'float16'")
     if cfg["expert_impl"] == "triton" and cfg["moe_layers"] != "none" and not triton_status()[0]:
         raise ConfigError(f"expert_impl='triton' cannot run here: {triton_status()[1]} (use expert_impl=auto)")
     if cfg["device"] != "auto" and device_problem(cfg["device"]):
@@ -328,13 +330,14 @@ def check_upcycle_method(cfg, defaults):
                                     cfg["upcycle_expert_noise"])
 
 
-def check_hidden_router_domains(n_domains, n_experts, granularity, method, expert_noise):
+def check_hidden_router_domains(n_domains, n_experts, granularity, method, expert_noise, prefix="upcycle_"):
     """A hidden-state router init (one router row per domain) must leave no two
     experts with the same weights and the same router row: those get equal gradients
-    and never diverge. Shared by train.py and upcycle.py's CLI."""
+    and never diverge. Shared by train.py (prefix 'upcycle_': its keys) and
+    upcycle.py's CLI (prefix '--': its flags)."""
     copies = n_experts // granularity   # experts that hold the same weights (shard)
     if method != "drop" and not expert_noise and n_domains < copies:
-        raise ConfigError(f"upcycle_router_init='hidden' with {n_domains} domains for {copies} copies of each "
+        raise ConfigError(f"{prefix}router_init='hidden' with {n_domains} domains for {copies} copies of each "
                           f"weight: copies that share a domain share their router row too, get equal gradients "
-                          f"and never diverge; give one domain per copy, use upcycle_method='drop', or "
-                          f"upcycle_expert_noise > 0")
+                          f"and never diverge; give one domain per copy, use {prefix}method='drop', or "
+                          f"{prefix}expert_noise > 0")

@@ -180,7 +180,9 @@ def estimate_memory(args, cfg):
     (k, v left out: a lower bound), a SwiGLU FFN (3 d h) or E experts (3 d h_e each);
     times 16 bytes (fp32 weight, gradient, two AdamW moments). Activations: the
     logits and their gradient (2 B T V) and, per layer, 4 saved (B, T, d) tensors,
-    fp32. Fixed eval batches: 2 splits x eval_iters x (x, y, domain) int64 (B, T)."""
+    fp32. The step's batch, drawn whole on every process (train.get_batch): (x, y)
+    int64 (B * gradient_accumulation_steps, T). Fixed eval batches: 2 splits x
+    eval_iters x (x, y, domain) int64 (B, T)."""
     args = {**{f.name: f.default for f in fields(GPTConfig)}, **args}   # a checkpoint may leave defaults out
     d, L, V = args["n_embd"], args["n_layer"], args["vocab_size"]
     ffn = args.get("ffn_hidden") or 32 * math.ceil(8 * d / 3 / 32)
@@ -191,6 +193,7 @@ def estimate_memory(args, cfg):
               + (L - n_moe) * 3 * d * ffn + n_moe * experts * 3 * d * h_e)
     B, T = cfg["batch_size"], cfg["block_size"]
     parts = {"parameters and optimizer state": 16 * params, "activations": 4 * B * T * (2 * V + 4 * L * d),
+             "step batch": 2 * 8 * B * T * cfg["gradient_accumulation_steps"],
              "eval batches": 2 * cfg["eval_iters"] * 3 * 8 * B * T}
     return sum(parts.values()), parts
 
@@ -212,8 +215,8 @@ def check_memory(args, cfg, device):
         gib = lambda n: f"{n / 2**30:,.1f} GiB"   # noqa: E731
         raise ConfigError(f"this run needs at least {gib(need)} of {where} ("
                           + ", ".join(f"{k} {gib(v)}" for k, v in parts.items())
-                          + f") but {gib(have)} is available: make the model, batch_size, block_size or "
-                            f"eval_iters smaller")
+                          + f") but {gib(have)} is available: make the model, batch_size, block_size, "
+                            f"gradient_accumulation_steps or eval_iters smaller")
 
 
 def check_model_fits_data(model, cfg, vocab_size, data_dir):

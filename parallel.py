@@ -58,6 +58,9 @@ import hashlib
 import json
 import math
 import os
+import re
+import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -76,6 +79,9 @@ from upcycle import (FFN_MATS, _as_dict, _check_keys, _options, resolve_weight_s
 
 EXPERT_MATS = ("gate_proj", "up_proj", "down_proj")   # the stacked (E, ...) tensors of an MoE layer
 DEFAULT_TIMEOUT_S = 300   # a collective that waits longer than this ends the job with an error
+LAUNCHER_POLL_S = 1.0     # how often a rank checks that its launcher is alive (watch_launcher)
+# what gloo and NCCL say when a collective loses a peer process (it died) or waits too long for it
+LOST_PEER = re.compile(r"gloo|nccl|connection (reset|closed)|closed by peer|timed out|timeout", re.IGNORECASE)
 
 
 @dataclass
@@ -234,6 +240,7 @@ def start(cfg):
     if int(os.environ.get("RANK", -1)) == -1:
         check_ep_world(N, 1)
         return Dist(False, 0, 0, 1, device)
+    watch_launcher(int(os.environ["RANK"]))
     backend = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
     if N > 1:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
@@ -252,6 +259,33 @@ def start(cfg):
     if ep is None:
         return Dist(True, rank, local_rank, world, device)
     return ExpertParallel(rank, local_rank, world, device, ep)
+
+
+def watch_launcher(rank, poll_s=LAUNCHER_POLL_S):
+    """End this rank within poll_s seconds of its launcher's death. torchrun killed by
+    SIGKILL leaves its ranks running: they still reach each other, so no collective
+    fails or times out, and they would train on for ever. A daemon thread polls the
+    parent pid (portable; Linux's PR_SET_PDEATHSIG instead fires when the launcher
+    *thread* that started the rank exits). It prints one line on stderr and exits
+    with status 1 at once (os._exit): checkpoints are written atomically, so the last
+    one loads, and the next run takes the out_dir lock over as a dead run's."""
+    if any(t.name == "launcher-watchdog" for t in threading.enumerate()):
+        return
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        print(f"error: rank {rank}: its launcher (pid {parent}) is gone; stopping. The last checkpoint is kept.",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+    threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
+
+
+def lost_peer(error):
+    """True when a RuntimeError comes from a collective that lost another rank (it died,
+    or did not answer within the process group's timeout)."""
+    return isinstance(error, RuntimeError) and bool(LOST_PEER.search(str(error)))
 
 
 class Dist:

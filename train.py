@@ -142,8 +142,6 @@ def setup_env(cfg):
     cfg["device"] = dist.device
     device_type = "cuda" if dist.device.startswith("cuda") else ("mps" if dist.device.startswith("mps") else "cpu")
     dtype = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype={dtype!r} must be 'auto', 'float32', 'bfloat16' or 'float16'")
     autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
     torch.manual_seed(cfg["seed"])
     if device_type == "cuda":
@@ -196,18 +194,25 @@ def start_run(cfg, model_args, env, dist, data_dir, vocab_size):
         carry_tokenizer(cfg)
     raw_model.to(env.device)
     data_gen = torch.Generator().manual_seed(cfg["seed"])   # same stream on every rank: see get_batch
-    st = RunState(raw_model, raw_model, make_optimizer(raw_model, cfg, env.device_type),
-                  torch.amp.GradScaler(enabled=(env.dtype == "float16")), new_aux_coef(raw_model, cfg), data_gen,
-                  upcycled_from=upcycled_from, dense_ffns=dense_ffns)
+    run = RunState(raw_model, raw_model, make_optimizer(raw_model, cfg, env.device_type),
+                   torch.amp.GradScaler(enabled=(env.dtype == "float16")), new_aux_coef(raw_model, cfg), data_gen,
+                   upcycled_from=upcycled_from, dense_ffns=dense_ffns)
     if ckpt is not None:
-        restore_training_state(ckpt, st, env.device_type, dist)
-        st.iter_num, st.best_val_loss = ckpt.get("iter_num", 0), ckpt.get("best_val_loss", 1e9)
+        restore_training_state(ckpt, run, env.device_type, dist)
+        run.iter_num, run.best_val_loss = ckpt.get("iter_num", 0), ckpt.get("best_val_loss", 1e9)
     if dist.master:
         log_expert_kernel(raw_model, env, dist)
         if dist.describe(raw_model):
             dist.log(dist.describe(raw_model))
-    st.model = dist.wrap(raw_model, cfg["compile"])
-    return st
+    run.model = dist.wrap(raw_model, cfg["compile"])
+    return run
+
+
+def fixed_eval_batches(train_data, val_data, cfg):
+    """The train and val batches every evaluation uses: fixed, so losses compare across
+    steps and runs."""
+    B, T, n = cfg["batch_size"], cfg["block_size"], cfg["eval_iters"]
+    return {"train": train_data.fixed_batches(n, B, T, seed=4321), "val": val_data.fixed_batches(n, B, T, seed=1234)}
 
 
 def open_metrics(cfg, iter_num, dist):
@@ -229,17 +234,17 @@ def log_expert_kernel(model, env, dist):
 # -----------------------------------------------------------------------------
 # the steps of train(), in the order it calls them
 
-def upcycle_after_warmup(st, cfg, model_args, env, dist):
+def upcycle_after_warmup(run, cfg, model_args, env, dist):
     """Lory's dense warm-up ends: upcycle the dense model in memory, keep the Adam
     moments of the parameters that survive, and start fresh ones for the experts."""
-    dense_model, dense_optimizer = st.raw_model, st.optimizer
-    st.raw_model, st.dense_ffns, st.upcycled_from = upcycle_dense_warmup(dense_model, cfg, model_args,
-                                                                         st.iter_num, dist)
-    st.optimizer = make_optimizer(st.raw_model, cfg, env.device_type)
-    carry_optimizer_state(dense_optimizer, dense_model, st.optimizer, st.raw_model)
-    st.aux_coef = new_aux_coef(st.raw_model, cfg)
-    st.model = dist.wrap(st.raw_model, cfg["compile"])
-    dist.log(f"dense warm-up done at iter {st.iter_num}: upcycled to {st.raw_model.config.n_experts} experts")
+    dense_model, dense_optimizer = run.raw_model, run.optimizer
+    run.raw_model, run.dense_ffns, run.upcycled_from = upcycle_dense_warmup(dense_model, cfg, model_args,
+                                                                            run.iter_num, dist)
+    run.optimizer = make_optimizer(run.raw_model, cfg, env.device_type)
+    carry_optimizer_state(dense_optimizer, dense_model, run.optimizer, run.raw_model)
+    run.aux_coef = new_aux_coef(run.raw_model, cfg)
+    run.model = dist.wrap(run.raw_model, cfg["compile"])
+    dist.log(f"dense warm-up done at iter {run.iter_num}: upcycled to {run.raw_model.config.n_experts} experts")
 
 
 def get_lr(it, cfg):
@@ -297,21 +302,18 @@ def get_batch(train_data, cfg, env, dist, data_gen):
         yield xb, yb
 
 
-def forward_backward(st, batches, cfg, env, dist, alphas, stats):
+def forward_backward(run, batches, cfg, env, dist, alphas, stats):
     """Forward and backward over this step's micro-batches, gradients accumulated
-    (DDP averages them across processes in the last micro-step's backward only).
-    Returns (mean loss, per-layer demand per expert summed over the micro-batches,
-    per-layer adaptive drop rate averaged over them). Both are what update_balancing
-    needs: the demand is the load the router assigned before capacity dropping
-    (DeepSeek-V3 balances it), and the adaptive drop rate is the real one, or
-    capacity factor 1's when dropless (router.AdaptiveAuxCoef)."""
+    (DDP averages them in the last micro-step's backward only). Returns (mean loss,
+    per routed layer the demand per expert summed over the micro-batches and the
+    adaptive drop rate averaged over them: what update_balancing needs)."""
     demand, drops, loss_mean = None, None, 0.0
     for m, (X, Y) in enumerate(batches):
-        dist.sync_on_backward(st.model, last=(m == env.micro_steps - 1))
+        dist.sync_on_backward(run.model, last=(m == env.micro_steps - 1))
         with env.autocast:
-            _, loss, routings = st.model(X, Y)
+            _, loss, routings = run.model(X, Y)
             total = (loss + aux_total(routings, cfg, alphas)) / env.micro_steps
-        st.scaler.scale(total).backward()
+        run.scaler.scale(total).backward()
         loss_mean += loss.item() / env.micro_steps
         stats.add(routings, dist.logged_loads(routings))
         routed = [r for r in routings if isinstance(r, Routing)]
@@ -333,7 +335,7 @@ def aux_total(routings, cfg, alphas):
     return total
 
 
-def update_balancing(st, demand, drops, cfg, dist):
+def update_balancing(run, demand, drops, cfg, dist):
     """After the step, from training statistics only: the sigmoid router's aux-free
     bias (DeepSeek-V3) from the step's demand per expert (before capacity dropping),
     and Skywork's adaptive alphas from its adaptive drop rates (capacity factor 1's
@@ -341,11 +343,11 @@ def update_balancing(st, demand, drops, cfg, dist):
     if not demand:
         return
     dist.sum_(demand)
-    for ffn, load in zip(st.raw_model.routed_layers(), demand):
+    for ffn, load in zip(run.raw_model.routed_layers(), demand):
         if ffn.router.router_type == "sigmoid":
             ffn.router.update_expert_bias(load, cfg["expert_bias_gamma"])
     if cfg["adaptive_aux"]:
-        st.aux_coef.update(dist.mean_list(drops))
+        run.aux_coef.update(dist.mean_list(drops))
 
 
 def make_optimizer(model, cfg, device_type):
@@ -375,68 +377,68 @@ def new_aux_coef(model, cfg):
                            cfg["adaptive_aux_beta"], alpha_init=cfg["adaptive_aux_max"])
 
 
-def current_alphas(st, cfg):
+def current_alphas(run, cfg):
     """Auxiliary-loss coefficient per routed layer: adaptive (Skywork) or fixed."""
     if cfg["adaptive_aux"]:
-        return list(st.aux_coef.alpha)
-    return [cfg["aux_loss_coef"]] * len(st.raw_model.routed_layers())
+        return list(run.aux_coef.alpha)
+    return [cfg["aux_loss_coef"]] * len(run.raw_model.routed_layers())
 
 
-def save_checkpoint(st, cfg, env, dist, note=""):
+def save_checkpoint(run, cfg, env, dist, note=""):
     """out_dir/ckpt.pt (atomically): weights, optimizer, RNG and data-generator
     states, and the Skywork alphas, everything an exact resume needs. Every rank
     calls it (dist.full_state may gather expert shards) and rank 0 writes."""
-    state = dist.full_state(st.raw_model, st.optimizer)
+    state = dist.full_state(run.raw_model, run.optimizer)
     if state is None:
         return
     obj = {
-        "model_args": asdict(st.raw_model.config),
+        "model_args": asdict(run.raw_model.config),
         "model": state[0],
         "optimizer": state[1],
-        "iter_num": st.iter_num,
-        "best_val_loss": st.best_val_loss,
+        "iter_num": run.iter_num,
+        "best_val_loss": run.best_val_loss,
         "config": cfg,
-        "rng": {"torch": torch.get_rng_state(), "data": st.data_gen.get_state(),
+        "rng": {"torch": torch.get_rng_state(), "data": run.data_gen.get_state(),
                 "cuda": torch.cuda.get_rng_state() if env.device_type == "cuda" else None},
-        "aux_coef": st.aux_coef.state_dict() if st.raw_model.routed_layers() else None,
-        "upcycled_from": st.upcycled_from,
-        "scaler": st.scaler.state_dict() if st.scaler.is_enabled() else None,
+        "aux_coef": run.aux_coef.state_dict() if run.raw_model.routed_layers() else None,
+        "upcycled_from": run.upcycled_from,
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
     }
     path = checkpoint.save_checkpoint(obj, cfg["out_dir"])
     dist.log(f"saved checkpoint {path}{note}")
 
 
-def restore_training_state(ckpt, st, device_type, dist):
+def restore_training_state(ckpt, run, device_type, dist):
     """Resume exactly: optimizer moments (this process's part: dist), Skywork alphas,
-    the float16 loss scale, and the torch, CUDA and data RNGs, into RunState st."""
+    the float16 loss scale, and the torch, CUDA and data RNGs, into RunState run."""
     # the checkpoint brings the moments and the alphas; the settings (weight decay, betas,
     # Skywork's xi, alpha_max, beta) are this run's, which may differ from the saved ones
     if ckpt.get("optimizer") is not None:
-        saved = dist.local_optimizer_state(ckpt["optimizer"], st.optimizer, st.raw_model)
-        settings = [{k: g[k] for k in ("weight_decay", "betas")} for g in st.optimizer.param_groups]
-        st.optimizer.load_state_dict(saved)
-        for g, keep in zip(st.optimizer.param_groups, settings):
+        saved = dist.local_optimizer_state(ckpt["optimizer"], run.optimizer, run.raw_model)
+        settings = [{k: g[k] for k in ("weight_decay", "betas")} for g in run.optimizer.param_groups]
+        run.optimizer.load_state_dict(saved)
+        for g, keep in zip(run.optimizer.param_groups, settings):
             g.update(keep)
     if ckpt.get("aux_coef") is not None:
-        keep = st.aux_coef.xi, st.aux_coef.alpha_max, st.aux_coef.beta
-        st.aux_coef.load_state_dict(ckpt["aux_coef"])
-        st.aux_coef.xi, st.aux_coef.alpha_max, st.aux_coef.beta = keep
-    if ckpt.get("scaler") is not None and st.scaler.is_enabled():   # a float16 run continues its loss scale
-        st.scaler.load_state_dict(ckpt["scaler"])
+        keep = run.aux_coef.xi, run.aux_coef.alpha_max, run.aux_coef.beta
+        run.aux_coef.load_state_dict(ckpt["aux_coef"])
+        run.aux_coef.xi, run.aux_coef.alpha_max, run.aux_coef.beta = keep
+    if ckpt.get("scaler") is not None and run.scaler.is_enabled():   # a float16 run continues its loss scale
+        run.scaler.load_state_dict(ckpt["scaler"])
     rng = ckpt.get("rng") or {}
     if "torch" in rng:
         torch.set_rng_state(rng["torch"].cpu())
     if "data" in rng:
-        st.data_gen.set_state(rng["data"].cpu())
+        run.data_gen.set_state(rng["data"].cpu())
     if device_type == "cuda" and rng.get("cuda") is not None:
         torch.cuda.set_rng_state(rng["cuda"].cpu())
 
 
-def stop_not_finite(what, value, st, cfg, dist):
+def stop_not_finite(what, value, run, cfg, dist):
     """A run whose loss (training, every step; or eval) stops being finite ends here:
     one line on stderr, exit status 1, the last good checkpoint left as it is."""
     if dist.master:
-        print(f"error: {what} is {'not finite' if value is None else value} at iter {st.iter_num}; stopping. "
+        print(f"error: {what} is {'not finite' if value is None else value} at iter {run.iter_num}; stopping. "
               f"The last good checkpoint in {cfg['out_dir']} is kept (lower learning_rate or check the data).",
               file=sys.stderr)
     return 1
@@ -450,57 +452,56 @@ def train(cfg):
     env, dist = setup_env(cfg)
     data_dir, train_data, val_data = load_data(cfg, dist)
     model_args = model_args_from(cfg, train_data.meta["vocab_size"])
-    st = start_run(cfg, model_args, env, dist, data_dir, train_data.meta["vocab_size"])
-    B, T = cfg["batch_size"], cfg["block_size"]
-    eval_batches = {"train": train_data.fixed_batches(cfg["eval_iters"], B, T, seed=4321),   # fixed: comparable
-                    "val": val_data.fixed_batches(cfg["eval_iters"], B, T, seed=1234)}      # across runs and steps
-    metrics = open_metrics(cfg, st.iter_num, dist)
-    if st.upcycled_from is not None and st.iter_num == 0:
-        save_checkpoint(st, cfg, env, dist, " (step-0 upcycled MoE)")
-    tokens_per_iter = B * T * cfg["gradient_accumulation_steps"]
-    dist.log(f"model: {st.raw_model.num_params() / 1e6:.2f}M parameters, {st.raw_model.num_params(active=True) / 1e6:.2f}M "
-             f"active; {tokens_per_iter} tokens/iter; device {env.device} ({env.dtype}); {dist.world} process(es)")
+    run = start_run(cfg, model_args, env, dist, data_dir, train_data.meta["vocab_size"])
+    eval_batches = fixed_eval_batches(train_data, val_data, cfg)
+    metrics = open_metrics(cfg, run.iter_num, dist)
+    if run.upcycled_from is not None and run.iter_num == 0:
+        save_checkpoint(run, cfg, env, dist, " (step-0 upcycled MoE)")
+    tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+    dist.log(f"model: {run.raw_model.num_params() / 1e6:.2f}M parameters, "
+             f"{run.raw_model.num_params(active=True) / 1e6:.2f}M active; {tokens_per_iter} tokens/iter; "
+             f"device {env.device} ({env.dtype}); {dist.world} process(es)")
     gpu_name = torch.cuda.get_device_name(env.device) if env.device_type == "cuda" else None
-    window, start_iter = LogWindow(metrics, dist, tokens_per_iter, T, gpu_name), st.iter_num
+    window, start_iter = LogWindow(metrics, dist, tokens_per_iter, cfg["block_size"], gpu_name), run.iter_num
     while True:
-        if (cfg["dense_warmup_iters"] > 0 and st.iter_num >= cfg["dense_warmup_iters"]
-                and model_args["moe_layers"] != "none" and not st.raw_model.config.is_moe):
-            upcycle_after_warmup(st, cfg, model_args, env, dist)
-        lr = get_lr(st.iter_num, cfg)
-        for g in st.optimizer.param_groups:
+        if (cfg["dense_warmup_iters"] > 0 and run.iter_num >= cfg["dense_warmup_iters"]
+                and model_args["moe_layers"] != "none" and not run.raw_model.config.is_moe):
+            upcycle_after_warmup(run, cfg, model_args, env, dist)
+        lr = get_lr(run.iter_num, cfg)
+        for g in run.optimizer.param_groups:
             g["lr"] = lr
 
         # ---- evaluation + checkpoint ----
-        if st.iter_num % cfg["eval_interval"] == 0 or st.iter_num == cfg["max_iters"]:
-            ev = evaluate(st.raw_model, eval_batches, val_data.n_domains, env)
+        if run.iter_num % cfg["eval_interval"] == 0 or run.iter_num == cfg["max_iters"]:
+            ev = evaluate(run.raw_model, eval_batches, val_data.n_domains, env)
             if not (math.isfinite(ev["val_loss"]) and math.isfinite(ev["train_loss"])):
-                return stop_not_finite("eval loss", None, st, cfg, dist)
-            metrics.write(eval_record(ev, st, tokens_per_iter))
-            dist.log(f"eval iter {st.iter_num}: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f}")
-            if ev["val_loss"] < st.best_val_loss or cfg["always_save_checkpoint"]:
-                st.best_val_loss = min(st.best_val_loss, ev["val_loss"])
-                if st.iter_num > start_iter:   # nothing new to save at the start
-                    window.close(st.raw_model, st.iter_num, current_alphas(st, cfg))
-                    save_checkpoint(st, cfg, env, dist)
-        if st.iter_num >= cfg["max_iters"]:
+                return stop_not_finite("eval loss", None, run, cfg, dist)
+            metrics.write(eval_record(ev, run, tokens_per_iter))
+            dist.log(f"eval iter {run.iter_num}: train {ev['train_loss']:.4f}, val {ev['val_loss']:.4f}")
+            if ev["val_loss"] < run.best_val_loss or cfg["always_save_checkpoint"]:
+                run.best_val_loss = min(run.best_val_loss, ev["val_loss"])
+                if run.iter_num > start_iter:   # nothing new to save at the start
+                    window.close(run.raw_model, run.iter_num, current_alphas(run, cfg))
+                    save_checkpoint(run, cfg, env, dist)
+        if run.iter_num >= cfg["max_iters"]:
             break
 
         # ---- one optimizer step (the only part a log line times) ----
         t0 = time.time()
-        batches = get_batch(train_data, cfg, env, dist, st.data_gen)
-        loss, demand, drops = forward_backward(st, batches, cfg, env, dist, current_alphas(st, cfg), window.stats)
+        batches = get_batch(train_data, cfg, env, dist, run.data_gen)
+        loss, demand, drops = forward_backward(run, batches, cfg, env, dist, current_alphas(run, cfg), window.stats)
         loss = dist.mean(loss)   # the global batch's loss, not this rank's share
         if not math.isfinite(loss):
-            return stop_not_finite("loss", loss, st, cfg, dist)
-        dist.clip_and_step(st.raw_model, st.optimizer, st.scaler, cfg["grad_clip"])
-        update_balancing(st, demand, drops, cfg, dist)
+            return stop_not_finite("loss", loss, run, cfg, dist)
+        dist.clip_and_step(run.raw_model, run.optimizer, run.scaler, cfg["grad_clip"])
+        update_balancing(run, demand, drops, cfg, dist)
         window.add(loss, time.time() - t0, lr)
-        st.iter_num += 1
-        if st.iter_num % cfg["log_interval"] == 0:
-            window.close(st.raw_model, st.iter_num, current_alphas(st, cfg))
+        run.iter_num += 1
+        if run.iter_num % cfg["log_interval"] == 0:
+            window.close(run.raw_model, run.iter_num, current_alphas(run, cfg))
 
-    window.close(st.raw_model, st.iter_num, current_alphas(st, cfg))
-    save_checkpoint(st, cfg, env, dist, " (final)")
+    window.close(run.raw_model, run.iter_num, current_alphas(run, cfg))
+    save_checkpoint(run, cfg, env, dist, " (final)")
     metrics.close()
     dist.close()
     return 0
@@ -528,7 +529,8 @@ def main(argv):
 
 def train_reporting_errors(cfg):
     """train(cfg) with bad input as one line on stderr and exit status 2; a checkpoint
-    refused for a non-finite number stops the run like a non-finite loss (exit 1)."""
+    refused for a non-finite number stops the run like a non-finite loss, and so does
+    a collective that lost another rank (exit 1, one line)."""
     try:
         return train(cfg)
     except NonFiniteCheckpointError as e:
@@ -537,6 +539,13 @@ def train_reporting_errors(cfg):
     except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not parallel.lost_peer(e):
+            raise
+        print(f"error: rank {os.environ.get('RANK', 0)} lost another process of this run "
+              f"({str(e).splitlines()[0][:200]}); stopping. The last checkpoint in {cfg['out_dir']} is kept.",
+              file=sys.stderr)
+        return 1
 
 
 RUN_ONLY_KEYS = ("out_dir", "overwrite", "device", "compile", "backend", "expert_parallel")   # do not change the result

@@ -164,7 +164,8 @@ from dataclasses import asdict, fields
 import torch
 
 from checkpoint import CheckpointError, ckpt_path, file_sha256, load_checkpoint, load_model, save_checkpoint
-from configurator import METHODS, ROUTER_INITS, ArgumentParser, float_problem, ram_available
+from configurator import (METHODS, ROUTER_INITS, ArgumentParser, check_hidden_router_domains, float_problem,
+                          ram_available)
 from data.dataset import TokenDataset
 from model import GPT, GPTConfig
 from router import expert_choice_k
@@ -994,6 +995,10 @@ def cli_plan(args):
         raise ValueError(f"--granularity={args.granularity} must be >= 1 (shards per dense FFN)")
     if args.router_init_windows < 1:
         raise ValueError(f"--router_init_windows={args.router_init_windows} must be >= 1")
+    if args.router_init == "hidden":
+        n_domains = len({d.strip() for d in args.domains.split(",") if d.strip()}) or len(paths)
+        check_hidden_router_domains(n_domains, args.n_experts, args.granularity, args.method,
+                                    args.expert_noise, prefix="--")
     model_args = {k: getattr(args, k) for k in MODEL_FLAGS}
     options = {"model_args": model_args, "granularity": args.granularity, "expansion_rate": args.expansion_rate,
                "weight_scaling": args.weight_scaling, "expert_noise": args.expert_noise,
@@ -1008,7 +1013,7 @@ def cli_plan(args):
 
 
 CLI_FLOATS = {"expert_noise": "upcycle_expert_noise", "router_init_std": None, "capacity_factor": None,
-              "eval_capacity_factor": None, "gate_norm_lambda": None}   # flag -> cli.FLOAT_RANGES key
+              "eval_capacity_factor": None, "gate_norm_lambda": None}   # flag -> configurator.FLOAT_RANGES key
 
 
 def main(argv=None):
