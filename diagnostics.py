@@ -119,16 +119,16 @@ def moe_summary(layers):
     return (" | " + ", ".join(parts)) if parts else ""
 
 
-def eval_record(ev, st, tokens_per_iter):
+def eval_record(ev, run, tokens_per_iter):
     """The metrics.jsonl record of one evaluation (plus the expert-similarity monitor
-    for upcycled MoE models). st: the run state (iter_num, raw_model, upcycled_from,
+    for upcycled MoE models). run: the run state (iter_num, raw_model, upcycled_from,
     dense_ffns)."""
-    rec = {"iter": st.iter_num, "tokens": st.iter_num * tokens_per_iter, "split": "eval",
+    rec = {"iter": run.iter_num, "tokens": run.iter_num * tokens_per_iter, "split": "eval",
            "train_loss": ev["train_loss"], "val_loss": ev["val_loss"]}
     if "domain_usage" in ev:
         rec["domain_usage"] = ev["domain_usage"]
-    if st.upcycled_from is not None and st.raw_model.config.is_moe:
-        rec.update(expert_similarity_record(st.raw_model, st.dense_ffns))
+    if run.upcycled_from is not None and run.raw_model.config.is_moe:
+        rec.update(expert_similarity_record(run.raw_model, run.dense_ffns))
     return rec
 
 
