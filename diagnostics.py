@@ -142,15 +142,27 @@ def domain_usage(routings, dom, n_dom, usage, shape):
     for l, r in enumerate(routings):
         if isinstance(r, Routing):
             E = r.stats["tokens_per_expert"].numel()
-            m = torch.zeros(n_dom, E)
-            m.index_put_((dom[r.token_idx.cpu()], r.expert_idx.cpu()), torch.ones(r.token_idx.numel()), accumulate=True)
+            m = domain_counts(dom[r.token_idx.cpu()], r.expert_idx.cpu(), n_dom, E)
         else:
             w = r["merge_weights"].float().cpu()                          # (B, S, E)
             S, E = w.shape[1], w.shape[2]
             seg_dom = dom.view(B, S, -1)[:, :, -1].reshape(-1)            # each segment's last token's
-            m = torch.zeros(n_dom, E).index_add_(0, seg_dom, w.reshape(-1, E))
+            m = domain_sums(seg_dom, w.reshape(-1, E), n_dom)
         out[l] = m if out[l] is None else out[l] + m
     return out
+
+
+def domain_counts(domains, experts, n_domains, n_experts, dtype=torch.float32):
+    """(n_domains, n_experts) counts of the (domain, expert) pairs: domains, experts (A,)
+    of A kept assignments (the domain of each assignment's token)."""
+    m = torch.zeros(n_domains, n_experts, dtype=dtype)
+    m.index_put_((domains, experts), torch.ones(len(experts), dtype=dtype), accumulate=True)
+    return m
+
+
+def domain_sums(domains, values, n_domains):
+    """(n_domains, ...): the rows of values (N, ...) summed per domain; domains (N,)."""
+    return torch.zeros((n_domains,) + tuple(values.shape[1:]), dtype=values.dtype).index_add_(0, domains, values)
 
 
 # ----------------------------------------------------------------------------- similarity monitor
@@ -336,8 +348,7 @@ def routing_diagnostics(token_idx, expert_idx, n_tokens, n_experts, top_k, probs
     if token_domains is not None:
         dom = torch.as_tensor(token_domains, dtype=torch.long).reshape(-1).cpu()
         D = n_domains if n_domains is not None else int(dom.max()) + 1
-        m = torch.zeros(D, E, dtype=torch.float64)
-        m.index_put_((dom[token_idx], expert_idx), torch.ones(len(token_idx), dtype=torch.float64), accumulate=True)
+        m = domain_counts(dom[token_idx], expert_idx, D, E, torch.float64)
         out["domain_usage"] = (m / m.sum(-1, keepdim=True).clamp_min(1e-12)).tolist()
     return out
 
@@ -365,8 +376,6 @@ def lory_diagnostics(weights, segment_domains=None, n_domains=None):
         dom = torch.as_tensor(segment_domains, dtype=torch.long).reshape(-1).cpu()
         D = n_domains if n_domains is not None else int(dom.max()) + 1
         cnt = torch.bincount(dom, minlength=D).double().clamp_min(1)
-        out["domain_merge_weights"] = (torch.zeros(D, E, dtype=torch.float64).index_add_(0, dom, w)
-                                       / cnt[:, None]).tolist()
-        out["domain_active_experts"] = (torch.zeros(D, dtype=torch.float64).index_add_(0, dom, active)
-                                        / cnt).tolist()
+        out["domain_merge_weights"] = (domain_sums(dom, w, D) / cnt[:, None]).tolist()
+        out["domain_active_experts"] = (domain_sums(dom, active, D) / cnt).tolist()
     return out
