@@ -119,7 +119,7 @@ def load_val_data(ckpt, data_dir=None, split="val"):
             msg += f"; {_prepare_hint(d)}"
         raise EvalError(f"no {split} data for this checkpoint: {msg}") from None
     vocab = ckpt["model_args"]["vocab_size"]
-    if ds.meta["vocab_size"] != vocab and not padded_hf_vocab(ds.meta, vocab):
+    if ds.meta["vocab_size"] != vocab and not padded_hf_vocab(ds.meta.get("tokenizer"), ds.meta["vocab_size"], vocab):
         raise EvalError(f"{d} has vocab_size={ds.meta['vocab_size']} but the checkpoint has {vocab}: "
                         f"pass the --data_dir it was trained on (for an imported model, data made by "
                         f"`python data/multidomain/prepare.py --tokenizer=CKPT_DIR`)")

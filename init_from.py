@@ -220,7 +220,8 @@ def check_memory(args, cfg, device):
 
 
 def check_model_fits_data(model, cfg, vocab_size, data_dir):
-    if model.config.vocab_size != vocab_size and not padded_hf_vocab(load_meta(data_dir), model.config.vocab_size):
+    tokenizer = load_meta(data_dir).get("tokenizer") if model.config.vocab_size != vocab_size else None
+    if model.config.vocab_size != vocab_size and not padded_hf_vocab(tokenizer, vocab_size, model.config.vocab_size):
         raise ConfigError(f"model vocab_size={model.config.vocab_size} differs from {data_dir} "
                           f"vocab_size={vocab_size}: prepare the data with the tokenizer the model used "
                           f"(an imported model: python data/multidomain/prepare.py --tokenizer=CKPT_DIR)")
@@ -228,11 +229,11 @@ def check_model_fits_data(model, cfg, vocab_size, data_dir):
         raise ConfigError(f"block_size={cfg['block_size']} exceeds the model's block_size={model.config.block_size}")
 
 
-def padded_hf_vocab(meta, model_vocab_size):
-    """True when data made with an HF tokenizer (meta: its meta.json) has fewer tokens
-    than the model has embedding rows (many HF models pad theirs): every id has a
-    row, nothing wraps."""
-    return meta.get("tokenizer") == "hf" and meta["vocab_size"] < model_vocab_size
+def padded_hf_vocab(tokenizer, data_vocab_size, model_vocab_size):
+    """True when data made with an HF tokenizer (tokenizer: its meta.json's) has fewer
+    tokens than the model has embedding rows (many HF models pad theirs): every id
+    has a row, nothing wraps."""
+    return tokenizer == "hf" and data_vocab_size < model_vocab_size
 
 
 def carry_tokenizer(cfg):
