@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile as tprofile
 
 import kernels
-from cli import ArgumentParser, device_problem
+from configurator import ArgumentParser, device_problem
 from model import GPT, GPTConfig
 
 

@@ -50,7 +50,7 @@ from dataclasses import asdict
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from cli import ArgumentParser, run_cli
+from configurator import ArgumentParser, run_cli
 from data.tokenizer import HF_TOKENIZER_FILES as TOKENIZER_FILES, HFTokenizer, find_tokenizer_dir
 from model import GPT, GPTConfig
 

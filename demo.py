@@ -22,10 +22,10 @@ import time
 import torch
 
 import eval as ev
-from cli import ArgumentParser
+from configurator import ArgumentParser, parse_config
 from metrics import load_metrics
 from plot import make_plots
-from train import finished_run, parse_config
+from train import DEFAULTS, finished_run
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join("out", "demo")
@@ -41,13 +41,13 @@ def stage(i, n, text):
 
 def train(name, config, extra):
     out_dir = os.path.join(OUT, name)
-    cfg = parse_config([os.path.join(ROOT, config), f"--out_dir={out_dir}"] + extra)
+    cfg = parse_config([os.path.join(ROOT, config), f"--out_dir={out_dir}"] + extra, DEFAULTS)
     if finished_run(out_dir, cfg):          # the same settings (not, e.g., a CPU-scale run) and finished
         print(f"  {out_dir} is finished; reusing it (--fresh to retrain)")
         return out_dir
     # an unfinished stage is retrained from the start (its partial checkpoint replaced)
     cmd = [sys.executable, "-u", os.path.join(ROOT, "train.py"), config, f"--out_dir={out_dir}", "--overwrite=True"] + extra
-    print("  $ " + " ".join(["python train.py", config, f"--out_dir={out_dir}"] + extra), flush=True)
+    print("  $ " + " ".join(["python train.py", config, f"--out_dir={out_dir}"] + extra, DEFAULTS), flush=True)
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT)
     if p.returncode != 0:

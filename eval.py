@@ -46,16 +46,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, file_sha256, load_checkpoint, load_model
-from cli import ArgumentParser, device_problem, float_problem, ram_available, run_cli
+from checkpoint import CheckpointError, load_model
+from configurator import ArgumentParser, device_problem, float_problem, ram_available, resolve_data_dir, run_cli
 from data.dataset import TokenDataset, prepare_hint
+from diagnostics import (expert_similarity, load_dense_source, lory_diagnostics, mean_similarity_of_pairs,
+                         routing_diagnostics, similarity_to_dense)
+from init_from import padded_hf_vocab
 from metrics import metrics_path, read_metrics
-from model import LoryFFN, MoEFFN
+from model import LoryFFN
 from plot import make_plots, plot_compare
 from router import Routing, expert_choice_k
-from upcycle import dense_ffn_weights, expert_similarity, mean_similarity_of_pairs, similarity_to_dense
+from upcycle import dense_ffn_weights
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 VAL_SEED = 1234          # the seed train.py uses for its fixed val batches
 DEFAULT_BATCHES = 20     # = train.py's eval_iters default
 DEFAULT_BATCH_SIZE = 16  # = train.py's batch_size default
@@ -91,18 +93,10 @@ def model_kind(model):
     return "lory" if isinstance(layers[0][1], LoryFFN) else "moe"
 
 
-def resolve_data_dir(ckpt, data_dir=None):
-    """The data directory to evaluate on: explicit data_dir, else the checkpoint
-    config's data_dir, else data/<dataset> (train.py's rule)."""
-    if data_dir:
-        return data_dir
-    cfg = ckpt.get("config") or {}
-    if cfg.get("data_dir"):
-        d = cfg["data_dir"]
-        if os.path.isdir(d) or os.path.isabs(d):
-            return d
-        return os.path.join(ROOT, d) if os.path.isdir(os.path.join(ROOT, d)) else d
-    return os.path.join(ROOT, "data", cfg.get("dataset", "multidomain"))
+def eval_data_dir(ckpt, data_dir=None):
+    """The data directory to evaluate on: explicit data_dir, else the one the
+    checkpoint's run trained on (configurator.resolve_data_dir)."""
+    return data_dir or resolve_data_dir(ckpt.get("config") or {})
 
 
 def _prepare_hint(data_dir):
@@ -113,7 +107,7 @@ def load_val_data(ckpt, data_dir=None, split="val"):
     """TokenDataset for the checkpoint's data, restricted to the domains the run trained
     on (a Branch-Train-MiX branch: --domains), as train.py's eval batches are;
     EvalError naming the prepare.py to run."""
-    d = resolve_data_dir(ckpt, data_dir)
+    d = eval_data_dir(ckpt, data_dir)
     domains = (ckpt.get("config") or {}).get("domains") or None
     try:
         ds = TokenDataset(d, split, domains=domains)
@@ -125,8 +119,7 @@ def load_val_data(ckpt, data_dir=None, split="val"):
             msg += f"; {_prepare_hint(d)}"
         raise EvalError(f"no {split} data for this checkpoint: {msg}") from None
     vocab = ckpt["model_args"]["vocab_size"]
-    padded = ds.meta.get("tokenizer") == "hf" and ds.meta["vocab_size"] < vocab   # HF models may pad their embeddings
-    if ds.meta["vocab_size"] != vocab and not padded:
+    if ds.meta["vocab_size"] != vocab and not padded_hf_vocab(ds.meta.get("tokenizer"), ds.meta["vocab_size"], vocab):
         raise EvalError(f"{d} has vocab_size={ds.meta['vocab_size']} but the checkpoint has {vocab}: "
                         f"pass the --data_dir it was trained on (for an imported model, data made by "
                         f"`python data/multidomain/prepare.py --tokenizer=CKPT_DIR`)")
@@ -145,122 +138,18 @@ def load_metrics(run_dir):
         raise EvalError(str(e)) from None
 
 
-# ============================================================================ diagnostics
-
-def _entropy(p, dim=-1):
-    return -(p * torch.log(p.clamp_min(1e-20))).sum(dim)
-
-
-def routing_diagnostics(token_idx, expert_idx, n_tokens, n_experts, top_k, probs=None,
-                        token_domains=None, n_domains=None):
-    """Diagnostics of one routed layer from its kept assignments.
-
-    token_idx, expert_idx: (A,) kept (token, expert) assignments over n_tokens tokens
-    (dropped assignments are absent, as in router.Routing).
-    probs: optional (n_tokens, E) gate distribution for the gate statistics.
-    token_domains: optional (n_tokens,) domain id of each token, for domain usage.
-
-    Returns a dict of plain Python values:
-      tokens_per_expert (E,)  kept assignments per expert
-      load_fraction (E,)      tokens_per_expert / all kept assignments (uniform: 1/E)
-      drop_rate               1 - A / (k * n_tokens)
-      load_cv                 std/mean of tokens_per_expert (population std; 0 = balanced)
-      load_entropy            entropy of load_fraction in nats (log E = balanced)
-      coactivation (E, E)     [i][j] = fraction of tokens sent to both i and j
-                              (diagonal: fraction of tokens sent to i)
-      gate_entropy, max1_max2, max2_max3  (with probs) mean per-token entropy of the
-                              gate distribution and ratios of its sorted top-3
-      domain_usage (D, E)     (with token_domains) fraction of each domain's kept
-                              assignments that went to each expert (rows sum to 1)
-    """
-    token_idx = torch.as_tensor(token_idx, dtype=torch.long).reshape(-1).cpu()
-    expert_idx = torch.as_tensor(expert_idx, dtype=torch.long).reshape(-1).cpu()
-    E = n_experts
-    load = torch.bincount(expert_idx, minlength=E).double()
-    total = load.sum()
-    frac = load / total.clamp_min(1)
-    onehot = torch.zeros(n_tokens, E, dtype=torch.float64)
-    onehot[token_idx, expert_idx] = 1.0
-    coact = onehot.t() @ onehot / max(n_tokens, 1)
-    out = {
-        "tokens_per_expert": load.tolist(),
-        "load_fraction": frac.tolist(),
-        "drop_rate": float(1.0 - total / max(top_k * n_tokens, 1)),
-        "load_cv": float(load.std(unbiased=False) / load.mean().clamp_min(1e-9)),
-        "load_entropy": float(_entropy(frac)),
-        "coactivation": coact.tolist(),
-    }
-    if probs is not None:
-        p = torch.as_tensor(probs).double().cpu()
-        out["gate_entropy"] = float(_entropy(p).mean())
-        if E >= 2:
-            top = p.topk(min(3, E), dim=-1).values.clamp_min(1e-20)
-            out["max1_max2"] = float((top[:, 0] / top[:, 1]).mean())
-            if E >= 3:
-                out["max2_max3"] = float((top[:, 1] / top[:, 2]).mean())
-    if token_domains is not None:
-        dom = torch.as_tensor(token_domains, dtype=torch.long).reshape(-1).cpu()
-        D = n_domains if n_domains is not None else int(dom.max()) + 1
-        m = torch.zeros(D, E, dtype=torch.float64)
-        m.index_put_((dom[token_idx], expert_idx), torch.ones(len(token_idx), dtype=torch.float64), accumulate=True)
-        out["domain_usage"] = (m / m.sum(-1, keepdim=True).clamp_min(1e-12)).tolist()
-    return out
-
-
-def lory_diagnostics(weights, segment_domains=None, n_domains=None):
-    """Diagnostics of one Lory layer from its merge weights.
-
-    weights: (N, E) merge weights of N segments (rows sum to 1).
-    segment_domains: optional (N,) domain of each segment (that of its last token).
-    Returns merge_weight_mean (E,), merge_entropy (mean per segment, nats),
-    active_experts (mean number of experts with weight > 2/E, Lory section 5), and
-    with domains: domain_merge_weights (D, E) mean weights per domain and
-    domain_active_experts (D,).
-    """
-    w = torch.as_tensor(weights).double().cpu()
-    E = w.shape[-1]
-    w = w.reshape(-1, E)
-    active = (w > 2.0 / E).double().sum(-1)
-    out = {
-        "merge_weight_mean": w.mean(0).tolist(),
-        "merge_entropy": float(_entropy(w).mean()),
-        "active_experts": float(active.mean()),
-    }
-    if segment_domains is not None:
-        dom = torch.as_tensor(segment_domains, dtype=torch.long).reshape(-1).cpu()
-        D = n_domains if n_domains is not None else int(dom.max()) + 1
-        cnt = torch.bincount(dom, minlength=D).double().clamp_min(1)
-        out["domain_merge_weights"] = (torch.zeros(D, E, dtype=torch.float64).index_add_(0, dom, w)
-                                       / cnt[:, None]).tolist()
-        out["domain_active_experts"] = (torch.zeros(D, dtype=torch.float64).index_add_(0, dom, active)
-                                        / cnt).tolist()
-    return out
-
-
-def expert_similarity_matrix(ffn):
-    """(E, E) cosine similarity of an MoE layer's experts (upcycle.expert_similarity)."""
-    return expert_similarity(ffn)
-
-
-def _similarity_to_dense(ffn, dense_state, layer):
-    """(E,) cosine of each expert to the dense FFN of `layer` (upcycle.similarity_to_dense)."""
-    return similarity_to_dense(ffn, dense_ffn_weights(dense_state, layer))
-
-
-def _load_dense_source(ckpt, notes):
-    """State dict of the dense checkpoint an upcycled model came from, or None."""
-    src = (ckpt.get("upcycled_from") or {}).get("path")
-    if not src:
-        return None
+def dense_source(ckpt, notes):
+    """State dict of the dense checkpoint an upcycled model came from, or None; what
+    is wrong with it goes into notes."""
     try:
-        dense = load_checkpoint(src)
+        state, changed = load_dense_source(ckpt.get("upcycled_from"))
     except CheckpointError as e:
         notes.append(f"no similarity to the dense source: {e}")
         return None
-    want = ckpt["upcycled_from"].get("sha256")
-    if want and file_sha256(src) != want:
-        notes.append(f"dense source {src} changed since upcycling (sha256 differs): similarity is to the current file")
-    return dense["model"]
+    if changed:
+        notes.append(f"dense source {ckpt['upcycled_from']['path']} changed since upcycling (sha256 differs): "
+                     f"similarity is to the current file")
+    return state
 
 
 # ============================================================================ evaluation
@@ -274,8 +163,6 @@ def evaluate_model(model, batches, n_domains, domain_names=None, skip_positions=
     model.eval()
     domain_names = domain_names or [f"domain{i}" for i in range(n_domains)]
     moe = model.moe_layers()
-    E = model.config.n_experts
-    k = eval_experts_per_token(model.config)
     nll_sum = torch.zeros(n_domains, dtype=torch.float64)
     tok_cnt = torch.zeros(n_domains, dtype=torch.float64)
     skip_sum, skip_cnt = 0.0, 0
@@ -295,20 +182,8 @@ def evaluate_model(model, batches, n_domains, domain_names=None, skip_positions=
             v = valid[:, skip_positions:]
             skip_sum += float(nll[:, skip_positions:][v].sum())
             skip_cnt += int(v.sum())
-        flat_dom = d_in.reshape(-1)                                     # a routed token's own domain
         for acc, r in zip(per_layer, routings):
-            if isinstance(r, Routing):
-                acc["tok"].append(r.token_idx.cpu() + offset)
-                acc["exp"].append(r.expert_idx.cpu())
-                acc["dom"].append(flat_dom)
-                for key in ("gate_entropy", "max1_max2", "max2_max3"):
-                    if key in r.stats:
-                        acc["gate"].setdefault(key, []).append(float(r.stats[key]))
-            else:
-                w = r["merge_weights"].float().cpu()                       # (B, S, E)
-                S = w.shape[1]
-                acc["w"].append(w.reshape(-1, w.shape[-1]))
-                acc["wdom"].append(d_in.reshape(B, S, -1)[:, :, -1].reshape(-1))  # of each segment's last token
+            collect_routing(acc, r, d_in, offset)
         offset += B * T
 
     total = float(tok_cnt.sum())
@@ -328,27 +203,53 @@ def evaluate_model(model, batches, n_domains, domain_names=None, skip_positions=
         res["val_loss_from_pos"] = {"pos": skip_positions, "loss": l, "ppl": math.exp(min(l, 50)),
                                     "tokens": skip_cnt}
 
-    layers = []
-    for (layer_id, ffn), acc in zip(moe, per_layer):
-        if isinstance(ffn, LoryFFN):
-            diag = lory_diagnostics(torch.cat(acc["w"]), torch.cat(acc["wdom"]), n_domains)
-            diag = {"layer": layer_id, "kind": "lory", **diag}
-            diag["domain_merge_weights"] = dict(zip(domain_names, diag["domain_merge_weights"]))
-            diag["domain_active_experts"] = dict(zip(domain_names, diag["domain_active_experts"]))
-        else:
-            diag = routing_diagnostics(torch.cat(acc["tok"]), torch.cat(acc["exp"]), offset, E, k,
-                                       token_domains=torch.cat(acc["dom"]), n_domains=n_domains)
-            # gate statistics: each batch's mean (router.routing_stats), batches are equal-sized
-            diag.update({key: float(np.mean(v)) for key, v in acc["gate"].items()})
-            diag = {"layer": layer_id, "kind": "routed", **diag}
-            diag["domain_usage"] = dict(zip(domain_names, diag["domain_usage"]))
-        S = expert_similarity_matrix(ffn).float()
-        diag["expert_similarity"] = S.tolist()
-        diag["mean_pairwise_similarity"] = mean_similarity_of_pairs(S, granularity)
-        layers.append(diag)
+    layers = [layer_report(layer_id, ffn, acc, offset, model.config, n_domains, domain_names, granularity)
+              for (layer_id, ffn), acc in zip(moe, per_layer)]
     if layers:
         res["layers"] = layers
     return res
+
+
+def collect_routing(acc, r, d_in, offset):
+    """Add one batch's routing of one MoE layer to its accumulator acc: a routed
+    layer's kept (token, expert) pairs (token ids offset by the tokens before this
+    batch) with each token's own domain, and its gate statistics; a Lory layer's
+    merge weights with the domain of each segment's last token. d_in: (B, T) the
+    input tokens' domains."""
+    if isinstance(r, Routing):
+        acc["tok"].append(r.token_idx.cpu() + offset)
+        acc["exp"].append(r.expert_idx.cpu())
+        acc["dom"].append(d_in.reshape(-1))                             # a routed token's own domain
+        for key in ("gate_entropy", "max1_max2", "max2_max3"):
+            if key in r.stats:
+                acc["gate"].setdefault(key, []).append(float(r.stats[key]))
+    else:
+        w = r["merge_weights"].float().cpu()                            # (B, S, E)
+        B, S = w.shape[:2]
+        acc["w"].append(w.reshape(-1, w.shape[-1]))
+        acc["wdom"].append(d_in.reshape(B, S, -1)[:, :, -1].reshape(-1))  # of each segment's last token
+
+
+def layer_report(layer_id, ffn, acc, n_tokens, config, n_domains, domain_names, granularity):
+    """The diagnostics of one MoE layer from its accumulator (collect_routing) over
+    n_tokens tokens, with the expert similarity of its weights."""
+    if isinstance(ffn, LoryFFN):
+        diag = lory_diagnostics(torch.cat(acc["w"]), torch.cat(acc["wdom"]), n_domains)
+        diag = {"layer": layer_id, "kind": "lory", **diag}
+        diag["domain_merge_weights"] = dict(zip(domain_names, diag["domain_merge_weights"]))
+        diag["domain_active_experts"] = dict(zip(domain_names, diag["domain_active_experts"]))
+    else:
+        diag = routing_diagnostics(torch.cat(acc["tok"]), torch.cat(acc["exp"]), n_tokens, config.n_experts,
+                                   eval_experts_per_token(config), token_domains=torch.cat(acc["dom"]),
+                                   n_domains=n_domains)
+        # gate statistics: each batch's mean (router.routing_stats), batches are equal-sized
+        diag.update({key: float(np.mean(v)) for key, v in acc["gate"].items()})
+        diag = {"layer": layer_id, "kind": "routed", **diag}
+        diag["domain_usage"] = dict(zip(domain_names, diag["domain_usage"]))
+    S = expert_similarity(ffn).float()
+    diag["expert_similarity"] = S.tolist()
+    diag["mean_pairwise_similarity"] = mean_similarity_of_pairs(S, granularity)
+    return diag
 
 
 def check_eval_memory(batches, batch_size, T, vocab_size, device):
@@ -400,7 +301,7 @@ def expert_choice_losses(model, batches, causal_loss, device="cpu"):
     """Expert choice evaluated two ways: the causal fallback (`causal_loss`, the
     val_loss evaluate_model measured) and the routing the model trained with
     (Router.eval_expert_choice on every MoE layer, reset afterwards)."""
-    routers = [f.router for _, f in model.moe_layers() if isinstance(f, MoEFFN)]
+    routers = [f.router for f in model.routed_layers()]
     for r in routers:
         r.eval_expert_choice = True
     try:
@@ -412,15 +313,49 @@ def expert_choice_losses(model, batches, causal_loss, device="cpu"):
             "val_loss_causal": causal_loss, "val_loss_training_routing": train_routing}
 
 
-def eval_block_size(model, train_cfg, block_size=None):
+def eval_block_size(model, train_cfg, block_size=None, whole_segments=False):
     """The eval window length: block_size when given (1..the model's), else the
-    training run's (train_cfg: the checkpoint's config), else the model's."""
+    training run's (train_cfg: the checkpoint's config), else the model's; with
+    whole_segments (Lory) rounded down to whole segments."""
     limit = model.config.block_size
     if block_size is None:
-        return min(int(train_cfg.get("block_size", limit)), limit)
-    if not 1 <= block_size <= limit:
+        T = min(int(train_cfg.get("block_size", limit)), limit)
+    elif not 1 <= block_size <= limit:
         raise EvalError(f"--block_size={block_size} must be between 1 and the model's block_size={limit}")
-    return block_size
+    else:
+        T = block_size
+    seg = model.config.segment_len
+    if whole_segments and T < seg:
+        raise EvalError(f"block_size={T} is shorter than one Lory segment ({seg} tokens)")
+    return T - T % seg if whole_segments else T
+
+
+TRAIN_KEYS = ("aux_loss", "aux_loss_coef", "adaptive_aux", "z_loss_coef", "capacity_factor", "batching",
+              "init_from", "max_iters", "batch_size", "block_size", "gradient_accumulation_steps")   # reported
+
+
+def add_router_losses(res, model, kind, batches, device):
+    """The losses that depend on how the router runs at eval: expert choice's training
+    routing beside its causal fallback, and Lory's loss without segment 1."""
+    if kind == "moe" and model.config.router == "expert_choice":
+        res["expert_choice"] = expert_choice_losses(model, batches, res["val_loss"], device)
+    if kind == "lory":
+        lf = res["val_loss_from_pos"]
+        res["lory"] = {"segment_len": model.config.segment_len, "first_segment": model.config.lory_first_segment,
+                       "val_loss_all": res["val_loss"], "val_loss_causal": lf["loss"], "val_ppl_causal": lf["ppl"]}
+
+
+def add_similarity_to_dense(layers, model, ckpt, notes):
+    """Each MoE layer's similarity_to_dense (E,) when the model was upcycled from a
+    dense checkpoint that can still be read; what prevents it goes into notes."""
+    dense_state = dense_source(ckpt, notes) if layers else None
+    if dense_state is None:
+        return
+    for diag, (l, ffn) in zip(layers, model.moe_layers()):
+        try:
+            diag["similarity_to_dense"] = similarity_to_dense(ffn, dense_ffn_weights(dense_state, l)).tolist()
+        except (KeyError, ValueError, RuntimeError) as e:
+            notes.append(f"layer {l}: no similarity to dense ({type(e).__name__}: {e})")
 
 
 def evaluate_checkpoint(ckpt_dir, batches=DEFAULT_BATCHES, batch_size=DEFAULT_BATCH_SIZE, data_dir=None,
@@ -450,59 +385,37 @@ def evaluate_checkpoint(ckpt_dir, batches=DEFAULT_BATCHES, batch_size=DEFAULT_BA
     model, ckpt = load_run(ckpt_dir, device)
     ds = load_val_data(ckpt, data_dir)
     cfg = ckpt.get("config") or {}
-    T = eval_block_size(model, cfg, block_size)
     kind = model_kind(model)
-    if kind == "lory" and T % model.config.segment_len:
-        if T < model.config.segment_len:
-            raise EvalError(f"block_size={T} is shorter than one Lory segment ({model.config.segment_len} tokens)")
-        T -= T % model.config.segment_len
+    T = eval_block_size(model, cfg, block_size, whole_segments=kind == "lory")
     if skip_positions is None:
         skip_positions = model.config.segment_len if kind == "lory" else 0
     if not 0 <= skip_positions < T:
         raise EvalError(f"skip_positions={skip_positions} must be in 0..{T - 1} (the eval windows are {T} tokens)")
     if eval_capacity_factor is not None:
-        for _, ffn in model.moe_layers():
-            if hasattr(ffn.router, "eval_capacity_factor"):
-                ffn.router.eval_capacity_factor = eval_capacity_factor
+        for ffn in model.routed_layers():
+            ffn.router.eval_capacity_factor = eval_capacity_factor
     check_eval_memory(batches, batch_size, T, model.config.vocab_size, device)
     try:
         fixed = ds.fixed_batches(batches, batch_size, T, seed=seed)
     except ValueError as e:
         raise EvalError(f"cannot draw {batches} val batches of {batch_size}x{T}: {e}") from None
-    notes = []
-    G = similarity_granularity(model.config, ckpt.get("upcycled_from"))
+    notes, G = [], similarity_granularity(model.config, ckpt.get("upcycled_from"))
     res = evaluate_model(model, fixed, ds.n_domains, ds.domain_names, skip_positions, device, granularity=G)
-    if kind == "moe" and model.config.router == "expert_choice":
-        res["expert_choice"] = expert_choice_losses(model, fixed, res["val_loss"], device)
-    if kind == "lory":
-        lf = res["val_loss_from_pos"]
-        res["lory"] = {"segment_len": model.config.segment_len, "first_segment": model.config.lory_first_segment,
-                       "val_loss_all": res["val_loss"], "val_loss_causal": lf["loss"], "val_ppl_causal": lf["ppl"]}
-    dense_state = _load_dense_source(ckpt, notes) if res.get("layers") else None
-    if dense_state is not None:
-        for diag, (l, ffn) in zip(res["layers"], model.moe_layers()):
-            try:
-                diag["similarity_to_dense"] = _similarity_to_dense(ffn, dense_state, l).tolist()
-            except (KeyError, ValueError, RuntimeError) as e:
-                notes.append(f"layer {l}: no similarity to dense ({type(e).__name__}: {e})")
+    add_router_losses(res, model, kind, fixed, device)
+    add_similarity_to_dense(res.get("layers"), model, ckpt, notes)
     head = {
-        "ckpt": ckpt_dir,
-        "iter_num": ckpt.get("iter_num"),
-        "kind": kind,
+        "ckpt": ckpt_dir, "iter_num": ckpt.get("iter_num"), "kind": kind,
         "router": model.config.router if kind != "dense" else None,
         "n_experts": model.config.n_experts if kind != "dense" else None,
         "top_k": model.config.top_k if kind == "moe" else None,
         "eval_capacity_factor": (eval_capacity_factor if eval_capacity_factor is not None
                                  else model.config.eval_capacity_factor) if kind == "moe" else None,
-        "params": model.num_params(),
-        "active_params": model.num_params(active=True),
-        "data_dir": resolve_data_dir(ckpt, data_dir), "domains": cfg.get("domains") or None,
+        "params": model.num_params(), "active_params": model.num_params(active=True),
+        "data_dir": eval_data_dir(ckpt, data_dir), "domains": cfg.get("domains") or None,
         "batches": batches, "batch_size": batch_size, "block_size": T,
         "similarity_granularity": G if kind != "dense" else None,
     }
-    train_keys = ("aux_loss", "aux_loss_coef", "adaptive_aux", "z_loss_coef", "capacity_factor", "batching",
-                  "init_from", "max_iters", "batch_size", "block_size", "gradient_accumulation_steps")
-    res = {**head, **res, "train_config": {k: cfg[k] for k in train_keys if k in cfg},
+    res = {**head, **res, "train_config": {k: cfg[k] for k in TRAIN_KEYS if k in cfg},
            "upcycled_from": ckpt.get("upcycled_from"), "notes": notes}
     return res
 

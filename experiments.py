@@ -32,14 +32,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from checkpoint import CheckpointError, load_checkpoint, load_model  # noqa: E402
-from cli import ArgumentParser  # noqa: E402
+from configurator import ArgumentParser, parse_config  # noqa: E402
 from data.dataset import load_meta  # noqa: E402
 from data.similarity import ensure_similarity_order  # noqa: E402
+from diagnostics import mean_pairwise_similarity  # noqa: E402
 from eval import evaluate_checkpoint  # noqa: E402
 from metrics import load_metrics  # noqa: E402
 from plot import make_plots, plot_domain_specialization  # noqa: E402
-from train import finished_run, parse_config  # noqa: E402
-from upcycle import mean_pairwise_similarity  # noqa: E402
+from train import DEFAULTS, finished_run  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join("out", "exp")   # --smoke: out/exp_smoke, --scale=gpu: out/exp_gpu (unless --out)
@@ -70,7 +70,7 @@ def run(out_dir, *args, threads=None):
         extra += ["--n_layer=8", "--n_embd=512", "--n_head=8", "--batch_size=32", "--block_size=512"]
     reusable = not OPTS["fresh"] or out_dir in TRAINED   # --fresh: each run once per invocation (the dense base)
     if reusable and finished_run(out_dir, parse_config([os.path.join(ROOT, BASE), f"--out_dir={out_dir}",
-                                                        *args, *extra])):
+                                                        *args, *extra], DEFAULTS)):
         print(f"  reuse {out_dir}")
         return out_dir
     if OPTS["smoke"] and os.path.exists(os.path.join(out_dir, "ckpt.pt")):

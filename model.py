@@ -459,6 +459,10 @@ class GPT(nn.Module):
         """(layer index, ffn module) of every MoE layer."""
         return [(l, b.ffn) for l, b in enumerate(self.blocks) if isinstance(b.ffn, (MoEFFN, LoryFFN))]
 
+    def routed_layers(self):
+        """The routed (token-choice) MoE FFNs, in layer order: MoEFFN, not Lory's merged ones."""
+        return [ffn for _, ffn in self.moe_layers() if isinstance(ffn, MoEFFN)]
+
     def forward(self, idx, targets=None, prompt_weights=None, cache=None):
         """idx (B, T) -> logits (B, T, V), loss (CE or None), routings (one per MoE layer).
         With a KVCache, idx continues the cache's pos tokens (positions pos..pos+T-1)."""
@@ -629,7 +633,7 @@ def inference_routing(model):
       in another batch);
     - routers return the decision only (Router.with_stats): the auxiliary losses
       and diagnostics are a few dozen small ops per layer and decode step."""
-    routers = [ffn.router for _, ffn in model.moe_layers() if isinstance(ffn, MoEFFN)]
+    routers = [ffn.router for ffn in model.routed_layers()]
     saved = [(r.eval_capacity_factor, r.with_stats, r.eval_expert_choice) for r in routers]
     for r in routers:   # (expert choice's batch-wide selection at eval, as eval.py measures it, is off too)
         r.eval_capacity_factor, r.with_stats, r.eval_expert_choice = 0.0, False, False

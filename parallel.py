@@ -6,7 +6,10 @@ Why a file of its own: kernels.py computes experts that sit on one device, and
 train.py runs a training loop. What is new here is everything about *several*
 devices: the process groups, the two all-to-alls and their backward, which
 gradients are averaged over which ranks, and how a checkpoint stays independent
-of the number of ranks. train.py only calls the functions below.
+of the number of ranks. train.py sees one object, made by start(): a Dist for one
+process or plain DDP, or an ExpertParallel, with the same methods (wrap, mean,
+clip_and_step, build, full_state, ...), so its training step has no branch on how
+it runs.
 
 Layout. The world of W ranks is cut into W/N EP groups of N consecutive ranks
 (N = expert_parallel). Inside an EP group, rank r (ep_rank) holds experts
@@ -54,21 +57,31 @@ import datetime
 import hashlib
 import json
 import math
+import os
+import re
+import sys
+import threading
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoint import CheckpointError, ckpt_path, file_sha256, load_checkpoint, load_weights
+from configurator import ConfigError
 from kernels import moe_ffn
 from model import GPT, GPTConfig, rope_tables
-from router import Router, Routing
+from router import Routing
 from upcycle import (FFN_MATS, _as_dict, _check_keys, _options, resolve_weight_scaling, target_config, upcycle_ffn,
-                     upcycle_info)
+                     upcycle_from_checkpoint, upcycle_info)
 
 EXPERT_MATS = ("gate_proj", "up_proj", "down_proj")   # the stacked (E, ...) tensors of an MoE layer
 DEFAULT_TIMEOUT_S = 300   # a collective that waits longer than this ends the job with an error
+LAUNCHER_POLL_S = 1.0     # how often a rank checks that its launcher is alive (watch_launcher)
+# what gloo and NCCL say when a collective loses a peer process (it died) or waits too long for it
+LOST_PEER = re.compile(r"gloo|nccl|connection (reset|closed)|closed by peer|timed out|timeout", re.IGNORECASE)
 
 
 @dataclass
@@ -157,11 +170,6 @@ def check_same_config(cfg_dict, ep=None):
                          f"config file and --key=value flags")
 
 
-def routed_layers(model):
-    """The MoE layers whose experts can be sharded (token-routed MoEFFN)."""
-    return [ffn for _, ffn in model.moe_layers() if isinstance(ffn.router, Router)]
-
-
 def shard_model(model, ep):
     """Keep only this rank's experts in every routed MoE layer and attach ep, so that
     MoEFFN.forward dispatches through expert_parallel_ffn. Works on a full model
@@ -171,7 +179,7 @@ def shard_model(model, ep):
     if ep.ep_size == 1:
         return model
     lo, hi = ep.owned(model.config.n_experts)
-    for ffn in routed_layers(model):
+    for ffn in model.routed_layers():
         for m in EXPERT_MATS:
             setattr(ffn, m, nn.Parameter(getattr(ffn, m).detach()[lo:hi].clone()))
         ffn.ep = ep
@@ -201,6 +209,257 @@ def broadcast_parameters(model, ep):
                 dist.broadcast(t.data, src=ep.ep_rank, group=ep.dp_group)
         else:
             dist.broadcast(t.data, src=0)
+
+
+# =============================================================================
+# how this process runs: one object with the same methods for every kind
+
+def resolve_device(name):
+    """'auto' -> cuda, then mps, then cpu; anything else as it is."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
+
+
+def check_ep_world(ep_size, world):
+    if world % ep_size:
+        raise ConfigError(f"expert_parallel={ep_size} must divide the number of processes ({world}): "
+                          f"start N*k processes with torchrun --nproc_per_node, or lower expert_parallel")
+
+
+def start(cfg):
+    """This process's Dist, from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE)
+    and cfg's device, backend, expert_parallel and gradient_accumulation_steps. Under
+    torchrun it joins the process group, checks that every rank runs the same config,
+    builds the EP and DP groups when expert_parallel=N > 1 (every collective then has
+    a timeout, DEFAULT_TIMEOUT_S, so a dead rank ends the job) and, on CUDA, takes GPU
+    local_rank."""
+    device, N = resolve_device(cfg["device"]), cfg["expert_parallel"]
+    if int(os.environ.get("RANK", -1)) == -1:
+        check_ep_world(N, 1)
+        return Dist(False, 0, 0, 1, device)
+    watch_launcher(int(os.environ["RANK"]))
+    backend = cfg["backend"] if cfg["backend"] != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
+    if N > 1:
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT_S))
+    else:
+        dist.init_process_group(backend=backend)
+    check_same_config(cfg)   # before the groups: another expert_parallel would hang them
+    rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    check_ep_world(N, world)
+    ep = init_groups(N) if N > 1 else None
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if cfg["gradient_accumulation_steps"] % world:
+        raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be a multiple "
+                          f"of the number of processes ({world})")
+    if ep is None:
+        return Dist(True, rank, local_rank, world, device)
+    return ExpertParallel(rank, local_rank, world, device, ep)
+
+
+def watch_launcher(rank, poll_s=LAUNCHER_POLL_S):
+    """End this rank within poll_s seconds of its launcher's death. torchrun killed by
+    SIGKILL leaves its ranks running: they still reach each other, so no collective
+    fails or times out, and they would train on for ever. A daemon thread polls the
+    parent pid (portable; Linux's PR_SET_PDEATHSIG instead fires when the launcher
+    *thread* that started the rank exits). It prints one line on stderr and exits
+    with status 1 at once (os._exit): checkpoints are written atomically, so the last
+    one loads, and the next run takes the out_dir lock over as a dead run's."""
+    if any(t.name == "launcher-watchdog" for t in threading.enumerate()):
+        return
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        print(f"error: rank {rank}: its launcher (pid {parent}) is gone; stopping. The last checkpoint is kept.",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+    threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
+
+
+def lost_peer(error):
+    """True when a RuntimeError comes from a collective that lost another rank (it died,
+    or did not answer within the process group's timeout)."""
+    return isinstance(error, RuntimeError) and bool(LOST_PEER.search(str(error)))
+
+
+class Dist:
+    """One process (ddp False), or one of `world` DDP processes: every parameter on
+    every process, gradients averaged by DDP during backward. ExpertParallel has the
+    same methods, so train.py calls them without asking which it has."""
+
+    def __init__(self, ddp, rank, local_rank, world, device):
+        self.ddp, self.rank, self.local_rank, self.world, self.device = ddp, rank, local_rank, world, device
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def log(self, *args):
+        if self.master:
+            print(*args)
+
+    def describe(self, model):
+        """A log line about how the model is split over the processes, or None."""
+        return None
+
+    def build(self, gpt_cfg):
+        """A new model of config gpt_cfg (GPT's own init), on the CPU."""
+        return GPT(gpt_cfg)
+
+    def load(self, gpt_cfg, state, path):
+        """The model gpt_cfg with the weights of a full state dict (read from path)."""
+        model = GPT(gpt_cfg)
+        load_weights(model, state, path)
+        return model
+
+    def upcycle(self, path, options):
+        """(MoE model on the CPU, upcycled_from): the dense checkpoint at path upcycled
+        by copying (upcycle.upcycle_from_checkpoint)."""
+        return upcycle_from_checkpoint(path, options, device="cpu")
+
+    def wrap(self, raw_model, compile):
+        """What the training step calls: the model, compiled and/or wrapped in DDP."""
+        model = torch.compile(raw_model) if compile else raw_model
+        if self.ddp:
+            model = DDP(model, device_ids=[self.local_rank] if self.device.startswith("cuda") else None)
+        return model
+
+    def sync_on_backward(self, model, last):
+        """DDP averages the gradients in the backward of the last micro-step only."""
+        if self.ddp:
+            model.require_backward_grad_sync = last
+
+    def logged_loads(self, routings):
+        """tokens_per_expert to log per routed layer instead of the routings' own (None: their own)."""
+        return None
+
+    def barrier(self):
+        if self.ddp:
+            dist.barrier()
+
+    def mean(self, value):
+        """A float averaged over the processes (summed in float32, divided in float64)."""
+        return self.sum_floats([value]).item() / self.world if self.ddp else value
+
+    def mean_list(self, values):
+        """Floats averaged over the processes, each on its own (in float32)."""
+        return (self.sum_floats(values) / self.world).tolist() if self.ddp else values
+
+    def sum_floats(self, values):
+        """(n,) float32 tensor: the sum over the processes of a list of floats."""
+        t = torch.tensor(values, device=self.device)
+        dist.all_reduce(t)
+        return t
+
+    def sum_(self, tensors):
+        """Sum tensors over the processes, in place."""
+        for t in tensors if self.ddp else ():
+            dist.all_reduce(t)
+
+    def clip_and_step(self, model, optimizer, scaler, max_norm):
+        """Clip the global gradient norm (max_norm > 0), step, zero the gradients."""
+        if max_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        step_and_zero(optimizer, scaler)
+
+    def full_state(self, model, optimizer):
+        """(model state, optimizer state) to save, on rank 0; None on the others."""
+        return (model.state_dict(), optimizer.state_dict()) if self.master else None
+
+    def local_optimizer_state(self, saved, optimizer, model):
+        """The part of a saved optimizer state this process's optimizer loads."""
+        return saved
+
+    def close(self):
+        if self.ddp:
+            dist.destroy_process_group()
+
+
+def step_and_zero(optimizer, scaler):
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class ExpertParallel(Dist):
+    """A process of an expert-parallel world (EPGroups ep): rank r of an EP group holds
+    experts [r*E/N, (r+1)*E/N) of every MoE layer, everything else is replicated.
+    No DDP: replicas start from the same weights (broadcast) and clip_and_step
+    averages the gradients (sync_gradients). Checkpoints hold full (E, ...) stacks."""
+
+    def __init__(self, rank, local_rank, world, device, ep):
+        super().__init__(True, rank, local_rank, world, device)
+        self.ep = ep
+
+    def describe(self, model):
+        lo, hi = self.ep.owned(model.config.n_experts)
+        return (f"expert parallel: {self.world} ranks = {self.world // self.ep.ep_size} replica(s) x "
+                f"{self.ep.ep_size} ranks splitting the experts; rank 0 holds experts [{lo}, {hi}) of every "
+                f"MoE layer ({model.num_params() / 1e6:.2f}M parameters on this rank)")
+
+    def build(self, gpt_cfg):
+        """GPT's own init for the full model, sliced: the same weights at any N."""
+        return build_sharded_model(gpt_cfg, self.ep)
+
+    def load(self, gpt_cfg, state, path):
+        """The saved full (E, ...) stacks sliced by global expert."""
+        return sharded_from_state(gpt_cfg, shard_state_dict(state, gpt_cfg, self.ep), self.ep, path)
+
+    def upcycle(self, path, options):
+        """Online upcycling of this rank's experts only (upcycle_owned)."""
+        src = load_checkpoint(path, map_location="cpu")
+        state, gpt_cfg, info = upcycle_owned(src["model"], src["model_args"], options, self.ep)
+        model = sharded_from_state(gpt_cfg, state, self.ep, path)
+        src_path = os.path.abspath(ckpt_path(path))
+        return model, {"path": src_path, "sha256": file_sha256(src_path), **info}
+
+    def wrap(self, raw_model, compile):
+        model = torch.compile(raw_model) if compile else raw_model
+        broadcast_parameters(raw_model, self.ep)
+        return model
+
+    def sync_on_backward(self, model, last):
+        pass   # gradients are averaged in clip_and_step
+
+    def logged_loads(self, routings):
+        """Per routed layer, the tokens per expert of this micro-step summed over all
+        ranks / world: the mean micro-batch's load, what one process logs with
+        gradient accumulation over the same micro-batches."""
+        return [t / self.world for t in global_tokens_per_expert(routings, self.ep)]
+
+    def clip_and_step(self, model, optimizer, scaler, max_norm):
+        """Average the gradients over the ranks (which DDP does during backward), clip
+        the global norm (the expert shards add over the EP group), step, zero."""
+        sync_gradients(model, self.ep)
+        if max_norm > 0:
+            clip_grad_norm(model, self.ep, max_norm)
+        step_and_zero(optimizer, scaler)
+
+    def full_state(self, model, optimizer):
+        """Collective: every rank calls it; rank 0 gets the full (E, ...) stacks."""
+        state = full_state_dict(model, self.ep), full_optimizer_state(optimizer, model, self.ep)
+        return state if self.master else None
+
+    def local_optimizer_state(self, saved, optimizer, model):
+        return shard_optimizer_state(saved, optimizer, model, self.ep)
+
+
+def sharded_from_state(gpt_cfg, local_state, ep, path):
+    """build_sharded_model with a one-line CheckpointError for weights that do not fit
+    the model (as checkpoint.load_weights)."""
+    try:
+        return build_sharded_model(gpt_cfg, ep, local_state)
+    except RuntimeError as e:
+        detail = next((l.strip() for l in str(e).splitlines()[1:] if l.strip()), str(e).splitlines()[0])
+        raise CheckpointError(f"{ckpt_path(path)} does not match the model it describes: "
+                              f"{detail[:300]}") from None
 
 
 # =============================================================================

@@ -23,7 +23,7 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 
-from cli import ArgumentParser, run_cli
+from configurator import ArgumentParser, run_cli
 from metrics import load_metrics
 
 def _figure(figsize, dpi):

@@ -24,10 +24,10 @@ import sys
 import torch
 
 from checkpoint import CheckpointError
-from cli import ArgumentParser, device_problem, float_problem, run_cli
+from configurator import ArgumentParser, device_problem, float_problem, run_cli
 from data.dataset import load_meta
 from data.tokenizer import HFTokenizer, find_tokenizer_dir, load_tokenizer
-from eval import EvalError, _prepare_hint, load_run, resolve_data_dir
+from eval import EvalError, _prepare_hint, eval_data_dir, load_run
 
 SEPARATOR = "---------------"
 
@@ -45,7 +45,7 @@ def load_tokenizer_for(ckpt, data_dir=None, ckpt_dir=None):
     if (ckpt.get("config") or {}).get("init_from") == "hf" and not data_dir:
         raise EvalError(f"{ckpt_dir} has no tokenizer: it was imported from a directory without tokenizer.json; "
                         f"copy the model's tokenizer.json next to its ckpt.pt, or pass --data_dir of its data")
-    d = resolve_data_dir(ckpt, data_dir)
+    d = eval_data_dir(ckpt, data_dir)
     try:
         meta = load_meta(d)
     except FileNotFoundError as e:

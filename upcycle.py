@@ -164,7 +164,8 @@ from dataclasses import asdict, fields
 import torch
 
 from checkpoint import CheckpointError, ckpt_path, file_sha256, load_checkpoint, load_model, save_checkpoint
-from cli import ArgumentParser, float_problem, ram_available
+from configurator import (METHODS, ROUTER_INITS, ArgumentParser, check_hidden_router_domains, float_problem,
+                          ram_available)
 from data.dataset import TokenDataset
 from model import GPT, GPTConfig
 from router import expert_choice_k
@@ -889,90 +890,12 @@ def _with_hidden_router(state, cfg, info, hidden):
     return {k: v.detach().to(state[k].dtype) for k, v in model.state_dict().items()}
 
 
-# ----------------------------------------------------------------------------- similarity monitor
-
-def _stacks(experts):
-    """An MoEFFN/LoryFFN module, a tuple/list of (E, ...) stacks, or one stack -> list of stacks."""
-    if isinstance(experts, torch.Tensor):
-        return [experts.detach()]
-    if isinstance(experts, (tuple, list)):
-        return [t.detach() for t in experts]
-    if all(hasattr(experts, m) for m in FFN_MATS):
-        return [getattr(experts, m).detach() for m in FFN_MATS]
-    raise ValueError(f"expected an MoE FFN module or (E, ...) weight stacks, got {type(experts).__name__}")
-
-
-def _cos(a, b):
-    """Row-wise cosine of (E, n) and (E or 1, n); 0 where a vector is zero."""
-    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-30)
-
-
-def expert_similarity(experts):
-    """(E, E) cosine similarity of the experts' flattened weights (gate, up and down
-    of each expert concatenated into one vector), computed in fp32.
-    experts: an MoEFFN/LoryFFN module or a tuple of (E, ...) stacks."""
-    stacks = _stacks(experts)
-    E = stacks[0].shape[0]
-    v = torch.cat([s.reshape(E, -1).float() for s in stacks], dim=1)
-    v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    return v @ v.t()
-
-
-def mean_similarity_of_pairs(S, granularity=1):
-    """Mean of an (E, E) expert similarity matrix over the pairs e != e' that hold
-    the same shard of the dense FFN, e = e' mod G (every pair when G = 1). A float;
-    1.0 when there is no such pair (a single expert, or E = G)."""
-    E, G = S.shape[0], int(granularity)
-    if G < 1 or E % G:
-        raise ValueError(f"granularity={granularity} must be >= 1 and divide the {E} experts")
-    e = torch.arange(E, device=S.device)
-    pairs = (e[:, None] % G == e[None, :] % G) & (e[:, None] != e[None, :])   # (E, E)
-    if not pairs.any():
-        return 1.0
-    return float(S[pairs].mean())
-
-
-def mean_pairwise_similarity(experts, granularity=1):
-    """Mean cosine similarity between copies of the same dense weights (He et al.;
-    Skywork): 1.0 right after a noiseless upcycle, falls as experts specialise.
-    granularity G: for a fine-grained upcycle expert e holds shard e mod G, and only
-    same-shard pairs (e = e' mod G) started as copies; pairs holding different
-    shards are unrelated weights (cosine ~0), so averaging over all pairs gives
-    about (E/G - 1)/(E - 1) at step 0 (0.43 at E=8, G=2), not 1.0. Pass the
-    upcycle's G (cfg.ffn_hidden // cfg.expert_hidden of an upcycled model), 1 for
-    coarse upcycling or a model trained from scratch (all pairs). A float."""
-    return mean_similarity_of_pairs(expert_similarity(experts), granularity)
-
+# ----------------------------------------------------------------------------- dense weights
 
 def dense_ffn_weights(state, layer):
     """(W1, W3, W2) of a dense state dict's layer (gate_proj, up_proj, down_proj)."""
     p = f"blocks.{layer}.ffn."
     return tuple(state[p + m + ".weight"] for m in FFN_MATS)
-
-
-def similarity_to_dense(experts, dense):
-    """(E,) similarity of each expert to the dense FFN it was upcycled from.
-    experts: MoE FFN module or (gate (E,h,d), up (E,h,d), down (E,d,h)) stacks;
-    dense: a SwiGLU module or (W1 (d_ff,d), W3 (d_ff,d), W2 (d,d_ff)).
-    Fine-grained experts (h = d_ff/G) are compared with their shard g = e mod G.
-    The cosine is taken per matrix and averaged over the three, so the upcycling
-    scalings (exact: W2 only; megatron: all three) leave it at 1."""
-    g1, g3, g2 = (s.float() for s in _stacks(experts))
-    if isinstance(dense, (tuple, list)):
-        w1, w3, w2 = (t.detach().float() for t in dense)
-    else:
-        w1, w3, w2 = (getattr(dense, m).weight.detach().float() for m in FFN_MATS)
-    E, h, d = g1.shape
-    d_ff = w1.shape[0]
-    if d_ff % h:
-        raise ValueError(f"expert width {h} does not divide the dense ffn_hidden={d_ff}")
-    G = d_ff // h
-    shard = torch.arange(E) % G
-    d1 = w1.view(G, h, d)[shard].reshape(E, -1)
-    d3 = w3.view(G, h, d)[shard].reshape(E, -1)
-    d2 = w2.view(d, G, h).permute(1, 0, 2)[shard].reshape(E, -1)
-    sims = [_cos(g1.reshape(E, -1), d1), _cos(g3.reshape(E, -1), d3), _cos(g2.reshape(E, -1), d2)]
-    return torch.stack(sims).mean(0)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -1032,8 +955,6 @@ def build_parser():
     return p
 
 
-METHODS = ("copy", "drop", "btx")
-ROUTER_INITS = ("random", "hidden")
 DEFAULT_DROP_RATIO = 0.5   # Drop-Upcycling's best ratio (arXiv 2502.19261)
 MODEL_FLAGS = ("n_experts", "top_k", "moe_layers", "router", "router_init_std", "router_noise", "gate_norm_lambda",
                "n_shared_experts", "capacity_factor", "eval_capacity_factor", "drop_policy", "expert_impl",
@@ -1074,6 +995,10 @@ def cli_plan(args):
         raise ValueError(f"--granularity={args.granularity} must be >= 1 (shards per dense FFN)")
     if args.router_init_windows < 1:
         raise ValueError(f"--router_init_windows={args.router_init_windows} must be >= 1")
+    if args.router_init == "hidden":
+        n_domains = len({d.strip() for d in args.domains.split(",") if d.strip()}) or len(paths)
+        check_hidden_router_domains(n_domains, args.n_experts, args.granularity, args.method,
+                                    args.expert_noise, prefix="--")
     model_args = {k: getattr(args, k) for k in MODEL_FLAGS}
     options = {"model_args": model_args, "granularity": args.granularity, "expansion_rate": args.expansion_rate,
                "weight_scaling": args.weight_scaling, "expert_noise": args.expert_noise,
@@ -1088,7 +1013,7 @@ def cli_plan(args):
 
 
 CLI_FLOATS = {"expert_noise": "upcycle_expert_noise", "router_init_std": None, "capacity_factor": None,
-              "eval_capacity_factor": None, "gate_norm_lambda": None}   # flag -> cli.FLOAT_RANGES key
+              "eval_capacity_factor": None, "gate_norm_lambda": None}   # flag -> configurator.FLOAT_RANGES key
 
 
 def main(argv=None):

@@ -26,7 +26,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # so `python data/similarity.py` can import the data package
     sys.path.insert(0, ROOT)
-from cli import ArgumentParser  # noqa: E402
+from configurator import ArgumentParser  # noqa: E402
 from data.dataset import load_meta, load_split  # noqa: E402
 
 HASH_MULT = np.uint64(0x9E3779B97F4A7C15)  # 64-bit golden-ratio multiplier (Fibonacci hashing)

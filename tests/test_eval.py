@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import eval as ev
-import train
+import diagnostics
 from helpers import ROOT
 
 EVAL_ARGS = ["--batches=3", "--batch_size=4"]
@@ -252,7 +252,7 @@ def test_checkpoint_without_val_data(runs, tmp_path, capsys):
     _one_line_error(cli([f"--ckpt={runs['dense']}", f"--data_dir={missing}"], capsys), "prepare.py", str(missing))
     half = tmp_path / "half"                                          # meta.json but no val split
     os.makedirs(half)
-    shutil.copy(os.path.join(ev.resolve_data_dir(ev.load_run(runs["dense"])[1]), "meta.json"), half)
+    shutil.copy(os.path.join(ev.eval_data_dir(ev.load_run(runs["dense"])[1]), "meta.json"), half)
     _one_line_error(cli([f"--ckpt={runs['dense']}", f"--data_dir={half}"], capsys), "val", "prepare.py")
 
 
@@ -304,7 +304,7 @@ def test_a_routed_token_counts_for_its_own_domain():
     dom = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1]])    # (B, T+1): positions 0-3 domain 0 (3 = its eot)
     routed = Routing(token_idx=torch.arange(T), expert_idx=torch.zeros(T, dtype=torch.long),
                      gates=torch.ones(T), aux_losses={}, stats={"tokens_per_expert": torch.zeros(E)})
-    usage = train.domain_usage([routed], dom, 2, None, (B, T))[0]
+    usage = diagnostics.domain_usage([routed], dom, 2, None, (B, T))[0]
     assert usage[:, 0].tolist() == [4.0, 4.0]              # 4 tokens of each domain, not 3 and 5
     lory = {"merge_weights": torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])}   # 2 segments of 4 tokens
-    assert train.domain_usage([lory], dom, 2, None, (B, T))[0].tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert diagnostics.domain_usage([lory], dom, 2, None, (B, T))[0].tolist() == [[1.0, 0.0], [0.0, 1.0]]

@@ -11,13 +11,15 @@ import pytest
 from experiments import EXPERIMENTS
 from helpers import ROOT, make_dataset
 from model import GPTConfig
-from train import model_args_from, parse_config
+from configurator import parse_config
+from init_from import model_args_from
+from train import DEFAULTS
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "config", "**", "*.py"), recursive=True)),
                          ids=lambda p: os.path.relpath(p, ROOT))
 def test_config_file_loads_and_builds_a_valid_model(path):
-    cfg = parse_config([path])
+    cfg = parse_config([path], DEFAULTS)
     GPTConfig(**model_args_from(cfg, vocab_size=256))   # validates the MoE shape
 
 

@@ -16,7 +16,9 @@ tokenizers = pytest.importorskip("tokenizers")
 import convert  # noqa: E402
 import eval as E  # noqa: E402
 import sample as sp  # noqa: E402
+import init_from  # noqa: E402
 import train  # noqa: E402
+from configurator import ConfigError  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from data import tokenizer as tk  # noqa: E402
 from data.dataset import TokenDataset  # noqa: E402
@@ -208,13 +210,13 @@ def test_vocab_mismatch_is_one_line(hf_pair, tmp_path, capsys):
         E.load_val_data({"model_args": {"vocab_size": 128}}, data)
     # a model with more embedding rows than its HF tokenizer has tokens (padded, as many HF models) is fine
     model = load_model(ckpt)[0]
-    train.check_model_fits_data(model, {"block_size": 32}, 100, data)          # data made with an HF tokenizer
+    init_from.check_model_fits_data(model, {"block_size": 32}, 100, data)          # data made with an HF tokenizer
     byte_data = str(tmp_path / "bytes")
     os.makedirs(byte_data)
     with open(os.path.join(byte_data, "meta.json"), "w") as f:
         json.dump({"tokenizer": "byte", "vocab_size": 100, "domains": ["x"]}, f)
-    with pytest.raises(train.ConfigError, match="vocab_size=128 differs"):
-        train.check_model_fits_data(model, {"block_size": 32}, 100, byte_data)
+    with pytest.raises(ConfigError, match="vocab_size=128 differs"):
+        init_from.check_model_fits_data(model, {"block_size": 32}, 100, byte_data)
     assert E.load_val_data({"model_args": {"vocab_size": 70_010}}, data).meta["vocab_size"] == 70_002
 
 

@@ -20,7 +20,7 @@ import torch
 
 import checkpoint as C
 import train
-from cli import FLOAT_RANGES, first_float_problem, float_problem
+from configurator import FLOAT_RANGES, first_float_problem, float_problem, parse_config
 from helpers import ROOT, TINY, make_dataset
 from runlock import LOCK_NAME, LockError, OutDirLock
 
@@ -436,7 +436,7 @@ def test_every_default_and_config_file_passes_the_float_ranges():
     assert first_float_problem(train.DEFAULTS) is None
     assert all(k in train.DEFAULTS or k in ("norm_eps", "temperature") for k in FLOAT_RANGES)
     for f in sorted(glob.glob(os.path.join(ROOT, "config", "**", "*.py"), recursive=True)):
-        assert first_float_problem(train.parse_config([f])) is None, f
+        assert first_float_problem(parse_config([f], train.DEFAULTS)) is None, f
     assert float_problem("gate_norm_lambda", None) is None and float_problem("capacity_factor", 0) is None
     assert first_float_problem({**train.DEFAULTS, "z_loss_coef": -1.0}) == "z_loss_coef=-1.0 must be a finite number in [0, inf)"
 

@@ -18,9 +18,11 @@ import eval as ev
 import metrics as M
 import plot
 import sample
+import init_from
 import train
 import upcycle
 from helpers import TINY, make_dataset
+from model import GPT, GPTConfig
 from runlock import OutDirLock
 
 
@@ -338,7 +340,7 @@ def test_lory_resume_with_dense_warmup_logs_like_a_straight_run(run, tmp_path):
 # ----------------------------------------------------------------------------- class 2: sizes that cannot fit
 
 TOO_BIG = [f"--n_layer={10**9}", f"--n_embd={10**6}", f"--batch_size={10**9}", f"--block_size={10**9}",
-           f"--eval_iters={10**9}", f"--n_experts={10**6}"]
+           f"--eval_iters={10**9}", f"--n_experts={10**6}", f"--gradient_accumulation_steps={10**9}"]
 
 
 @pytest.mark.parametrize("flag", TOO_BIG)
@@ -365,6 +367,7 @@ def test_memory_estimate_is_a_lower_bound_of_the_real_model():
                  {"n_layer": 3, "n_head": 4, "n_embd": 64, "vocab_size": 100, "moe_layers": "all", "n_experts": 4},
                  {"n_layer": 4, "n_head": 2, "n_embd": 32, "vocab_size": 64, "moe_layers": "every_other",
                   "tie_embeddings": False}):
-        real = train.GPT(train.GPTConfig(**args)).num_params()
-        _, parts = train.estimate_memory(args, {"batch_size": 1, "block_size": 8, "eval_iters": 1})
+        real = GPT(GPTConfig(**args)).num_params()
+        _, parts = init_from.estimate_memory(args, {"batch_size": 1, "block_size": 8, "eval_iters": 1,
+                                                  "gradient_accumulation_steps": 1})
         assert 0.8 * real <= parts["parameters and optimizer state"] / 16 <= real, (args, real)

@@ -10,7 +10,17 @@ from helpers import TINY, make_dataset, read_jsonl, run_train
 import checkpoint  # noqa: E402
 import train  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from train import ConfigError, check_run_config, parse_config
+import configurator  # noqa: E402
+import parallel  # noqa: E402
+from configurator import ConfigError  # noqa: E402
+
+
+def parse_config(argv):
+    return configurator.parse_config(argv, train.DEFAULTS)
+
+
+def check_run_config(cfg):
+    return configurator.check_run_config(cfg, train.DEFAULTS)
 
 
 @pytest.fixture(scope="module")
@@ -181,10 +191,10 @@ def test_float16_loss_scale_is_saved_and_restored(tmp_path):
         st.optimizer.zero_grad()
     want = st.scaler.state_dict()
     assert (want["scale"], want["_growth_tracker"]) == (1024.0, 1)
-    env = SimpleNamespace(ep=None, master=True, device_type="cpu", log=lambda *a: None)
-    train.save_checkpoint(st, dict(train.DEFAULTS, out_dir=str(tmp_path)), env)
+    env, one_process = SimpleNamespace(device_type="cpu"), parallel.Dist(False, 0, 0, 1, "cpu")
+    train.save_checkpoint(st, dict(train.DEFAULTS, out_dir=str(tmp_path)), env, one_process)
     resumed = run_state(torch.amp.GradScaler("cpu", growth_interval=2))
-    train.restore_training_state(checkpoint.load_checkpoint(str(tmp_path)), resumed, "cpu")
+    train.restore_training_state(checkpoint.load_checkpoint(str(tmp_path)), resumed, "cpu", one_process)
     assert resumed.scaler.state_dict() == want
     bad = {**torch.load(tmp_path / "ckpt.pt", weights_only=True), "scaler": {"scale": float("nan")}}
     with pytest.raises(checkpoint.CheckpointError, match="field scaler"):

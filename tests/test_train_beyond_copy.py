@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import eval as E
+import init_from
 import train
 import upcycle
-from checkpoint import load_checkpoint
+from configurator import check_run_config, parse_config
+from checkpoint import load_checkpoint, save_checkpoint
 from helpers import TINY, make_dataset, read_jsonl
 
 N_DOM = 4
@@ -60,14 +62,14 @@ def test_online_drop_ratio_zero_is_online_copy_bit_for_bit(runs):
 def test_online_drop_reinitialises_experts(runs):
     """The key is wired: r=0.5 in train.py changes half of every expert's channels,
     exactly as upcycle.py's upcycle_from_checkpoint does with drop_ratio=0.5."""
-    cfg = train.parse_config(runs["common"] + ["--moe_layers=all", "--n_experts=4", "--top_k=2",
-                                               f"--init_from={runs['dense']}", "--upcycle_method=drop",
-                                               "--upcycle_drop_ratio=0.5", "--out_dir=unused"])
-    train.check_run_config(cfg)
-    target = train.model_args_from(cfg, 64)
-    env = train.setup_env(cfg)
-    model, _, upcycled_from = train.build_model(cfg, target, env)
-    ref, _ = train.upcycle_from_checkpoint(runs["dense"], {**train.upcycle_options(cfg, target), "drop_ratio": 0.0})
+    cfg = parse_config(runs["common"] + ["--moe_layers=all", "--n_experts=4", "--top_k=2",
+                                         f"--init_from={runs['dense']}", "--upcycle_method=drop",
+                                         "--upcycle_drop_ratio=0.5", "--out_dir=unused"], train.DEFAULTS)
+    check_run_config(cfg, train.DEFAULTS)
+    target = init_from.model_args_from(cfg, 64)
+    _, dist = train.setup_env(cfg)
+    model, _, upcycled_from = init_from.build_model(cfg, target, dist)
+    ref, _ = upcycle.upcycle_from_checkpoint(runs["dense"], {**init_from.upcycle_options(cfg, target), "drop_ratio": 0.0})
     assert upcycled_from["method"] == "drop_upcycling" and upcycled_from["options"]["drop_ratio"] == 0.5
     g, g0 = model.blocks[0].ffn.gate_proj.detach(), ref.blocks[0].ffn.gate_proj.detach()   # (E, h, d)
     changed = (g != g0).any(-1)                                                             # (E, h)
@@ -93,8 +95,8 @@ def test_domains_run_sees_only_that_domain(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "get_batch", spy_batch)
     monkeypatch.setattr(train, "evaluate", spy_eval)
     out = str(tmp_path / "dom2")
-    cfg = train.parse_config(runs["common"] + [f"--out_dir={out}", "--domains=dom2", "--max_iters=3"])
-    train.check_run_config(cfg)
+    cfg = parse_config(runs["common"] + [f"--out_dir={out}", "--domains=dom2", "--max_iters=3"], train.DEFAULTS)
+    check_run_config(cfg, train.DEFAULTS)
     assert train.train(cfg) == 0
     toks = torch.cat(seen + [torch.cat([x, y]) for e in evals for b in e.values() for x, y, _ in b]).unique()
     lo, hi = 1 + 2 * BAND, 3 * BAND
@@ -170,7 +172,7 @@ def test_finished_run_reads_a_key_added_since_as_its_default(runs, tmp_path):
     new = ("domains", "upcycle_method", "upcycle_drop_ratio", "upcycle_router_init", "upcycle_router_domains")
     ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in new}
     out = str(tmp_path / "old")
-    train.checkpoint.save_checkpoint(ckpt, out)
+    save_checkpoint(ckpt, out)
     cfg = dict(load_checkpoint(runs["dense"])["config"], out_dir=out)
     assert train.finished_run(out, cfg)
     assert not train.finished_run(out, dict(cfg, domains="dom1"))

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 import eval as E
 import train
+from configurator import check_run_config, parse_config
+from diagnostics import LogWindow
 from data.dataset import TokenDataset
 from helpers import TINY, make_dataset, read_jsonl
 from model import GPT, GPTConfig, MoEFFN
@@ -27,8 +29,8 @@ def data_dir(tmp_path_factory):
 
 def train_here(args):
     """train.py in this process (so tests can patch its steps); returns the config."""
-    cfg = train.parse_config(TINY + args)
-    train.check_run_config(cfg)
+    cfg = parse_config(TINY + args, train.DEFAULTS)
+    check_run_config(cfg, train.DEFAULTS)
     assert train.train(cfg) == 0
     return cfg
 
@@ -41,18 +43,22 @@ def records(out_dir, split):
 
 def test_log_record_mfu_is_per_device_at_the_training_length():
     model = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=64))
-    st = SimpleNamespace(raw_model=model, iter_num=10)
     h100 = "NVIDIA H100 80GB HBM3"
-    rec, line = train.train_record(st, 2.0, 1e-3, 0.5, 4000, 4, h100, train.StatsAccumulator(), {"block_size": 32})
+
+    def train_record(world, gpu_name):
+        window = LogWindow(None, SimpleNamespace(world=world), 4000, 32, gpu_name)
+        window.add(2.0, 0.5, 1e-3)   # loss 2.0, 0.5 s, lr 1e-3
+        return window.record(model, 10, [])
+    rec, line = train_record(4, h100)
     # by hand (PaLM appendix B): 6 * active non-embedding params (+ the tied lm_head) + 12 L d T, T = 32 (not 64)
     n = sum(p.numel() for p in model.parameters())
     flops = 6 * n + 12 * 2 * 32 * 32
     assert rec["tok_per_s"] == 8000 and rec["tok_per_s_per_device"] == 2000
     assert rec["mfu"] == pytest.approx(flops * 1000 / 0.5 / 989e12, rel=1e-9)     # 1000 tokens per device
     assert "8,000 tok/s (global)" in line and f"MFU {rec['mfu'] * 100:.1f}%" in line
-    rec1, _ = train.train_record(st, 2.0, 1e-3, 0.5, 4000, 1, h100, train.StatsAccumulator(), {"block_size": 32})
+    rec1, _ = train_record(1, h100)
     assert rec1["mfu"] == pytest.approx(4 * rec["mfu"])
-    cpu, _ = train.train_record(st, 2.0, 1e-3, 0.5, 4000, 4, None, train.StatsAccumulator(), {"block_size": 32})
+    cpu, _ = train_record(4, None)
     assert "mfu" not in cpu
 
 

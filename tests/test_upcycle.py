@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import diagnostics as D  # noqa: E402
 import upcycle as U  # noqa: E402
 from checkpoint import file_sha256, load_checkpoint, load_model, save_checkpoint  # noqa: E402
 from model import GPT, GPTConfig, MoEFFN, LoryFFN, SwiGLU  # noqa: E402
@@ -462,21 +463,21 @@ def test_similarity_identical_copies_and_noise():
     dense = make_dense()
     clean = up(dense, n_experts=4, top_k=2)
     f = clean.blocks[0].ffn
-    S = U.expert_similarity(f)
+    S = D.expert_similarity(f)
     assert S.shape == (4, 4) and torch.allclose(S, torch.ones(4, 4), atol=1e-5)
-    assert abs(U.mean_pairwise_similarity(f) - 1.0) < 1e-5
-    assert torch.allclose(U.similarity_to_dense(f, dense.blocks[0].ffn), torch.ones(4), atol=1e-5)
+    assert abs(D.mean_pairwise_similarity(f) - 1.0) < 1e-5
+    assert torch.allclose(D.similarity_to_dense(f, dense.blocks[0].ffn), torch.ones(4), atol=1e-5)
     sims = []
     for noise in (0.1, 0.5):
         g = up(dense, n_experts=4, top_k=2, expert_noise=noise).blocks[0].ffn
-        sims.append(U.mean_pairwise_similarity(g))
-        to_dense = U.similarity_to_dense(g, U.dense_ffn_weights(dense.state_dict(), 0))
+        sims.append(D.mean_pairwise_similarity(g))
+        to_dense = D.similarity_to_dense(g, U.dense_ffn_weights(dense.state_dict(), 0))
         assert (to_dense < 1 - 1e-4).all()
     print(f"\nmean pairwise similarity: clean 1.0, noise 0.1 -> {sims[0]:.4f}, noise 0.5 -> {sims[1]:.4f}")
     assert 1.0 > sims[0] > sims[1] > 0
     # tensors work too, and a single expert is trivially similar to itself
-    assert U.expert_similarity((f.gate_proj, f.up_proj, f.down_proj)).shape == (4, 4)
-    assert U.mean_pairwise_similarity(f.gate_proj[:1]) == 1.0
+    assert D.expert_similarity((f.gate_proj, f.up_proj, f.down_proj)).shape == (4, 4)
+    assert D.mean_pairwise_similarity(f.gate_proj[:1]) == 1.0
 
 
 def test_similarity_to_dense_fine_grained_shards():
@@ -485,8 +486,8 @@ def test_similarity_to_dense_fine_grained_shards():
     dense = make_dense()
     for ws in ("exact", "megatron"):
         f = up(dense, granularity=2, n_experts=8, top_k=2, weight_scaling=ws).blocks[1].ffn
-        assert torch.allclose(U.similarity_to_dense(f, dense.blocks[1].ffn), torch.ones(8), atol=1e-5)
-        S = U.expert_similarity(f)
+        assert torch.allclose(D.similarity_to_dense(f, dense.blocks[1].ffn), torch.ones(8), atol=1e-5)
+        S = D.expert_similarity(f)
         # same shard -> 1, different shards -> unrelated random weights (~0)
         assert torch.allclose(S[0, 2], torch.tensor(1.0), atol=1e-5)
         assert abs(float(S[0, 1])) < 0.2
@@ -499,19 +500,19 @@ def test_mean_similarity_over_same_shard_pairs(G):
     all pairs it is diluted by the different-shard pairs, which never were copies."""
     dense = make_dense()
     f = up(dense, granularity=G, n_experts=8, top_k=G).blocks[0].ffn
-    assert U.mean_pairwise_similarity(f, granularity=G) == pytest.approx(1.0, abs=1e-5)
-    S = U.expert_similarity(f)
+    assert D.mean_pairwise_similarity(f, granularity=G) == pytest.approx(1.0, abs=1e-5)
+    S = D.expert_similarity(f)
     E = 8
     same = [(a, b) for a in range(E) for b in range(E) if a != b and a % G == b % G]
     diff = [(a, b) for a in range(E) for b in range(E) if a % G != b % G]
     ref_all = (sum(float(S[a, b]) for a, b in same + diff)) / (E * (E - 1))
-    assert U.mean_pairwise_similarity(f) == pytest.approx(ref_all, abs=1e-6)   # default: all pairs
-    assert U.mean_pairwise_similarity(f) < 0.6
+    assert D.mean_pairwise_similarity(f) == pytest.approx(ref_all, abs=1e-6)   # default: all pairs
+    assert D.mean_pairwise_similarity(f) < 0.6
     # after noise, the same-shard mean is the mean over exactly those pairs
     g = up(dense, granularity=G, n_experts=8, top_k=G, expert_noise=0.3).blocks[0].ffn
-    Sg = U.expert_similarity(g)
+    Sg = D.expert_similarity(g)
     ref = sum(float(Sg[a, b]) for a, b in same) / len(same)
-    assert U.mean_pairwise_similarity(g, granularity=G) == pytest.approx(ref, abs=1e-6) and ref < 0.99
-    assert U.mean_similarity_of_pairs(Sg, G) == pytest.approx(ref, abs=1e-6)
+    assert D.mean_pairwise_similarity(g, granularity=G) == pytest.approx(ref, abs=1e-6) and ref < 0.99
+    assert D.mean_similarity_of_pairs(Sg, G) == pytest.approx(ref, abs=1e-6)
     with pytest.raises(ValueError, match="granularity"):
-        U.mean_pairwise_similarity(f, granularity=3)                    # 8 experts are not groups of 3
+        D.mean_pairwise_similarity(f, granularity=3)                    # 8 experts are not groups of 3

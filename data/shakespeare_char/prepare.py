@@ -26,7 +26,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:  # so `python data/shakespeare_char/prepare.py` can import the data package
     sys.path.insert(0, ROOT)
-from cli import ArgumentParser  # noqa: E402
+from configurator import ArgumentParser  # noqa: E402
 from data.dataset import token_dtype  # noqa: E402
 from data.tokenizer import CharTokenizer, HFTokenizer, copy_tokenizer_files  # noqa: E402
 
