@@ -405,8 +405,35 @@ def _token_layout(pieces, width):
 
 
 def _legend_items(snippet, colors):
+    """(label, colour) of every expert that is some token's top-1 in the snippet."""
     used = sorted({e[0] for layer in snippet["experts"] for e in layer if e})
     return [(f"expert {e}", colors[e]) for e in used]
+
+
+def _legend_layout(snippet, colors, width):
+    """Where the expert swatches go, wrapped to `width` characters: ([(label, colour,
+    x, y)], the line where the layers start)."""
+    x, y, items = 0.0, 1.0, []
+    for label, c in _legend_items(snippet, colors):
+        label = label.replace("expert ", "e")
+        if x > 0 and x + len(label) + 1 > width:
+            x, y = 0.0, y + 1.1
+        items.append((label, c, x, y))
+        x += len(label) + 1.5
+    return items, y + 2.2
+
+
+def _draw_legend(ax, snippet, items, fontsize):
+    """Title, expert swatches (_legend_layout) and the underline rule."""
+    what = "segment's largest merge weight" if snippet["kind"] == "lory" else "top-1 expert"
+    ax.text(0, 0.5, f"{snippet.get('name') or 'text'}: colour = {what}", fontsize=fontsize, va="center",
+            fontweight="bold")
+    for label, c, x, y in items:
+        ax.add_patch(Rectangle((x, y), len(label) + 1, 0.9, color=c, lw=0))
+        ax.text(x + 0.5, y + 0.45, label, fontsize=fontsize, family="monospace", va="center", color=_text_color(c))
+    y = items[-1][3] if items else 1.0
+    ax.text(0, y + 1.5, f"eN = expert N; underline: the 2nd expert's gate is >= {SECOND_CHOICE:g} x the 1st's "
+            f"(in its colour)", fontsize=fontsize - 1, va="center", color="0.3")
 
 
 def plot_token_routing(snippet, path, width=72, figsize=None, dpi=100, fontsize=9):
@@ -420,27 +447,18 @@ def plot_token_routing(snippet, path, width=72, figsize=None, dpi=100, fontsize=
         return None
     colors = expert_colors(snippet["n_experts"])
     cells = _token_layout(pieces, width)
-    n_lines = cells[-1][0] + 1
-    block = n_lines + 1.6                                      # title line + text + gap
-    total = 2.4 + L * block                                    # legend lines on top
+    block = cells[-1][0] + 1 + 1.6                             # title line + text lines + gap
+    legend, top = _legend_layout(snippet, colors, width)
+    total = top + L * block
     cw, lh = CHAR_W * fontsize / 72, LINE_H * fontsize / 72    # inches
     fig = Figure(figsize=figsize or (width * cw + 0.3, total * lh + 0.2), dpi=dpi)
     ax = fig.add_axes((0.01, 0.01, 0.98, 0.98))
     ax.set_xlim(-0.2, width + 0.2)
     ax.set_ylim(total, 0)
     ax.axis("off")
-    what = "segment's largest merge weight" if snippet["kind"] == "lory" else "top-1 expert"
-    ax.text(0, 0.5, f"{snippet.get('name') or 'text'}: colour = {what}", fontsize=fontsize, va="center",
-            fontweight="bold")
-    x = 0.0
-    for label, c in _legend_items(snippet, colors):
-        ax.add_patch(Rectangle((x, 1.0), len(label) + 1, 0.9, color=c))
-        ax.text(x + 0.5, 1.45, label, fontsize=fontsize, family="monospace", va="center", color=_text_color(c))
-        x += len(label) + 1.5
-    ax.text(0, 2.2 if x else 1.45, f"underline: 2nd choice's gate >= {SECOND_CHOICE:g} x the 1st's (its colour)",
-            fontsize=fontsize - 1, va="center", color="0.3")
+    _draw_legend(ax, snippet, legend, fontsize)
     for l in range(L):
-        y0 = 2.4 + l * block
+        y0 = top + l * block
         ax.text(0, y0 + 0.5, f"layer {snippet['layers'][l]}", fontsize=fontsize, va="center", fontweight="bold")
         for t, (line, x, w) in enumerate(cells):
             experts, gates = snippet["experts"][l][t], snippet["gates"][l][t]
