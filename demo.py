@@ -24,7 +24,7 @@ import torch
 import eval as ev
 from cli import ArgumentParser
 from metrics import load_metrics
-from plot import make_plots
+from plot import SECOND_CHOICE, make_plots
 from token_routing import val_snippet_routing
 from train import finished_run, parse_config
 
@@ -130,8 +130,8 @@ def write_report(runs, dense_dir, scale, elapsed):
     token_views = [p for p in up_plots if os.path.basename(p).startswith("token_routing_")]
     lines += ["", "## Which expert each token goes to", "",
               "One val snippet per domain, once per MoE layer: each token on the colour of its top-1 expert, "
-              "underlined in the second expert's colour when that one carries at least half the first one's "
-              "gate (Mixtral, arXiv 2401.04088, fig. 8). Hover the tokens in "
+              f"underlined in the second expert's colour where its gate is at least {SECOND_CHOICE:g} x the first "
+              "one's, a near tie (Mixtral, arXiv 2401.04088, fig. 8). Hover the tokens in "
               "[token_routing.html](plots_upcycled/token_routing.html) for every layer's experts and gates.", ""]
     lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, OUT)})" for p in token_views]
     lines += ["", "All plots of the upcycled run: `plots_upcycled/`. Regenerate with "

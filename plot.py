@@ -13,6 +13,7 @@ figsize * dpi pixels (constrained layout, no bbox cropping) and returns the path
 or returns None when the data have nothing to show (dense run, no MoE records).
 matplotlib's object API only (Figure, no pyplot): no global state, any backend.
 """
+import functools
 import html
 import json
 import math
@@ -20,9 +21,10 @@ import os
 import sys
 
 import numpy as np
-from matplotlib import colormaps
+from matplotlib import colormaps, font_manager
 from matplotlib.colors import Normalize, TwoSlopeNorm, hsv_to_rgb, to_hex
 from matplotlib.figure import Figure
+from matplotlib.ft2font import FT2Font
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import ScalarFormatter
 
@@ -357,7 +359,7 @@ def plot_similarity_over_training(records, path, layer_ids=None, figsize=None, d
 # Mixtral (arXiv 2401.04088) section 5, fig. 8: the text itself, each token coloured by
 # the expert it was routed to, one block per MoE layer. The data: token_routing.py.
 
-SECOND_CHOICE = 0.5         # a token is marked when its second gate is >= this fraction of its first
+SECOND_CHOICE = 0.8         # a token is marked (a near tie) when its second gate is >= this x its first
 CHAR_W, LINE_H = 0.6, 1.6   # a monospace character cell (width, line height) in font sizes
 VISIBLE = {" ": "\u00b7", "\t": "\u2192", "\n": "\u21b5", "\r": "\u240d"}   # . -> CR
 
@@ -385,21 +387,34 @@ def token_label(piece):
     return "".join(VISIBLE.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 32 or ord(c) == 127 else c) for c in piece)
 
 
+@functools.lru_cache(maxsize=1)
+def _monospace_charmap():
+    """The code points matplotlib's monospace font (DejaVu Sans Mono, shipped with it) can draw."""
+    return frozenset(FT2Font(font_manager.findfont("monospace")).get_charmap())
+
+
+def drawable_label(piece):
+    """token_label with every character the PNG font lacks (CJK, emoji) written as
+    U+XXXX, so that the PNG shows no empty boxes (the HTML shows the characters)."""
+    chars = _monospace_charmap()
+    return "".join(c if ord(c) in chars else f"U+{ord(c):04X}" for c in token_label(piece))
+
+
 def _second_marked(gates):
     return len(gates) > 1 and gates[0] > 0 and gates[1] >= SECOND_CHOICE * gates[0]
 
 
 def _token_layout(pieces, width):
     """(line, x, cell width) of every token on lines of `width` character cells;
-    a newline token ends its line."""
+    a token holding a newline ends its line."""
     cells, line, x = [], 0, 0.0
     for p in pieces:
-        w = max(len(token_label(p)), 1) if p else 0.5
+        w = max(len(drawable_label(p)), 1) if p else 0.5
         if x > 0 and x + w > width:
             line, x = line + 1, 0.0
         cells.append((line, x, w))
         x += w
-        if p.endswith("\n"):
+        if "\n" in p:
             line, x = line + 1, 0.0
     return cells
 
@@ -432,11 +447,11 @@ def _draw_legend(ax, snippet, items, fontsize):
         ax.add_patch(Rectangle((x, y), len(label) + 1, 0.9, color=c, lw=0))
         ax.text(x + 0.5, y + 0.45, label, fontsize=fontsize, family="monospace", va="center", color=_text_color(c))
     y = items[-1][3] if items else 1.0
-    ax.text(0, y + 1.5, f"eN = expert N; underline: the 2nd expert's gate is >= {SECOND_CHOICE:g} x the 1st's "
-            f"(in its colour)", fontsize=fontsize - 1, va="center", color="0.3")
+    ax.text(0, y + 1.5, f"eN = expert N; underline: a near tie, the 2nd expert's gate is >= {SECOND_CHOICE:g} x "
+            f"the 1st's (in its colour)", fontsize=fontsize - 1, va="center", color="0.3")
 
 
-def plot_token_routing(snippet, path, width=72, figsize=None, dpi=100, fontsize=9):
+def plot_token_routing(snippet, path, width=72, figsize=None, dpi=100, fontsize=10):
     """The text of one snippet (token_routing.py's dict) once per MoE layer, each
     token on the colour of its top-1 expert (Lory: its segment's largest merge
     weight), underlined in the second expert's colour when that one's gate is at
@@ -468,7 +483,7 @@ def plot_token_routing(snippet, path, width=72, figsize=None, dpi=100, fontsize=
             if _second_marked(gates):
                 ax.add_patch(Rectangle((x, y + 0.72), w, 0.2, color=colors[experts[1]], lw=0))
             if pieces[t]:
-                ax.text(x, y + 0.4, token_label(pieces[t]), fontsize=fontsize, family="monospace", va="center",
+                ax.text(x, y + 0.4, drawable_label(pieces[t]), fontsize=fontsize, family="monospace", va="center",
                         color=_text_color(c))
     return _save(fig, path)
 
@@ -482,7 +497,7 @@ def _html_token(snippet, t):
     for l, layer in enumerate(snippet["layers"]):
         ex, gs = snippet["experts"][l][t], snippet["gates"][l][t]
         tip.append(f"layer {layer}: " + (", ".join(f"e{e} {g:.2f}" for e, g in zip(ex, gs)) or "dropped"))
-    return tip, html.escape(token_label(piece) or "\u200a"), piece.endswith("\n")
+    return tip, html.escape(token_label(piece) or "\u200a"), "\n" in piece
 
 
 def _html_layer(snippet, l, colors):
@@ -515,12 +530,12 @@ def write_token_routing_html(snippets, path, title="Token routing"):
     if not snippets:
         return None
     colors = expert_colors(snippets[0]["n_experts"])
-    what = ("each token takes the colour of its segment's largest Lory merge weight"
-            if snippets[0]["kind"] == "lory" else "each token takes the colour of its top-1 expert")
+    what = ("Each token takes the colour of its segment's largest Lory merge weight"
+            if snippets[0]["kind"] == "lory" else "Each token takes the colour of its top-1 expert")
     parts = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
              f"<style>{HTML_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
-             f'<p class="help">{what}; a coloured underline marks a token whose second expert has at least '
-             f'{SECOND_CHOICE:g} of the first one\'s gate (the underline has its colour); grey: every assignment '
+             f'<p class="help">{what}; a coloured underline marks a near tie: the second expert has at least '
+             f'{SECOND_CHOICE:g} x the first one\'s gate (the underline has its colour); grey: every assignment '
              f"dropped. Hover a token for its experts and gates in every layer. "
              f"\u00b7 is a space, \u21b5 a newline, \u2192 a tab.</p>"]
     for s in snippets:

@@ -238,6 +238,9 @@ def test_token_pieces_keep_characters_and_show_whitespace(tmp_path):
     assert "↵" in "".join(labels) and "→" in "".join(labels) and "·" in "".join(labels)
     assert not any(c in "".join(labels) for c in " \n\t")          # no invisible whitespace left
     assert plot.token_label("\x05") == "\\x05" and plot.token_label("") == ""
+    assert plot.drawable_label(" 中é") == "·U+4E2Dé"             # the PNG font has no CJK glyphs
+    # a token that holds a newline (BPE: "\n" + the next line's indentation) ends its line
+    assert [line for line, _, _ in plot._token_layout(["a", "\n    ", "b"], width=40)] == [0, 0, 1]
 
 
 def test_token_view_of_a_lory_model_follows_segments(tmp_path):
