@@ -12,6 +12,10 @@ Every plot_* function takes data and an output path, writes one PNG of exactly
 figsize * dpi pixels (constrained layout, no bbox cropping) and returns the path,
 or returns None when the data have nothing to show (dense run, no MoE records).
 matplotlib's object API only (Figure, no pyplot): no global state, any backend.
+
+The token-level view (plot_token_routing, write_token_routing_html) draws the
+snippets token_routing.py measures; eval.py --plots puts one per val domain in
+its JSON ("token_routing"), so plot.py --eval=FILE redraws them too.
 """
 import functools
 import html
