@@ -34,9 +34,12 @@ def text_dir():
         return full
     small = os.path.join(OUT, "multidomain_small")
     if not os.path.exists(os.path.join(small, "meta.json")):
-        subprocess.run([sys.executable, os.path.join(ROOT, "data", "multidomain", "prepare.py"),
-                        f"--out_dir={small}", f"--chars_per_domain={SMALL_CHARS}"],
-                       check=True, capture_output=True, text=True)
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "data", "multidomain", "prepare.py"),
+                            f"--out_dir={small}", f"--chars_per_domain={SMALL_CHARS}"], capture_output=True, text=True)
+        if p.returncode != 0:
+            last = (p.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"data/multidomain/prepare.py --out_dir={small} failed: {last}; run "
+                               f"`python data/multidomain/prepare.py` (the full data) and rerun this notebook")
     return small
 
 
