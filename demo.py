@@ -24,7 +24,8 @@ import torch
 import eval as ev
 from configurator import ArgumentParser, parse_config
 from metrics import load_metrics
-from plot import make_plots
+from plot import SECOND_CHOICE, make_plots
+from token_routing import val_snippet_routing
 from train import DEFAULTS, finished_run
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -106,6 +107,8 @@ def write_report(runs, dense_dir, scale, elapsed):
         print(f"  {name}: val loss {res['val_loss']:.4f} (ppl {res['val_ppl']:.2f})", flush=True)
     dense_res = ev.evaluate_checkpoint(dense_dir)
     table, pngs = ev.compare_runs([runs[k] for k in runs], os.path.join(OUT, "compare"))
+    model, ckpt = ev.load_run(runs["upcycled"])    # the token view: one fixed val snippet per domain
+    results["upcycled"]["token_routing"] = val_snippet_routing(model, ev.load_val_data(ckpt))
     up_plots, notes = make_plots(runs["upcycled"], result=results["upcycled"],
                                  out_dir=os.path.join(OUT, "plots_upcycled"))
     wanted = ("expert_load", "domain_specialization", "load_over_training", "expert_similarity")
@@ -124,6 +127,13 @@ def write_report(runs, dense_dir, scale, elapsed):
         "## Routing of the upcycled model", "",
     ]
     lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, OUT)})" for p in key_plots]
+    token_views = [p for p in up_plots if os.path.basename(p).startswith("token_routing_")]
+    lines += ["", "## Which expert each token goes to", "",
+              "One val snippet per domain, once per MoE layer: each token on the colour of its top-1 expert, "
+              f"underlined in the second expert's colour where its gate is at least {SECOND_CHOICE:g} x the first "
+              "one's, a near tie (Mixtral, arXiv 2401.04088, fig. 8). Hover the tokens in "
+              "[token_routing.html](plots_upcycled/token_routing.html) for every layer's experts and gates.", ""]
+    lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, OUT)})" for p in token_views]
     lines += ["", "All plots of the upcycled run: `plots_upcycled/`. Regenerate with "
               "`python eval.py --ckpt=out/demo/upcycled --plots`; sample it with "
               "`python sample.py --ckpt=out/demo/upcycled`.", ""]

@@ -56,6 +56,7 @@ from metrics import metrics_path, read_metrics
 from model import LoryFFN
 from plot import make_plots, plot_compare
 from router import Routing, expert_choice_k
+from token_routing import val_snippet_routing
 from upcycle import dense_ffn_weights
 
 VAL_SEED = 1234          # the seed train.py uses for its fixed val batches
@@ -622,6 +623,9 @@ def main(argv=None):
         print(format_report(res))
     if args.plots:
         run_dir = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(os.path.abspath(args.ckpt))
+        if res["kind"] != "dense":   # the token view: one fixed val snippet per domain
+            model, ckpt = load_run(args.ckpt, args.device)
+            res["token_routing"] = val_snippet_routing(model, load_val_data(ckpt, args.data_dir))
         paths, notes = make_plots(run_dir, res, records=load_metrics(run_dir), out_dir=args.out)
         res["plots"] = paths
         res["notes"] = res["notes"] + notes

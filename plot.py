@@ -12,15 +12,24 @@ Every plot_* function takes data and an output path, writes one PNG of exactly
 figsize * dpi pixels (constrained layout, no bbox cropping) and returns the path,
 or returns None when the data have nothing to show (dense run, no MoE records).
 matplotlib's object API only (Figure, no pyplot): no global state, any backend.
+
+The token-level view (plot_token_routing, write_token_routing_html) draws the
+snippets token_routing.py measures; eval.py --plots puts one per val domain in
+its JSON ("token_routing"), so plot.py --eval=FILE redraws them too.
 """
+import functools
+import html
 import json
 import math
 import os
 import sys
 
 import numpy as np
-from matplotlib.colors import Normalize, TwoSlopeNorm
+from matplotlib import colormaps, font_manager
+from matplotlib.colors import Normalize, TwoSlopeNorm, hsv_to_rgb, to_hex
 from matplotlib.figure import Figure
+from matplotlib.ft2font import FT2Font
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import ScalarFormatter
 
 from configurator import ArgumentParser, run_cli
@@ -350,6 +359,219 @@ def plot_similarity_over_training(records, path, layer_ids=None, figsize=None, d
     return _save(fig, path)
 
 
+# ============================================================================ token routing view
+# Mixtral (arXiv 2401.04088) section 5, fig. 8: the text itself, each token coloured by
+# the expert it was routed to, one block per MoE layer. The data: token_routing.py.
+
+SECOND_CHOICE = 0.8         # a token is marked (a near tie) when its second gate is >= this x its first
+CHAR_W, LINE_H = 0.6, 1.6   # a monospace character cell (width, line height) in font sizes
+VISIBLE = {" ": "\u00b7", "\t": "\u2192", "\n": "\u21b5", "\r": "\u240d"}   # . -> CR
+
+
+def expert_colors(n_experts):
+    """One hex colour per expert: tab10 up to 10 experts, tab20 up to 20, else hues."""
+    if n_experts <= 20:
+        cmap = colormaps["tab10" if n_experts <= 10 else "tab20"]
+        return [to_hex(cmap(i)) for i in range(n_experts)]
+    return [to_hex(hsv_to_rgb((i / n_experts, 0.55 + 0.35 * (i % 2), 0.95 - 0.25 * (i % 3 == 2))))
+            for i in range(n_experts)]
+
+
+def _text_color(hex_color):
+    """Black on light backgrounds, white on dark ones (luma of the colour)."""
+    r, g, b = (int(hex_color[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "white"
+
+
+def token_label(piece):
+    """A token's text as drawn: whitespace and control characters made visible
+    (space as a middle dot, newline as a return arrow, tab as an arrow, other
+    control characters as \\xNN). "" is a byte that ends inside a multi-byte
+    character (drawn as a narrow cell)."""
+    return "".join(VISIBLE.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 32 or ord(c) == 127 else c) for c in piece)
+
+
+@functools.lru_cache(maxsize=1)
+def _monospace_charmap():
+    """The code points matplotlib's monospace font (DejaVu Sans Mono, shipped with it) can draw."""
+    return frozenset(FT2Font(font_manager.findfont("monospace")).get_charmap())
+
+
+def drawable_label(piece):
+    """token_label with every character the PNG font lacks (CJK, emoji) written as
+    U+XXXX, so that the PNG shows no empty boxes (the HTML shows the characters)."""
+    chars = _monospace_charmap()
+    return "".join(c if ord(c) in chars else f"U+{ord(c):04X}" for c in token_label(piece))
+
+
+def _second_marked(gates):
+    return len(gates) > 1 and gates[0] > 0 and gates[1] >= SECOND_CHOICE * gates[0]
+
+
+def _token_layout(pieces, width):
+    """(line, x, cell width) of every token on lines of `width` character cells;
+    a token holding a newline ends its line."""
+    cells, line, x = [], 0, 0.0
+    for p in pieces:
+        w = max(len(drawable_label(p)), 1) if p else 0.5
+        if x > 0 and x + w > width:
+            line, x = line + 1, 0.0
+        cells.append((line, x, w))
+        x += w
+        if "\n" in p:
+            line, x = line + 1, 0.0
+    return cells
+
+
+def _legend_items(snippet, colors):
+    """(label, colour) of every expert that is some token's top-1 in the snippet."""
+    used = sorted({e[0] for layer in snippet["experts"] for e in layer if e})
+    return [(f"expert {e}", colors[e]) for e in used]
+
+
+def _legend_layout(snippet, colors, width):
+    """Where the expert swatches go, wrapped to `width` characters: ([(label, colour,
+    x, y)], the line where the layers start)."""
+    x, y, items = 0.0, 1.0, []
+    for label, c in _legend_items(snippet, colors):
+        label = label.replace("expert ", "e")
+        if x > 0 and x + len(label) + 1 > width:
+            x, y = 0.0, y + 1.1
+        items.append((label, c, x, y))
+        x += len(label) + 1.5
+    return items, y + 2.2
+
+
+def _draw_legend(ax, snippet, items, fontsize):
+    """Title, expert swatches (_legend_layout) and the underline rule."""
+    what = "segment's largest merge weight" if snippet["kind"] == "lory" else "top-1 expert"
+    ax.text(0, 0.5, f"{snippet.get('name') or 'text'}: colour = {what}", fontsize=fontsize, va="center",
+            fontweight="bold")
+    for label, c, x, y in items:
+        ax.add_patch(Rectangle((x, y), len(label) + 1, 0.9, color=c, lw=0))
+        ax.text(x + 0.5, y + 0.45, label, fontsize=fontsize, family="monospace", va="center", color=_text_color(c))
+    y = items[-1][3] if items else 1.0
+    ax.text(0, y + 1.5, f"eN = expert N; underline: a near tie, the 2nd expert's gate is >= {SECOND_CHOICE:g} x "
+            f"the 1st's (in its colour)", fontsize=fontsize - 1, va="center", color="0.3")
+
+
+def plot_token_routing(snippet, path, width=72, figsize=None, dpi=100, fontsize=10):
+    """The text of one snippet (token_routing.py's dict) once per MoE layer, each
+    token on the colour of its top-1 expert (Lory: its segment's largest merge
+    weight), underlined in the second expert's colour when that one's gate is at
+    least SECOND_CHOICE of the first's; grey: every assignment dropped.
+    width: characters per line."""
+    pieces, L = snippet["pieces"], len(snippet["layers"])
+    if L == 0 or not pieces:
+        return None
+    colors = expert_colors(snippet["n_experts"])
+    cells = _token_layout(pieces, width)
+    block = cells[-1][0] + 1 + 1.6                             # title line + text lines + gap
+    legend, top = _legend_layout(snippet, colors, width)
+    total = top + L * block
+    cw, lh = CHAR_W * fontsize / 72, LINE_H * fontsize / 72    # inches
+    fig = Figure(figsize=figsize or (width * cw + 0.3, total * lh + 0.2), dpi=dpi)
+    ax = fig.add_axes((0.01, 0.01, 0.98, 0.98))
+    ax.set_xlim(-0.2, width + 0.2)
+    ax.set_ylim(total, 0)
+    ax.axis("off")
+    _draw_legend(ax, snippet, legend, fontsize)
+    for l in range(L):
+        y0 = top + l * block
+        ax.text(0, y0 + 0.5, f"layer {snippet['layers'][l]}", fontsize=fontsize, va="center", fontweight="bold")
+        for t, (line, x, w) in enumerate(cells):
+            experts, gates = snippet["experts"][l][t], snippet["gates"][l][t]
+            c = colors[experts[0]] if experts else "#d0d0d0"
+            y = y0 + 1.0 + line
+            ax.add_patch(Rectangle((x, y), w, 0.92, color=c, lw=0))
+            if _second_marked(gates):
+                ax.add_patch(Rectangle((x, y + 0.72), w, 0.2, color=colors[experts[1]], lw=0))
+            if pieces[t]:
+                ax.text(x, y + 0.4, drawable_label(pieces[t]), fontsize=fontsize, family="monospace", va="center",
+                        color=_text_color(c))
+    return _save(fig, path)
+
+
+def _html_token(snippet, t):
+    """One token as an HTML span: background = top-1 expert, tooltip = its experts
+    and gates in every layer."""
+    piece = snippet["pieces"][t]
+    tip = [f"token {t}: {piece!r} (id {snippet['ids'][t]})" if piece else
+           f"token {t}: id {snippet['ids'][t]}, a byte inside a multi-byte character (shown on the next token)"]
+    for l, layer in enumerate(snippet["layers"]):
+        ex, gs = snippet["experts"][l][t], snippet["gates"][l][t]
+        tip.append(f"layer {layer}: " + (", ".join(f"e{e} {g:.2f}" for e, g in zip(ex, gs)) or "dropped"))
+    return tip, html.escape(token_label(piece) or "\u200a"), "\n" in piece
+
+
+def _html_layer(snippet, l, colors):
+    out = []
+    for t in range(len(snippet["pieces"])):
+        tip, text, newline = _html_token(snippet, t)
+        ex, gs = snippet["experts"][l][t], snippet["gates"][l][t]
+        c = colors[ex[0]] if ex else "#d0d0d0"
+        style = f"background:{c};color:{_text_color(c)}"
+        if _second_marked(gs):
+            style += f";box-shadow:inset 0 -4px 0 {colors[ex[1]]}"
+        out.append(f'<span class="t{" c" if not snippet["pieces"][t] else ""}" data-expert="{ex[0] if ex else -1}" '
+                   f'style="{style}" title="{html.escape(chr(10).join(tip))}">{text}</span>' + ("<br>" if newline else ""))
+    return f'<div class="layer"><div class="name">layer {snippet["layers"][l]}</div><div class="text">{"".join(out)}</div></div>'
+
+
+HTML_STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;max-width:62em;color:#222}
+.text{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:14px;line-height:1.9;white-space:normal}
+.t{white-space:pre;padding:1px 0;border-right:1px solid rgba(255,255,255,.6)}
+.t.c{padding:1px 2px}.t:hover{outline:2px solid #000}
+.layer{display:flex;gap:1em;margin:.4em 0}.name{min-width:5em;font-weight:bold;font-size:13px;padding-top:.3em}
+.legend span{display:inline-block;padding:2px 8px;margin:2px;font-size:13px;border-radius:3px}
+p.help{font-size:13px;color:#555}"""
+
+
+def write_token_routing_html(snippets, path, title="Token routing"):
+    """One self-contained HTML file (inline CSS, no script) with every snippet's
+    text once per MoE layer, coloured as plot_token_routing does; hovering a
+    token shows its experts and gates in every layer. Written atomically."""
+    if not snippets:
+        return None
+    colors = expert_colors(snippets[0]["n_experts"])
+    what = ("Each token takes the colour of its segment's largest Lory merge weight"
+            if snippets[0]["kind"] == "lory" else "Each token takes the colour of its top-1 expert")
+    parts = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+             f"<style>{HTML_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
+             f'<p class="help">{what}; a coloured underline marks a near tie: the second expert has at least '
+             f'{SECOND_CHOICE:g} x the first one\'s gate (the underline has its colour); grey: every assignment '
+             f"dropped. Hover a token for its experts and gates in every layer. "
+             f"\u00b7 is a space, \u21b5 a newline, \u2192 a tab.</p>"]
+    for s in snippets:
+        legend = "".join(f'<span style="background:{c};color:{_text_color(c)}">{html.escape(n)}</span>'
+                         for n, c in _legend_items(s, colors))
+        parts.append(f'<section><h2>{html.escape(s.get("name") or "text")}</h2><div class="legend">{legend}</div>')
+        parts += [_html_layer(s, l, colors) for l in range(len(s["layers"]))]
+        parts.append("</section>")
+    parts.append("</body></html>\n")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(parts))
+    os.replace(tmp, path)
+    return path
+
+
+def _file_stem(name):
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(name)) or "text"
+
+
+def token_routing_plots(snippets, out_dir, dpi=100):
+    """plot_token_routing for every snippet (token_routing_<name>.png) and one
+    token_routing.html with them all. Returns the paths ([] without snippets)."""
+    if not snippets:
+        return []
+    paths = [plot_token_routing(s, os.path.join(out_dir, f"token_routing_{_file_stem(s['name'])}.png"), dpi=dpi)
+             for s in snippets]
+    paths.append(write_token_routing_html(snippets, os.path.join(out_dir, "token_routing.html")))
+    return [p for p in paths if p is not None]
+
+
 def make_plots(run_dir, result=None, records=None, out_dir=None, dpi=100, log=None):
     """Write every plot that has data for this run into out_dir (default
     run_dir/plots). result: evaluate_checkpoint's dict (eval-based plots);
@@ -396,6 +618,11 @@ def make_plots(run_dir, result=None, records=None, out_dir=None, dpi=100, log=No
        layer_ids=ids, to_dense=to_dense if any(t is not None for t in to_dense) else None, dpi=dpi)
     do("similarity_over_training", plot_similarity_over_training, records,
        why="only upcycled runs log expert similarity", layer_ids=ids, dpi=dpi)
+    snippets = (result or {}).get("token_routing")
+    if snippets:
+        paths += token_routing_plots(snippets, out_dir, dpi=dpi)
+    elif layers:
+        notes.append("skipped token_routing: the result has no token_routing (eval.py --plots measures it)")
     if log is not None:
         for n in notes:
             log(f"note: {n}")
