@@ -40,7 +40,7 @@ from kernels import auto_impl, triton_status
 from metrics import METRICS_FILE, MetricsWriter, trim_for_resume
 from model import GPT, GPTConfig, MoEFFN
 from router import AdaptiveAuxCoef, Routing
-from runlock import LockError, OutDirLock
+from outdir import LockError, OutDirLock
 from upcycle import (FUNCTION_KEYS, METHODS, ROUTER_INITS, SHAPE_KEYS, branch_domains, btx_from_checkpoints,
                      check_upcycle_options, dense_ffn_weights, mean_pairwise_similarity, router_init_hidden, similarity_to_dense,
                      upcycle_from_checkpoint, upcycle_model)

@@ -168,7 +168,7 @@ from cli import ArgumentParser, float_problem, ram_available
 from data.dataset import TokenDataset
 from model import GPT, GPTConfig
 from router import expert_choice_k
-from runlock import LockError, OutDirLock
+from outdir import LockError, OutDirLock
 
 WEIGHT_SCALINGS = ("auto", "none", "exact", "megatron")
 # fields that fix the dense parameter shapes, and ones that change the dense function

@@ -21,7 +21,7 @@ import sample
 import train
 import upcycle
 from helpers import TINY, make_dataset
-from runlock import OutDirLock
+from outdir import OutDirLock
 
 
 def sha(path):
@@ -132,6 +132,43 @@ def test_train_takes_over_a_stale_lock_and_says_so(run, copy, capsys):
     assert not os.path.exists(os.path.join(copy, ".lock"))
 
 
+def make_lock_file(kind, out, victim):
+    """out/.lock made as `kind`; victim is a file outside out that must survive."""
+    lock = os.path.join(out, ".lock")
+    if kind == "symlink":
+        os.symlink(victim, lock)
+    elif kind == "dangling_symlink":      # O_CREAT through it would create victim + ".new"
+        os.symlink(victim + ".new", lock)
+    elif kind == "directory":
+        os.mkdir(lock)
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    elif kind == "hardlink":              # the holder's text would overwrite victim's content
+        os.link(victim, lock)
+
+
+LOCK_FILES = [   # (what out_dir/.lock is, the one line)
+    ("symlink", "is a symbolic link, not a regular file"),
+    ("dangling_symlink", "is a symbolic link, not a regular file"),
+    ("directory", "is not a regular file"),
+    ("fifo", "is not a regular file"),
+    ("hardlink", "has other hard links"),
+]
+
+
+@pytest.mark.parametrize("kind, needle", LOCK_FILES, ids=[k for k, _ in LOCK_FILES])
+def test_train_refuses_a_lock_file_that_is_not_a_regular_file(run, copy, tmp_path, capsys, kind, needle):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    make_lock_file(kind, copy, str(victim))
+    before, names = snapshot(copy), sorted(os.listdir(copy))
+    capsys.readouterr()
+    assert train.main(run["argv"] + [f"--out_dir={copy}", "--init_from=resume", "--max_iters=4"]) == 2
+    one_error_line(capsys.readouterr().err, needle)
+    assert victim.read_text() == "precious" and not os.path.exists(str(victim) + ".new")
+    assert snapshot(copy) == before and sorted(os.listdir(copy)) == names
+
+
 # ----------------------------------------------------------------------------- train.py: stops (exit 1, stderr)
 
 def test_nonfinite_training_loss_stops_at_once_on_stderr(run, copy, capsys):
@@ -201,6 +238,16 @@ def test_upcycle_refuses_a_locked_out_dir(dense, copy, capsys):
     assert rc == 2
     one_error_line(capsys.readouterr().err, "is in use by another run")
     assert snapshot(copy) == before
+
+
+def test_upcycle_refuses_a_symlinked_lock_file(dense, tmp_path, capsys):
+    victim, out = tmp_path / "victim.txt", tmp_path / "moe"
+    victim.write_text("precious")
+    out.mkdir()
+    make_lock_file("symlink", str(out), str(victim))
+    assert upcycle.main([f"--ckpt={dense}", f"--out_dir={out}", "--n_experts=4", "--verify=False"]) == 2
+    one_error_line(capsys.readouterr().err, "is a symbolic link, not a regular file")
+    assert victim.read_text() == "precious" and os.listdir(out) == [".lock"]
 
 
 def test_upcycle_releases_its_lock(dense, tmp_path, capsys):
