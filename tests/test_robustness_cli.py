@@ -264,7 +264,14 @@ EVAL_BAD = [
     (sample.cli, ["--temperature=inf"], "--temperature=inf must be a finite number in (0, inf)"),
     (sample.cli, ["--temperature=nan"], "--temperature=nan must be a finite number"),
     (sample.cli, ["--temperature=0"], "--temperature=0.0 must be a finite number in (0, inf)"),
-    (sample.cli, [f"--max_new_tokens={10**7}"], "--max_new_tokens=10000000 is more than 100000"),
+    (sample.cli, [f"--max_new_tokens={10**7}"], "--max_new_tokens=10000000 must be an integer in [0, 100000]"),
+    (sample.cli, ["--temperature=1e-300"], "--temperature=1e-300 is below 0.001: logits / temperature would overflow"),
+    (sample.cli, [f"--num_samples={10**9}"], "--num_samples=1000000000 must be an integer in [1, 1000]"),
+    (sample.cli, ["--num_samples=1000", "--max_new_tokens=2000"], "is more than 1,000,000 tokens"),
+    (sample.cli, ["--top_k=65"], "--top_k=65 is more than the model's vocab_size=64"),
+    (sample.cli, [f"--top_k={2**40}"], f"--top_k={2**40} must be an integer in [1, {2**31 - 1}]"),
+    (sample.cli, ["--seed=-1"], "--seed=-1 must be an integer in [0, 18446744073709551615]"),
+    (sample.cli, [f"--seed={2**64}"], f"--seed={2**64} must be an integer in [0, 18446744073709551615]"),
     (ev.cli, [f"--batch_size={10**8}"], "GiB is available: use a smaller --batch_size"),
     (ev.cli, [f"--batches={10**9}"], "GiB is available: use a smaller --batch_size or fewer --batches"),
 ]
@@ -276,6 +283,19 @@ def test_eval_and_sample_bad_numbers(run, capsys, cli, args, needle):
     assert cli([f"--ckpt={run['out']}"] + args) == 2
     one_error_line(capsys.readouterr().err, needle)
     assert snapshot(run["out"]) == before
+
+
+def test_sample_refuses_data_of_another_vocabulary(run, tmp_path, capsys):
+    other = make_dataset(str(tmp_path / "other"), vocab=100)
+    before = snapshot(run["out"])
+    assert sample.cli([f"--ckpt={run['out']}", f"--data_dir={other}", "--max_new_tokens=2"]) == 2
+    one_error_line(capsys.readouterr().err, f"the tokenizer of {other} has 100 tokens but the model 64")
+    assert snapshot(run["out"]) == before
+
+
+def test_sample_at_the_temperature_floor_is_finite(run):
+    texts = sample.sample(run["out"], max_new_tokens=4, temperature=sample.MIN_TEMPERATURE, num_samples=2)
+    assert len(texts) == 2 and all(texts)
 
 
 def test_eval_json_writes_null_not_nan():
