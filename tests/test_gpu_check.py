@@ -120,3 +120,18 @@ def test_bad_flags_are_one_line(tmp_path, capsys):
     with OutDirLock(str(tmp_path), "another check"):
         one_line_error(["--dry_run", f"--out_dir={tmp_path}"], "is in use by another run")
     assert not (tmp_path / "x").exists() and os.listdir(tmp_path) == []
+
+
+def test_gpu_settings_have_the_dry_runs_keys_and_fit_the_budget(monkeypatch):
+    """The GPU sizes are read by the same code as the dry run's: the same keys, so a
+    GPU run cannot stop on a missing one; the budgets add up to under 8 minutes."""
+    assert gpu_check.SIZES["gpu"].keys() == gpu_check.SIZES["dry"].keys()
+    for name, size in gpu_check.SIZES["gpu"].items():
+        assert size.keys() == gpu_check.SIZES["dry"][name].keys(), name
+    assert gpu_check.MODEL["gpu"].keys() == gpu_check.MODEL["dry"].keys()
+    assert set(gpu_check.BUDGET_S) == set(gpu_check.SECTIONS) == set(gpu_check.SECTION_FUNCTIONS)
+    assert sum(gpu_check.BUDGET_S.values()) < 8 * 60
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0))
+    info = gpu_check.machine(dry_run=False)
+    assert info["device"] == "NVIDIA H200" and info["capability"] == "sm_90" and info["torch"] == torch.__version__
