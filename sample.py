@@ -62,7 +62,7 @@ def load_tokenizer_for(ckpt, data_dir=None, ckpt_dir=None):
 def check_vocab(vocab, model_vocab, hf, where):
     """EvalError unless a tokenizer of `vocab` tokens (from `where`) can feed a model of
     model_vocab: the two must be equal, except that an HF tokenizer may be smaller
-    (imported models pad their embedding table to a multiple of 64 or so)."""
+    (an imported model may pad its embedding table beyond the tokenizer)."""
     if vocab != model_vocab and not (hf and vocab < model_vocab):
         raise EvalError(f"the tokenizer of {where} has {vocab} tokens but the model {model_vocab}: pass --data_dir "
                         f"of the data this checkpoint was trained on (or a tokenizer of {model_vocab} tokens)")
