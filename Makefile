@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # we add the version the tests run under TRITON_INTERPRET=1 with.
 TRITON_PIN := triton==3.9.0
 
-.PHONY: demo test venv clean experiments
+.PHONY: demo test venv clean experiments gpu-check
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: venv
 
 experiments: venv
 	$(PY) experiments.py all
+
+# every GPU number (kernels, MFU, decoding, the GPU tests) on one CUDA device in under
+# ~8 minutes: out/gpu_check/gpu_check.json and .md (gpu_check.py; --dry_run checks it on a CPU)
+gpu-check: venv
+	$(PY) gpu_check.py
 
 clean:
 	rm -rf out

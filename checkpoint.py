@@ -21,16 +21,15 @@ dict, writes a per-process temp file (two writers never share one), and turns a
 full disk or any other write error into one line; in every failure the previous
 checkpoint stays as it was.
 """
-import errno
 import hashlib
 import math
 import os
-import shutil
 from dataclasses import fields
 
 import torch
 
 from model import GPT, GPTConfig
+from outdir import WriteError, write_atomic
 
 FORMAT = "moe-upcycling/1"
 CKPT_NAME = "ckpt.pt"
@@ -56,52 +55,6 @@ def ckpt_path(path):
 
 # ----------------------------------------------------------------------------- writing
 
-def temp_name(final):
-    """The temp file a process writes before renaming to `final`: per process, so
-    two writers never rename each other's half-written file."""
-    return f"{final}.tmp.{os.getpid()}"
-
-
-def write_problem(e, final):
-    """One line for an OSError met while writing `final` (disk full, read-only,
-    permissions...). Ends by saying that `final` itself was not touched."""
-    where = os.path.dirname(os.path.abspath(final))
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        try:
-            free = f"{shutil.disk_usage(where).free / 2**20:.1f} MiB free"
-        except OSError:
-            free = "free space unknown"
-        what, fix = f"disk full: the filesystem holding {where} has no room for {final} ({free})", "free space"
-    else:
-        what, fix = f"could not write {final}: {e.strerror or e}", "check the directory"
-    return f"{what}; {os.path.basename(final)} was left as it was ({fix}, or choose another out_dir)"
-
-
-def write_atomic(final, write):
-    """write(f) into a per-process temp file next to `final` (binary mode), fsync,
-    rename. Any failure, Ctrl-C included, leaves `final` as it was and removes the
-    temp file (only kill -9 leaves it); a write error becomes a one-line
-    CheckpointError. torch.save reports a failed write of its own as a
-    RuntimeError whose context is the OSError."""
-    tmp = temp_name(final)
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except (OSError, RuntimeError) as e:
-        cause = e if isinstance(e, OSError) else e.__context__
-        if not isinstance(cause, OSError):
-            raise
-        raise CheckpointError(write_problem(cause, final)) from None
-    finally:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-    return final
-
-
 def first_nonfinite(obj, name):
     """Name of the first NaN/inf float or floating tensor in a nest of dicts,
     lists and tuples (e.g. 'model.lm_head.weight'), or None."""
@@ -126,7 +79,8 @@ def first_nonfinite(obj, name):
 
 
 def save_checkpoint(ckpt, out_dir, name=CKPT_NAME):
-    """Write atomically (write_atomic). Refuses a checkpoint holding a non-finite
+    """Write atomically (outdir.write_atomic; a write error is a one-line
+    CheckpointError). Refuses a checkpoint holding a non-finite
     number anywhere (weights, optimizer moments, model_args, config...), so the
     last good checkpoint is never replaced by a diverged one."""
     ckpt = {"format": FORMAT, **ckpt}
@@ -135,7 +89,10 @@ def save_checkpoint(ckpt, out_dir, name=CKPT_NAME):
     if bad:
         raise NonFiniteCheckpointError(f"refusing to write {final}: {bad} is not finite (NaN or inf); "
                               f"the previous checkpoint is kept")
-    return write_atomic(final, lambda f: torch.save(ckpt, f))
+    try:
+        return write_atomic(final, lambda f: torch.save(ckpt, f))
+    except WriteError as e:
+        raise CheckpointError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- reading

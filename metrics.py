@@ -6,10 +6,11 @@ the one place that writes and reads it.
     {"iter": 10, "tokens": 20480, "split": "train", "loss": ..., "lr": ..., "moe": [...per layer...]}
     {"iter": 10, "tokens": 20480, "split": "eval", "train_loss": ..., "val_loss": ...}
 """
-import errno
 import json
 import os
 import sys
+
+from outdir import WriteError, write_atomic, write_problem
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -95,32 +96,10 @@ def trim_for_resume(path, iter_num):
     keep = [r for r in read_metrics(path)
             if r["iter"] < iter_num or (r["iter"] == iter_num and r["split"] != "eval")]
     text = "".join(json.dumps(r) + "\n" for r in keep).encode()
-    write_atomic(path, lambda f: f.write(text))   # per-process temp name; a write error is one line
-
-
-def write_problem(e, path):
-    """One line for an OSError met while writing metrics.jsonl."""
-    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-    what = "disk full" if full else (e.strerror or str(e))
-    return f"cannot write {path}: {what} ({'free space' if full else 'check the directory'}, or choose another out_dir)"
-
-
-def write_atomic(path, write):
-    """write(f) into a per-process temp file, then rename onto path; on any failure
-    the temp file is removed, path is left as it was, and an OSError becomes a
-    one-line MetricsError."""
-    tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise MetricsError(write_problem(e, path)) from None
-    finally:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
+        write_atomic(path, lambda f: f.write(text))
+    except WriteError as e:
+        raise MetricsError(str(e)) from None
 
 
 class MetricsWriter:
@@ -143,7 +122,7 @@ class MetricsWriter:
             self.file.write(json.dumps(rec) + "\n")
             self.file.flush()
         except OSError as e:   # disk full, or metrics.jsonl is a directory...: one line, the run stops
-            raise MetricsError(write_problem(e, self.path)) from None
+            raise MetricsError(write_problem(e, self.path, kept=False)) from None
 
     def close(self):
         if self.file is not None:

@@ -37,9 +37,11 @@ def load_tokenizer_for(ckpt, data_dir=None, ckpt_dir=None):
     one (and no data_dir is given), else the tokenizer of the data it was trained on. The
     start id is the begin-of-text token of an HF tokenizer, else the end-of-text token,
     or 0 for data without a document separator (char data)."""
+    model_vocab = ckpt["model_args"]["vocab_size"]
     tok_dir = find_tokenizer_dir(ckpt, ckpt_dir) if ckpt_dir and not data_dir else None
     if tok_dir:
         tok = HFTokenizer(tok_dir)
+        check_vocab(tok.vocab_size, model_vocab, True, tok_dir)
         start = tok.bos_token if tok.bos_token is not None else tok.eot_token
         return tok, (0 if start is None else start)
     if (ckpt.get("config") or {}).get("init_from") == "hf" and not data_dir:
@@ -52,8 +54,18 @@ def load_tokenizer_for(ckpt, data_dir=None, ckpt_dir=None):
         msg = str(e).splitlines()[0]
         raise EvalError(f"no tokenizer for this checkpoint (no tokenizer.json next to it, and {msg}"
                         + ("" if "prepare" in msg else f"; {_prepare_hint(d)}") + ")") from None
+    check_vocab(meta["vocab_size"], model_vocab, meta.get("tokenizer") == "hf", d)
     start = meta.get("eot_token")
     return load_tokenizer(meta, d), (0 if start is None else start)
+
+
+def check_vocab(vocab, model_vocab, hf, where):
+    """EvalError unless a tokenizer of `vocab` tokens (from `where`) can feed a model of
+    model_vocab: the two must be equal, except that an HF tokenizer may be smaller
+    (an imported model may pad its embedding table beyond the tokenizer)."""
+    if vocab != model_vocab and not (hf and vocab < model_vocab):
+        raise EvalError(f"the tokenizer of {where} has {vocab} tokens but the model {model_vocab}: pass --data_dir "
+                        f"of the data this checkpoint was trained on (or a tokenizer of {model_vocab} tokens)")
 
 
 def encode_prompt(tok, prompt):
@@ -85,9 +97,9 @@ def sample(ckpt_dir, prompt="", max_new_tokens=200, temperature=0.8, top_k=None,
     num_samples. Returns a list of strings."""
     model, ckpt = load_run(ckpt_dir, device)
     tok, start_id = load_tokenizer_for(ckpt, data_dir, ckpt_dir)
-    if isinstance(tok, HFTokenizer) and tok.vocab_size > model.config.vocab_size:
-        raise EvalError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}: "
-                        f"pass --data_dir of the data this checkpoint was trained on")
+    if top_k is not None and top_k > model.config.vocab_size:
+        raise EvalError(f"--top_k={top_k} is more than the model's vocab_size={model.config.vocab_size}: use at most "
+                        f"{model.config.vocab_size}, or leave --top_k out to sample from every token")
     ids = encode_prompt(tok, prompt) if prompt else []
     prompt_given = bool(ids)
     ids = ids or [start_id]
@@ -122,20 +134,38 @@ def build_parser():
     return p
 
 
-MAX_NEW_TOKENS = 100_000   # per sample; one forward pass each
+# Every integer flag and the closed interval it must lie in. top_k is also at most the
+# model's vocab_size (checked in sample()); seed spans what torch.Generator.manual_seed takes.
+INT_RANGES = {"num_samples": (1, 1000), "max_new_tokens": (0, 100_000), "top_k": (1, 2 ** 31 - 1),
+              "seed": (0, 2 ** 64 - 1)}
+MAX_TOKENS = 1_000_000   # num_samples * max_new_tokens: one forward pass per token, so more runs for hours
+# softmax(logits / temperature) in float32 stays finite while |logit| / temperature < 3.4e38; at
+# 1e-3 that holds for |logit| < 3.4e35 (below it sampling is greedy anyway: use --top_k=1)
+MIN_TEMPERATURE = 1e-3
+
+
+def number_problem(args):
+    """The first flag of sample.py's numbers out of its range, as one line, or None."""
+    for name, (low, high) in INT_RANGES.items():
+        value = getattr(args, name)
+        if value is not None and not low <= value <= high:
+            return f"--{name}={value} must be an integer in [{low}, {high}]"
+    if float_problem("--temperature", args.temperature):
+        return float_problem("--temperature", args.temperature)
+    if args.temperature < MIN_TEMPERATURE:
+        return (f"--temperature={args.temperature} is below {MIN_TEMPERATURE}: logits / temperature would "
+                f"overflow to inf and softmax to NaN; use --top_k=1 for greedy decoding")
+    if args.num_samples * args.max_new_tokens > MAX_TOKENS:
+        return (f"--num_samples={args.num_samples} x --max_new_tokens={args.max_new_tokens} is more than "
+                f"{MAX_TOKENS:,} tokens: generation runs one forward pass per token, so this would run for hours; "
+                f"ask for fewer")
+    return None
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if float_problem("--temperature", args.temperature):
-        raise EvalError(float_problem("--temperature", args.temperature))
-    if args.num_samples < 1 or args.max_new_tokens < 0 or not args.temperature > 0 or (
-            args.top_k is not None and args.top_k < 1):
-        raise EvalError(f"need --num_samples >= 1, --max_new_tokens >= 0, --temperature > 0 and --top_k >= 1 (got "
-                        f"{args.num_samples}, {args.max_new_tokens}, {args.temperature}, {args.top_k})")
-    if args.max_new_tokens > MAX_NEW_TOKENS:
-        raise EvalError(f"--max_new_tokens={args.max_new_tokens} is more than {MAX_NEW_TOKENS}: generation runs one "
-                        f"forward pass per token, so this would run for hours; ask for fewer tokens")
+    if number_problem(args):
+        raise EvalError(number_problem(args))
     if device_problem(args.device):
         raise EvalError(f"--device={args.device} {device_problem(args.device)}")
     texts = sample(args.ckpt, read_start(args.start), args.max_new_tokens, args.temperature, args.top_k,

@@ -38,7 +38,7 @@ from init_from import (build_model, carry_tokenizer, check_memory, check_model_f
 from kernels import auto_impl
 from metrics import METRICS_FILE, MetricsWriter, trim_for_resume
 from router import AdaptiveAuxCoef, Routing
-from runlock import LockError, OutDirLock
+from outdir import LockError, OutDirLock
 
 # -----------------------------------------------------------------------------
 # defaults: I/O

@@ -169,7 +169,7 @@ from configurator import (METHODS, ROUTER_INITS, ArgumentParser, check_hidden_ro
 from data.dataset import TokenDataset
 from model import GPT, GPTConfig
 from router import expert_choice_k
-from runlock import LockError, OutDirLock
+from outdir import LockError, OutDirLock
 
 WEIGHT_SCALINGS = ("auto", "none", "exact", "megatron")
 # fields that fix the dense parameter shapes, and ones that change the dense function

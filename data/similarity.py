@@ -28,6 +28,7 @@ if ROOT not in sys.path:  # so `python data/similarity.py` can import the data p
     sys.path.insert(0, ROOT)
 from configurator import ArgumentParser  # noqa: E402
 from data.dataset import load_meta, load_split  # noqa: E402
+from outdir import write_atomic  # noqa: E402
 
 HASH_MULT = np.uint64(0x9E3779B97F4A7C15)  # 64-bit golden-ratio multiplier (Fibonacci hashing)
 
@@ -128,10 +129,7 @@ def write_reordered(data_dir, tokens, index, order):
         out[off:off + n] = tokens[o:o + n]
     new_index = np.stack([offsets, lengths, index[order, 2]], axis=1).astype(np.int64)
     for name, write in (("train_similarity.bin", out.tofile), ("train_similarity_index.npy", lambda f: np.save(f, new_index))):
-        path = os.path.join(data_dir, name)
-        with open(path + ".tmp", "wb") as f:
-            write(f)
-        os.replace(path + ".tmp", path)
+        write_atomic(os.path.join(data_dir, name), write)
     return out, new_index
 
 

@@ -1,4 +1,4 @@
-"""Robustness (issue 19, first part): one run per out_dir (runlock.py), checkpoint
+"""Robustness (issue 19, first part): one run per out_dir (outdir.py), checkpoint
 fields validated on load, write errors and a full disk at every checkpoint write,
 no checkpoint with a non-finite number, float settings finite and in range.
 
@@ -19,10 +19,11 @@ import pytest
 import torch
 
 import checkpoint as C
+import outdir
 import train
 from configurator import FLOAT_RANGES, first_float_problem, float_problem, parse_config
 from helpers import ROOT, TINY, make_dataset
-from runlock import LOCK_NAME, LockError, OutDirLock
+from outdir import LOCK_NAME, LockError, OutDirLock
 
 
 @pytest.fixture(scope="module")
@@ -244,9 +245,9 @@ def test_write_error_is_one_line_and_keeps_the_last_checkpoint(run, tmp_path, mo
     def fail(*a, **k):
         raise OSError(err, os.strerror(err))
     if where == "write":
-        monkeypatch.setattr(C, "open", lambda p, mode: FailingFile(open(p, mode), room, err), raising=False)
+        monkeypatch.setattr(outdir, "open", lambda p, mode: FailingFile(open(p, mode), room, err), raising=False)
     else:
-        monkeypatch.setattr(C.os, {"fsync": "fsync", "rename": "replace"}[where], fail)
+        monkeypatch.setattr(outdir.os, {"fsync": "fsync", "rename": "replace"}[where], fail)
     with pytest.raises(C.CheckpointError) as e:
         C.save_checkpoint(ckpt, str(tmp_path))
     monkeypatch.undo()
@@ -256,7 +257,7 @@ def test_write_error_is_one_line_and_keeps_the_last_checkpoint(run, tmp_path, mo
 
 
 def test_write_error_with_no_previous_checkpoint_leaves_nothing(run, tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "open", lambda p, mode: FailingFile(open(p, mode), 10, errno.ENOSPC), raising=False)
+    monkeypatch.setattr(outdir, "open", lambda p, mode: FailingFile(open(p, mode), 10, errno.ENOSPC), raising=False)
     with pytest.raises(C.CheckpointError, match="disk full"):
         C.save_checkpoint({k: v for k, v in run["ckpt"].items() if k != "format"}, str(tmp_path / "new"))
     assert os.listdir(tmp_path / "new") == []
@@ -330,7 +331,7 @@ def test_two_writers_on_one_out_dir_never_break_each_others_save(tmp_path):
 
 def test_temp_file_is_per_process(tmp_path):
     seen = []
-    C.write_atomic(str(tmp_path / "x"), lambda f: seen.append(f.name) or f.write(b"1"))
+    outdir.write_atomic(str(tmp_path / "x"), lambda f: seen.append(f.name) or f.write(b"1"))
     assert seen == [f"{tmp_path / 'x'}.tmp.{os.getpid()}"] and os.listdir(tmp_path) == ["x"]
 
 
@@ -339,7 +340,7 @@ def test_temp_file_is_per_process(tmp_path):
 HOLDER_SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, sys.argv[2])
-    from runlock import OutDirLock
+    from outdir import OutDirLock
     lock = OutDirLock(sys.argv[1], "holder").acquire()
     print("locked", flush=True)
     time.sleep(60)
@@ -363,6 +364,29 @@ def test_second_run_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):
         assert lock.stale.startswith(f"pid {holder.pid} on ") and "holder" in lock.stale
         assert f"pid {os.getpid()} on " in open(tmp_path / LOCK_NAME).read()
     assert not os.path.exists(tmp_path / LOCK_NAME)
+
+
+def test_taking_over_a_dead_runs_lock_removes_its_temp_files(tmp_path):
+    """kill -9 during a save leaves ckpt.pt.tmp.<pid>: the next holder of the lock
+    removes the dead holder's temp files, and no other file."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER_SCRIPT, str(tmp_path), ROOT], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        dead = [f"ckpt.pt.tmp.{holder.pid}", f"metrics.jsonl.tmp.{holder.pid}"]
+        kept = ["ckpt.pt", f"ckpt.pt.tmp.{holder.pid}0", f"ckpt.pt.tmp.{holder.pid + 1}"]
+        for name in dead + kept:
+            (tmp_path / name).write_bytes(b"x")
+        (tmp_path / f"sub.tmp.{holder.pid}").mkdir()          # a directory is never removed
+        with pytest.raises(LockError):                        # the holder is alive: nothing is touched
+            OutDirLock(str(tmp_path), "early").acquire()
+        assert sorted(os.listdir(tmp_path)) == sorted(dead + kept + [f"sub.tmp.{holder.pid}", LOCK_NAME])
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with OutDirLock(str(tmp_path), "next") as lock:
+        assert lock.removed == sorted(dead)
+        assert sorted(os.listdir(tmp_path)) == sorted(kept + [f"sub.tmp.{holder.pid}", LOCK_NAME])
 
 
 def test_lock_in_the_same_process_and_release(tmp_path):
@@ -448,5 +472,5 @@ def test_interrupted_write_removes_its_temp_file(tmp_path):
         f.write(b"half")
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        C.write_atomic(str(tmp_path / "x"), interrupted)
+        outdir.write_atomic(str(tmp_path / "x"), interrupted)
     assert os.listdir(tmp_path) == ["x"] and (tmp_path / "x").read_bytes() == b"old"

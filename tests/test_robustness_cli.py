@@ -23,7 +23,7 @@ import train
 import upcycle
 from helpers import TINY, make_dataset
 from model import GPT, GPTConfig
-from runlock import OutDirLock
+from outdir import OutDirLock
 
 
 def sha(path):
@@ -134,6 +134,43 @@ def test_train_takes_over_a_stale_lock_and_says_so(run, copy, capsys):
     assert not os.path.exists(os.path.join(copy, ".lock"))
 
 
+def make_lock_file(kind, out, victim):
+    """out/.lock made as `kind`; victim is a file outside out that must survive."""
+    lock = os.path.join(out, ".lock")
+    if kind == "symlink":
+        os.symlink(victim, lock)
+    elif kind == "dangling_symlink":      # O_CREAT through it would create victim + ".new"
+        os.symlink(victim + ".new", lock)
+    elif kind == "directory":
+        os.mkdir(lock)
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    elif kind == "hardlink":              # the holder's text would overwrite victim's content
+        os.link(victim, lock)
+
+
+LOCK_FILES = [   # (what out_dir/.lock is, the one line)
+    ("symlink", "is a symbolic link, not a regular file"),
+    ("dangling_symlink", "is a symbolic link, not a regular file"),
+    ("directory", "is not a regular file"),
+    ("fifo", "is not a regular file"),
+    ("hardlink", "has other hard links"),
+]
+
+
+@pytest.mark.parametrize("kind, needle", LOCK_FILES, ids=[k for k, _ in LOCK_FILES])
+def test_train_refuses_a_lock_file_that_is_not_a_regular_file(run, copy, tmp_path, capsys, kind, needle):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    make_lock_file(kind, copy, str(victim))
+    before, names = snapshot(copy), sorted(os.listdir(copy))
+    capsys.readouterr()
+    assert train.main(run["argv"] + [f"--out_dir={copy}", "--init_from=resume", "--max_iters=4"]) == 2
+    one_error_line(capsys.readouterr().err, needle)
+    assert victim.read_text() == "precious" and not os.path.exists(str(victim) + ".new")
+    assert snapshot(copy) == before and sorted(os.listdir(copy)) == names
+
+
 # ----------------------------------------------------------------------------- train.py: stops (exit 1, stderr)
 
 def test_nonfinite_training_loss_stops_at_once_on_stderr(run, copy, capsys):
@@ -205,6 +242,16 @@ def test_upcycle_refuses_a_locked_out_dir(dense, copy, capsys):
     assert snapshot(copy) == before
 
 
+def test_upcycle_refuses_a_symlinked_lock_file(dense, tmp_path, capsys):
+    victim, out = tmp_path / "victim.txt", tmp_path / "moe"
+    victim.write_text("precious")
+    out.mkdir()
+    make_lock_file("symlink", str(out), str(victim))
+    assert upcycle.main([f"--ckpt={dense}", f"--out_dir={out}", "--n_experts=4", "--verify=False"]) == 2
+    one_error_line(capsys.readouterr().err, "is a symbolic link, not a regular file")
+    assert victim.read_text() == "precious" and os.listdir(out) == [".lock"]
+
+
 def test_upcycle_releases_its_lock(dense, tmp_path, capsys):
     out = str(tmp_path / "moe")
     assert upcycle.main([f"--ckpt={dense}", f"--out_dir={out}", "--n_experts=4", "--verify=False"]) == 0
@@ -219,7 +266,14 @@ EVAL_BAD = [
     (sample.cli, ["--temperature=inf"], "--temperature=inf must be a finite number in (0, inf)"),
     (sample.cli, ["--temperature=nan"], "--temperature=nan must be a finite number"),
     (sample.cli, ["--temperature=0"], "--temperature=0.0 must be a finite number in (0, inf)"),
-    (sample.cli, [f"--max_new_tokens={10**7}"], "--max_new_tokens=10000000 is more than 100000"),
+    (sample.cli, [f"--max_new_tokens={10**7}"], "--max_new_tokens=10000000 must be an integer in [0, 100000]"),
+    (sample.cli, ["--temperature=1e-300"], "--temperature=1e-300 is below 0.001: logits / temperature would overflow"),
+    (sample.cli, [f"--num_samples={10**9}"], "--num_samples=1000000000 must be an integer in [1, 1000]"),
+    (sample.cli, ["--num_samples=1000", "--max_new_tokens=2000"], "is more than 1,000,000 tokens"),
+    (sample.cli, ["--top_k=65"], "--top_k=65 is more than the model's vocab_size=64"),
+    (sample.cli, [f"--top_k={2**40}"], f"--top_k={2**40} must be an integer in [1, {2**31 - 1}]"),
+    (sample.cli, ["--seed=-1"], "--seed=-1 must be an integer in [0, 18446744073709551615]"),
+    (sample.cli, [f"--seed={2**64}"], f"--seed={2**64} must be an integer in [0, 18446744073709551615]"),
     (ev.cli, [f"--batch_size={10**8}"], "GiB is available: use a smaller --batch_size"),
     (ev.cli, [f"--batches={10**9}"], "GiB is available: use a smaller --batch_size or fewer --batches"),
 ]
@@ -231,6 +285,19 @@ def test_eval_and_sample_bad_numbers(run, capsys, cli, args, needle):
     assert cli([f"--ckpt={run['out']}"] + args) == 2
     one_error_line(capsys.readouterr().err, needle)
     assert snapshot(run["out"]) == before
+
+
+def test_sample_refuses_data_of_another_vocabulary(run, tmp_path, capsys):
+    other = make_dataset(str(tmp_path / "other"), vocab=100)
+    before = snapshot(run["out"])
+    assert sample.cli([f"--ckpt={run['out']}", f"--data_dir={other}", "--max_new_tokens=2"]) == 2
+    one_error_line(capsys.readouterr().err, f"the tokenizer of {other} has 100 tokens but the model 64")
+    assert snapshot(run["out"]) == before
+
+
+def test_sample_at_the_temperature_floor_is_finite(run):
+    texts = sample.sample(run["out"], max_new_tokens=4, temperature=sample.MIN_TEMPERATURE, num_samples=2)
+    assert len(texts) == 2 and all(texts)
 
 
 def test_eval_json_writes_null_not_nan():

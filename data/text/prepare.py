@@ -41,7 +41,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:  # so `python data/text/prepare.py` can import the data package
     sys.path.insert(0, ROOT)
-from cli import ArgumentParser, run_cli  # noqa: E402
+from configurator import ArgumentParser, run_cli  # noqa: E402
 from data.text.readers import list_inputs, parse_domain_from, read_file  # noqa: E402
 from data.tokenizer import HF_TOKENIZER_FILES, copy_tokenizer_files, encode_documents, get_tokenizer  # noqa: E402
 
