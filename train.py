@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import parallel
+from btx import branch_domains, btx_from_checkpoints
 from checkpoint import CheckpointError, NonFiniteCheckpointError, load_checkpoint, load_weights
 from cli import device_problem, first_float_problem, ram_available
 from data.dataset import TokenDataset, load_meta
@@ -41,9 +42,9 @@ from metrics import METRICS_FILE, MetricsWriter, trim_for_resume
 from model import GPT, GPTConfig, MoEFFN
 from router import AdaptiveAuxCoef, Routing
 from runlock import LockError, OutDirLock
-from upcycle import (FUNCTION_KEYS, METHODS, ROUTER_INITS, SHAPE_KEYS, branch_domains, btx_from_checkpoints,
-                     check_upcycle_options, dense_ffn_weights, mean_pairwise_similarity, router_init_hidden, similarity_to_dense,
-                     upcycle_from_checkpoint, upcycle_model)
+from upcycle import (FUNCTION_KEYS, METHODS, ROUTER_INITS, SHAPE_KEYS, check_upcycle_options, dense_ffn_weights,
+                     mean_pairwise_similarity, router_init_hidden, similarity_to_dense, upcycle_from_checkpoint,
+                     upcycle_model)
 
 # -----------------------------------------------------------------------------
 # defaults: I/O
@@ -831,7 +832,7 @@ def upcycle_after_warmup(st, cfg, target_args, env):
     """Lory's dense warm-up ends: upcycle the dense model in memory, keep the Adam
     moments of the parameters that survive, and start fresh ones for the experts."""
     old_model, old_opt = st.raw_model, st.optimizer
-    st.raw_model = upcycle_model(old_model, upcycle_options(cfg, target_args)).to(env.device)
+    st.raw_model = upcycle_model(old_model, upcycle_options(cfg, target_args))[0].to(env.device)
     st.dense_ffns = {l: tuple(getattr(old_model.blocks[l].ffn, m).weight.detach().cpu().clone()
                               for m in ("gate_proj", "up_proj", "down_proj")) for l, _ in st.raw_model.moe_layers()}
     st.optimizer = make_optimizer(st.raw_model, cfg, env.device_type)

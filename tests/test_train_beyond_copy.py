@@ -1,16 +1,16 @@
-"""train.py access to the issue-16 upcycling methods: online Drop-Upcycling, BTX from
+"""train.py access to the upcycling methods beyond copies: online Drop-Upcycling, BTX from
 branch checkpoints, the hidden-state router init, and --domains for branch training.
 References: online copy upcycling (drop r=0 must equal it bit for bit) and the
-upcycle.py CLI (train.py's BTX must build the same weights)."""
+btx.py CLI (train.py's BTX must build the same weights)."""
 import os
 
 import numpy as np
 import pytest
 import torch
 
+import btx
 import eval as E
 import train
-import upcycle
 from checkpoint import load_checkpoint
 from helpers import TINY, make_dataset, read_jsonl
 
@@ -111,13 +111,13 @@ def test_domains_run_sees_only_that_domain(runs, tmp_path, monkeypatch):
     assert len(np.unique(np.fromfile(os.path.join(runs["data"], "train.bin"), dtype=np.uint16) // BAND)) > 3
 
 
-def test_btx_through_train_equals_upcycle_cli(runs):
+def test_btx_through_train_equals_btx_cli(runs):
     """train.py --init_from=A,B --upcycle_method=btx --upcycle_router_init=hidden builds the
-    MoE that `upcycle.py --method=btx --router_init=hidden` writes, tensor for tensor; the
+    MoE that `btx.py --router_init=hidden` writes, tensor for tensor; the
     hidden rows' domains come from the branches' recorded --domains."""
     cli = str(runs["base"] / "btx_cli")
-    assert upcycle.main([f"--ckpt={','.join(runs['branches'])}", f"--out_dir={cli}", "--method=btx", "--n_experts=4",
-                         "--top_k=2", "--router_init=hidden", f"--data_dir={runs['data']}", "--verify=False"]) == 0
+    assert btx.main([f"--branches={','.join(runs['branches'])}", f"--out_dir={cli}", "--n_experts=4",
+                     "--top_k=2", "--router_init=hidden", f"--data_dir={runs['data']}", "--verify=False"]) == 0
     out = str(runs["base"] / "btx_train")
     run_train(runs["common"] + [f"--out_dir={out}", f"--init_from={','.join(runs['branches'])}", "--max_iters=0",
                                 "--upcycle_method=btx", "--moe_layers=all", "--n_experts=4", "--top_k=2",

@@ -1,4 +1,4 @@
-"""Beyond copy-upcycling (issue 16): Drop-Upcycling (arXiv 2502.19261), Branch-Train-MiX
+"""Beyond copy-upcycling: Drop-Upcycling (arXiv 2502.19261), Branch-Train-MiX
 (arXiv 2403.07816), the hidden-state router init (mergekit-moe's `hidden` gate mode) and
 the data loader's domain filter that BTX branch training needs.
 
@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import btx as B  # noqa: E402
 import upcycle as U  # noqa: E402
 from checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: E402
 from data.dataset import TokenDataset  # noqa: E402
@@ -67,9 +68,9 @@ def logits(model, x):
 X = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
 
 
-def run_cli(*args):
+def run_cli(*args, script="upcycle.py"):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "upcycle.py"), *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -181,7 +182,7 @@ def test_btx_of_identical_branches_equals_the_dense_model(tmp_path, n_experts):
     float64 average of identical tensors is the tensor itself."""
     dense = make_dense()
     paths = [save_dense(dense, tmp_path / f"b{i}") for i in range(4)]
-    rc = U.main([f"--ckpt={','.join(paths)}", f"--out_dir={tmp_path / 'btx'}", "--method=btx",
+    rc = B.main([f"--branches={','.join(paths)}", f"--out_dir={tmp_path / 'btx'}",
                  f"--n_experts={n_experts}", "--verify=false"])
     assert rc == 0
     moe, ckpt = load_model(str(tmp_path / "btx"))
@@ -201,7 +202,7 @@ def test_btx_expert_choice_scales_for_the_experts_it_routes_to(tmp_path):
     as upcycle_ffn does, or the merged model computes half the dense FFN."""
     dense = make_dense()
     paths = [save_dense(dense, tmp_path / f"b{i}") for i in range(4)]
-    rc = U.main([f"--ckpt={','.join(paths)}", f"--out_dir={tmp_path / 'btx'}", "--method=btx", "--n_experts=4",
+    rc = B.main([f"--branches={','.join(paths)}", f"--out_dir={tmp_path / 'btx'}", "--n_experts=4",
                  "--top_k=2", "--router=expert_choice", "--capacity_factor=1.0", "--router_init_std=0",
                  "--weight_scaling=exact", "--verify=false"])
     assert rc == 0
@@ -216,7 +217,7 @@ def test_btx_averages_exactly_and_takes_each_branch_ffn():
     states = [b.state_dict() for b in branches]
     # layer 0 stays dense (its FFN is averaged too), layer 1 becomes 6 experts, 2 per branch
     opts = {"model_args": {"moe_layers": "1", "n_experts": 6, "top_k": 2}}
-    state, cfg, info = U.btx_merge(states, [asdict(b.config) for b in branches], opts, names=["A", "B", "C"])
+    state, cfg, info = B.btx_merge(states, [asdict(b.config) for b in branches], opts, names=["A", "B", "C"])
     assert info["options"]["expert_branch"] == [0, 0, 1, 1, 2, 2]
     assert info["options"]["function_preserving"] == "approximate"
     for k in states[0]:
@@ -242,7 +243,7 @@ def test_btx_mismatch_is_one_line_naming_both_files(tmp_path, other, what):
     """In a subprocess: exit status 2 and a one-line message naming both files."""
     a = save_dense(make_dense(), tmp_path / "a")
     b = save_dense(make_dense(**other), tmp_path / "b")
-    p = run_cli(f"--ckpt={a},{b}", f"--out_dir={tmp_path / 'btx'}", "--method=btx", "--n_experts=4")
+    p = run_cli(f"--branches={a},{b}", f"--out_dir={tmp_path / 'btx'}", "--n_experts=4", script="btx.py")
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and what in lines[0]
@@ -256,19 +257,22 @@ def test_btx_bad_inputs(tmp_path, capsys):
     moe_dir = tmp_path / "moe"
     assert U.main([f"--ckpt={a}", f"--out_dir={moe_dir}", "--n_experts=4", "--verify=false"]) == 0
     cases = [
-        ([f"--ckpt={a}", "--method=btx"], "2 or more"),
-        ([f"--ckpt={a},{b}", "--method=btx", "--n_experts=3"], "multiple of the 2 branches"),
-        ([f"--ckpt={a},{moe_dir}", "--method=btx"], "is an MoE checkpoint"),
-        ([f"--ckpt={a},{b}"], "only --method=btx"),
-        ([f"--ckpt={a},{b}", "--method=btx", "--granularity=2", "--top_k=2"], "do not apply"),
-        ([f"--ckpt={a},{tmp_path / 'missing'}", "--method=btx"], "no checkpoint"),
+        (B.main, [f"--branches={a}"], "2 or more"),
+        (B.main, [f"--branches={a},{b}", "--n_experts=3"], "multiple of the 2 branches"),
+        (B.main, [f"--branches={a},{moe_dir}"], "is an MoE checkpoint"),
+        (U.main, [f"--ckpt={a},{b}"], "btx.py --branches"),
+        (B.main, [f"--branches={a},{tmp_path / 'missing'}"], "no checkpoint"),
     ]
     capsys.readouterr()
-    for args, msg in cases:
-        rc = U.main([*args, f"--out_dir={tmp_path / 'out'}", "--verify=false"])
+    for main, args, msg in cases:
+        rc = main([*args, f"--out_dir={tmp_path / 'out'}", "--verify=false"])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and msg in err[0], (args, err)
         assert not os.path.exists(tmp_path / "out"), args
+    states = [load_checkpoint(p) for p in (a, b)]
+    with pytest.raises(ValueError, match="do not apply"):
+        B.btx_merge([c["model"] for c in states], [c["model_args"] for c in states],
+                    {"model_args": {"moe_layers": "all", "n_experts": 4, "top_k": 2}, "granularity": 2})
 
 
 # ----------------------------------------------------------------------------- router init from hidden states
@@ -312,7 +316,7 @@ def trained_dense(four_domains):
 
 def test_hidden_router_init_sends_domain_tokens_to_their_expert(four_domains, trained_dense):
     dense = trained_dense
-    model = U.upcycle_model(dense, moe_opts(n_experts=4, top_k=1))
+    model, _ = U.upcycle_model(dense, moe_opts(n_experts=4, top_k=1))
     before = [own_expert_rate(model, four_domains, l) for l in range(2)]
     info = U.router_init_hidden(model, four_domains, "dom0,dom1,dom2,dom3", n_windows=16)
     assert info["router_init"] == "hidden" and info["router_init_domains"] == DOMAINS
@@ -343,7 +347,7 @@ def test_hidden_router_for_btx_branches_from_their_configs(tmp_path, four_domain
     """Each BTX branch records its domain (config['domains']); experts of branch b get b's row."""
     dense = make_dense(seed=4)
     paths = [save_dense(dense, tmp_path / f"b{i}", config={"domains": DOMAINS[i]}) for i in range(4)]
-    rc = U.main([f"--ckpt={','.join(paths)}", f"--out_dir={tmp_path / 'btx'}", "--method=btx", "--n_experts=8",
+    rc = B.main([f"--branches={','.join(paths)}", f"--out_dir={tmp_path / 'btx'}", "--n_experts=8",
                  "--top_k=2", "--router_init=hidden", f"--data_dir={four_domains}"])   # and --verify
     assert rc == 0
     moe, ckpt = load_model(str(tmp_path / "btx"))
