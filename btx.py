@@ -47,12 +47,12 @@ def check_branches(dense_args, names):
     return cfgs[0]
 
 
-def btx_ffn(ffns, branch, cfg, weight_scaling, generator):
+def btx_ffn(ffns, branch, cfg, weight_scaling, generator, router_init_dist="normal"):
     """One BTX MoE layer (tensors named relative to blocks.{l}.ffn.): expert e is the FFN of
     branch branch[e] (ffns[b] = (W1 (d_ff, d), W3 (d_ff, d), W2 (d, d_ff)) of branch b), and a
     new router drawn exactly as upcycle_ffn draws it for G=1 (same seed, same rows)."""
     E, dtype = cfg.n_experts, ffns[0][0].dtype
-    out = new_router(cfg, E, 1, generator)
+    out = new_router(cfg, E, 1, generator, router_init_dist)
     gate, up, down = (torch.stack([ffns[b][i].float() for b in branch]) for i in range(3))  # (E, h, d) x2, (E, d, h)
     gate, up, down = scale_experts(gate, up, down, weight_scaling, activation_scale(cfg.router, E, 1, routed_k(cfg)))
     out["gate_proj"], out["up_proj"], out["down_proj"] = (t.to(dtype).contiguous() for t in (gate, up, down))
@@ -79,7 +79,7 @@ def btx_merge(dense_states, dense_args, options=None, names=None, **kw):
     branch = [e // (cfg.n_experts // N) for e in range(cfg.n_experts)]
     for l in moe_ids:
         ffns = [tuple(s[f"blocks.{l}.ffn.{m}.weight"] for m in FFN_MATS) for s in dense_states]
-        layer = btx_ffn(ffns, branch, cfg, scaling, generator)
+        layer = btx_ffn(ffns, branch, cfg, scaling, generator, settings["router_init_dist"])
         state.update({f"blocks.{l}.ffn.{name}": t for name, t in layer.items()})
     check_state_shapes(state, cfg, "the merged state dict")
     return state, cfg, btx_info(cfg, scaling, settings, dense_states, names, branch)
@@ -114,7 +114,8 @@ def btx_info(cfg, scaling, settings, dense_states, names, branch):
         "method": "branch_train_mix",
         "options": {
             "n_experts": cfg.n_experts, "top_k": cfg.top_k, "moe_layers": cfg.moe_layers, "router": cfg.router,
-            "router_init_std": cfg.router_init_std, "weight_scaling": scaling,
+            "router_init_std": cfg.router_init_std, "router_init_dist": settings["router_init_dist"],
+            "weight_scaling": scaling,
             "activation_scale": activation_scale(cfg.router, cfg.n_experts, 1, routed_k(cfg)),
             "seed": int(settings["seed"]), "branches": names, "expert_branch": branch,
             "function_preserving": verdict, "preservation_note": note,

@@ -103,6 +103,7 @@ upcycle_granularity = 1      # G: fine-grained shards per dense FFN
 upcycle_weight_scaling = "auto"  # 'auto' | 'none' | 'exact' | 'megatron'
 upcycle_expert_noise = 0.0   # relative std of noise on the expert copies
 upcycle_seed = 0
+upcycle_router_init_dist = "normal"  # 'normal' | 'uniform' (the Drop-Upcycling/BTX authors' router init)
 upcycle_method = "copy"      # 'copy' | 'drop' (Drop-Upcycling) | 'btx' (Branch-Train-MiX: init_from=A,B,C,D)
 upcycle_drop_ratio = 0.5     # upcycle_method='drop': share of each expert's channels re-initialised
 upcycle_router_init = "random"   # 'random' (router_init_std) | 'hidden' (mean hidden state per domain)
@@ -1204,7 +1205,7 @@ def upcycle_options(cfg, target_args):
     model_args = {k: v for k, v in target_args.items() if k != "block_size"}
     return {"model_args": model_args, "granularity": cfg["upcycle_granularity"],
             "weight_scaling": cfg["upcycle_weight_scaling"], "expert_noise": cfg["upcycle_expert_noise"],
-            "seed": cfg["upcycle_seed"],
+            "seed": cfg["upcycle_seed"], "router_init_dist": cfg["upcycle_router_init_dist"],
             "drop_ratio": cfg["upcycle_drop_ratio"] if cfg["upcycle_method"] == "drop" else 0.0}
 
 

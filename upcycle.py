@@ -16,8 +16,9 @@ MoE layer (upcycle_ffn):
 * fine-grained (He et al., arXiv 2410.07524), granularity G > 1: d_ff is cut into G shards
   (rows of W1/W3, columns of W2), FFN(x) = sum_g FFN_g(x), and expert e = i*G + g holds
   shard g; each of the E' = E/G virtual groups holds one whole copy;
-* the router is new: E' rows from N(0, router_init_std^2) or a centred uniform of that std
-  (zero when the std is 0), each repeated G times, so a group's experts always tie;
+* the router is new: E' rows from N(0, router_init_std^2) or (router_init_dist=uniform) a
+  centred uniform of that std, zero when the std is 0, each repeated G times, so a group's
+  experts always tie;
 * weight scaling: W2 times the activation scale s (E'G^2/k for softmax-then-topk gates,
   G for renormalised ones), so that the routed output equals the dense FFN;
 * shared experts take a fraction shared_fraction of each dense unit's W2 column, the
@@ -55,18 +56,23 @@ FUNCTION_KEYS = ("rope_theta", "norm_eps", "rope_scaling", "rope_factor", "rope_
                  "rope_high_freq_factor", "rope_original_max_pos")
 OPTION_DEFAULTS = {"model_args": None, "granularity": None, "expansion_rate": None,
                    "weight_scaling": "auto", "expert_noise": 0.0, "shared_fraction": 0.5, "seed": 0,
-                   "drop_ratio": 0.0}
+                   "drop_ratio": 0.0, "router_init_dist": "normal"}
+ROUTER_INIT_DISTS = ("normal", "uniform")
 
 
 # ----------------------------------------------------------------------------- the copy
 
-def new_router(cfg, n_rows, G, generator):
+def new_router(cfg, n_rows, G, generator, dist="normal"):
     """The router tensors of a new MoE layer, named relative to blocks.{l}.ffn.: n_rows rows
-    drawn from N(0, router_init_std^2), or zeros when the std is 0, each repeated G times
-    (virtual groups); router noise weights and the sigmoid router's expert bias start at
-    zero, as in router.Router."""
+    of std router_init_std (zeros when it is 0), each repeated G times (virtual groups);
+    router noise weights and the sigmoid router's expert bias start at zero, as in
+    router.Router. dist "normal": N(0, std^2). "uniform": the Drop-Upcycling/BTX authors'
+    torch_rand_002, u ~ U[0, 1) centred on its sample mean and scaled by std * sqrt(12)."""
     E, d = n_rows * G, cfg.n_embd
-    if cfg.router_init_std > 0:
+    if cfg.router_init_std > 0 and dist == "uniform":
+        u = torch.rand(n_rows, d, generator=generator)
+        rows = (u - u.mean()) * cfg.router_init_std * math.sqrt(12)               # std(U[0, 1)) = 1/sqrt(12)
+    elif cfg.router_init_std > 0:
         rows = torch.randn(n_rows, d, generator=generator) * cfg.router_init_std
     else:
         rows = torch.zeros(n_rows, d)
@@ -95,7 +101,7 @@ def shared_experts(w1, w3, w2, cfg, G, shared_fraction):
 
 
 def upcycle_ffn(w1, w3, w2, cfg, G, weight_scaling="exact", expert_noise=0.0, shared_fraction=0.5,
-                generator=None):
+                generator=None, router_init_dist="normal"):
     """One dense SwiGLU (w1, w3: (d_ff, d); w2: (d, d_ff)) -> the tensors of one MoE layer,
     named relative to blocks.{l}.ffn. (router.*, gate_proj, up_proj, down_proj, [shared.*]).
     Random draws, in this order: router rows (E', d), then noise on the gate, up and down
@@ -104,7 +110,7 @@ def upcycle_ffn(w1, w3, w2, cfg, G, weight_scaling="exact", expert_noise=0.0, sh
     w1, w3, w2 = (t.detach().to("cpu", torch.float32) for t in (w1, w3, w2))
     d_ff, d = w1.shape
     expansion, h = cfg.n_experts // G, d_ff // G
-    out = new_router(cfg, expansion, G, generator)
+    out = new_router(cfg, expansion, G, generator, router_init_dist)
     shared, routed_share = shared_experts(w1, w3, w2, cfg, G, shared_fraction)
     out.update({name: t.to(dtype) for name, t in shared.items()})
     # the copy: expert i*G + g holds shard g of the dense FFN
@@ -139,7 +145,7 @@ def upcycle_state_dict(dense_state, dense_args, options=None, experts=None, **kw
 
     dense_args: the dense GPTConfig (or dict). options / kw: OPTION_DEFAULTS' keys (model_args,
     granularity, expansion_rate, weight_scaling, expert_noise, shared_fraction, seed,
-    drop_ratio). experts=(lo, hi): keep only experts lo..hi-1 of every expert stack (one
+    drop_ratio, router_init_dist). experts=(lo, hi): keep only experts lo..hi-1 of every expert stack (one
     expert-parallel rank's share); one layer's full stacks exist at a time and the random
     stream does not depend on the range. info = upcycle_info(...). Deterministic: the same
     inputs and seed give identical tensors. Raises ValueError (one line)."""
@@ -159,7 +165,7 @@ def upcycle_state_dict(dense_state, dense_args, options=None, experts=None, **kw
         p = f"blocks.{l}.ffn."
         w1, w3, w2 = (dense_state[p + m + ".weight"] for m in FFN_MATS)
         layer = upcycle_ffn(w1, w3, w2, cfg, G, scaling, settings["expert_noise"], settings["shared_fraction"],
-                            generator)
+                            generator, settings["router_init_dist"])
         for name, t in layer.items():
             state[p + name] = t[experts[0]:experts[1]].clone() if experts and name in FFN_MATS else t
         del layer
@@ -461,7 +467,8 @@ def upcycle_info(cfg, G, scaling, settings):
         "options": {
             "n_experts": cfg.n_experts, "top_k": cfg.top_k, "granularity": G, "expansion_rate": cfg.n_experts // G,
             "expert_hidden": cfg.expert_hidden, "moe_layers": cfg.moe_layers, "router": cfg.router,
-            "router_init_std": cfg.router_init_std, "n_shared_experts": cfg.n_shared_experts,
+            "router_init_std": cfg.router_init_std, "router_init_dist": settings["router_init_dist"],
+            "n_shared_experts": cfg.n_shared_experts,
             "shared_fraction": float(settings["shared_fraction"]) if cfg.n_shared_experts else None,
             "weight_scaling": scaling, "activation_scale": activation_scale(cfg.router, cfg.n_experts, G, routed_k(cfg)),
             "expert_noise": float(settings["expert_noise"]), "seed": int(settings["seed"]),
@@ -567,6 +574,9 @@ def resolve_options(options, kw):
         raise ValueError(f"expert_noise={settings['expert_noise']} must be >= 0")
     if not 0 <= settings["shared_fraction"] <= 1:
         raise ValueError(f"shared_fraction={settings['shared_fraction']} must be in [0, 1]")
+    if settings["router_init_dist"] not in ROUTER_INIT_DISTS:
+        raise ValueError(f"router_init_dist={settings['router_init_dist']!r} must be one of "
+                         f"{', '.join(ROUTER_INIT_DISTS)}")
     if not 0 <= settings["drop_ratio"] <= 1:
         raise ValueError(f"drop_ratio={settings['drop_ratio']} must be in [0, 1] (the share of each expert's "
                          f"channels Drop-Upcycling re-initialises; 0.5 is the paper's best)")
@@ -769,7 +779,9 @@ def add_moe_flags(p):
     """The flags of the target MoE shape, its router and the output, shared with btx.py."""
     a = p.add_argument
     a("--router_init", default="random", choices=ROUTER_INITS,
-      help="random: normal(0, router_init_std) rows; hidden: rows from mean hidden states per domain")
+      help="random: rows of std router_init_std; hidden: rows from mean hidden states per domain")
+    a("--router_init_dist", default="normal", choices=ROUTER_INIT_DISTS,
+      help="--router_init=random: normal, or uniform (the Drop-Upcycling/BTX authors' torch_rand_002)")
     a("--domains", default="", help="--router_init=hidden: one domain per expert, or fewer dividing n_experts")
     a("--data_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "multidomain"),
       help="--router_init=hidden: the prepared dataset the domains come from")
@@ -806,7 +818,7 @@ def cli_options(args):
     if args.router_init_windows < 1:
         raise ValueError(f"--router_init_windows={args.router_init_windows} must be >= 1")
     options = {"model_args": {k: flags[k] for k in MODEL_FLAGS if k in flags}, "weight_scaling": args.weight_scaling,
-               "seed": args.seed}
+               "seed": args.seed, "router_init_dist": args.router_init_dist}
     options.update({k: flags[k] for k in ("granularity", "expansion_rate", "expert_noise", "shared_fraction")
                     if k in flags})
     hidden = None

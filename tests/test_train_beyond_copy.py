@@ -11,6 +11,7 @@ import torch
 import btx
 import eval as E
 import train
+import upcycle
 from checkpoint import load_checkpoint
 from helpers import TINY, make_dataset, read_jsonl
 
@@ -174,3 +175,22 @@ def test_finished_run_reads_a_key_added_since_as_its_default(runs, tmp_path):
     cfg = dict(load_checkpoint(runs["dense"])["config"], out_dir=out)
     assert train.finished_run(out, cfg)
     assert not train.finished_run(out, dict(cfg, domains="dom1"))
+
+
+def test_router_init_dist_uniform_online_equals_the_function_and_bad_value_is_one_line(runs, tmp_path, capsys):
+    """upcycle_router_init_dist reaches the upcycler: train.py builds the uniform router
+    upcycle_state_dict builds, records it, and refuses an unknown distribution in one line."""
+    moe = ["--moe_layers=all", "--n_experts=4", "--top_k=2", f"--init_from={runs['dense']}", "--max_iters=0"]
+    out = str(runs["base"] / "uniform")
+    run_train(runs["common"] + moe + [f"--out_dir={out}", "--upcycle_router_init_dist=uniform"])
+    dense = load_checkpoint(runs["dense"])
+    ref, _, _ = upcycle.upcycle_state_dict(dense["model"], dense["model_args"], {
+        "model_args": {"moe_layers": "all", "n_experts": 4, "top_k": 2}, "router_init_dist": "uniform"})
+    got = load_checkpoint(out)
+    assert got["upcycled_from"]["options"]["router_init_dist"] == "uniform"
+    assert torch.equal(got["model"]["blocks.0.ffn.router.weight"], ref["blocks.0.ffn.router.weight"])
+    bad = tmp_path / "bad"
+    assert train.main(runs["common"] + moe + [f"--out_dir={bad}", "--upcycle_router_init_dist=cauchy"]) == 2
+    err = capsys.readouterr().err
+    assert "router_init_dist='cauchy' must be one of normal, uniform" in err and err.count("\n") == 1, err
+    assert not bad.exists()

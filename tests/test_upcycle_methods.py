@@ -275,6 +275,38 @@ def test_btx_bad_inputs(tmp_path, capsys):
                     {"model_args": {"moe_layers": "all", "n_experts": 4, "top_k": 2}, "granularity": 2})
 
 
+# ----------------------------------------------------------------------------- router init distribution
+
+def test_uniform_router_init_is_the_authors_torch_rand_002(tmp_path):
+    """router_init_dist=uniform draws what the Drop-Upcycling/BTX authors' torch_rand_002
+    draws: u ~ U[0, 1), (u - mean(u)) * 0.02 * sqrt(12), so std 0.02 and mean 0; normal stays
+    the default. Upcycle and BTX CLIs record the distribution."""
+    dense = make_dense()
+    sd, args = dense.state_dict(), asdict(dense.config)
+    opts = moe_opts(n_experts=4, top_k=2, router_init_dist="uniform", seed=3)
+    state, _, info = U.upcycle_state_dict(sd, args, opts)
+    u = torch.rand(4, 32, generator=torch.Generator().manual_seed(3))    # the first draw of the seed
+    ref = (u - u.mean()) * 0.02 * 12 ** 0.5
+    w = state["blocks.0.ffn.router.weight"]
+    assert torch.equal(w, ref) and info["options"]["router_init_dist"] == "uniform"
+    assert abs(float(w.std()) - 0.02) < 0.004 and float(w.abs().max()) <= 0.02 * 12 ** 0.5
+    normal, _, info_n = U.upcycle_state_dict(sd, args, moe_opts(n_experts=4, top_k=2, seed=3))
+    assert info_n["options"]["router_init_dist"] == "normal"
+    assert torch.equal(normal["blocks.0.ffn.router.weight"],
+                       torch.randn(4, 32, generator=torch.Generator().manual_seed(3)) * 0.02)
+    src = save_dense(dense, tmp_path / "dense")
+    assert U.main([f"--ckpt={src}", f"--out_dir={tmp_path / 'up'}", "--n_experts=4", "--router_init_dist=uniform",
+                   "--seed=3", "--verify=false"]) == 0
+    assert torch.equal(load_checkpoint(str(tmp_path / "up"))["model"]["blocks.0.ffn.router.weight"], ref)
+    assert B.main([f"--branches={src},{src}", f"--out_dir={tmp_path / 'btx'}", "--n_experts=4",
+                   "--router_init_dist=uniform", "--seed=3", "--verify=false"]) == 0
+    ckpt = load_checkpoint(str(tmp_path / "btx"))
+    assert ckpt["upcycled_from"]["options"]["router_init_dist"] == "uniform"
+    assert torch.equal(ckpt["model"]["blocks.0.ffn.router.weight"], ref)
+    with pytest.raises(ValueError, match="router_init_dist='cauchy' must be one of normal, uniform"):
+        U.upcycle_state_dict(sd, args, moe_opts(router_init_dist="cauchy"))
+
+
 # ----------------------------------------------------------------------------- router init from hidden states
 
 @pytest.fixture(scope="module")
