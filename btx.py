@@ -153,7 +153,7 @@ def btx_checkpoint(paths, out_dir, options=None, force=False, hidden=None, **kw)
         ckpts, names = load_branches(paths)
         state, cfg, info = btx_merge([c["model"] for c in ckpts], [c["model_args"] for c in ckpts], options,
                                      names, **kw)
-        if hidden is not None and not hidden.get("domains"):
+        if hidden is not None and hidden["method"] == "hidden" and not hidden.get("domains"):
             hidden["domains"] = recorded_domains(ckpts, names)
         return state, cfg, info, ckpts[0].get("config"), branch_record(names)
     hidden = dict(hidden) if hidden is not None else None

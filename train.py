@@ -660,7 +660,7 @@ def upcycle_online(cfg, target_args, env):
     if cfg["upcycle_router_init"] == "hidden":
         domains = cfg["upcycle_router_domains"] or branch_domains(paths)
         upcycled_from["options"].update(router_init_hidden(model, resolve_data_dir(cfg), domains,
-                                                           seed=cfg["upcycle_seed"]))
+                                                           seed=cfg["upcycle_seed"], block_size=cfg["block_size"]))
     env.log(f"upcycled {init} ({upcycled_from['method']}, router {cfg['upcycle_router_init']}) -> "
             f"{model.config.n_experts} experts top-{model.config.top_k} in memory "
             f"({upcycled_from['options'].get('function_preserving', '?')} function preservation)")

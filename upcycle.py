@@ -31,6 +31,7 @@ upcycle_info records what was done and whether the MoE computes the dense functi
 step 0 (preservation). Branch-Train-MiX, which merges several dense branches, is btx.py.
 """
 import argparse
+import json
 import math
 import os
 import sys
@@ -40,7 +41,8 @@ import torch
 
 from checkpoint import CheckpointError, ckpt_path, file_sha256, load_checkpoint, load_model, save_checkpoint
 from cli import ArgumentParser, float_problem, ram_available
-from data.dataset import TokenDataset
+from data.dataset import TokenDataset, load_meta
+from data.tokenizer import HFTokenizer, find_tokenizer_dir, load_tokenizer
 from model import GPT, GPTConfig
 from router import expert_choice_k
 from runlock import LockError, OutDirLock
@@ -48,7 +50,9 @@ from runlock import LockError, OutDirLock
 FFN_MATS = ("gate_proj", "up_proj", "down_proj")
 WEIGHT_SCALINGS = ("auto", "none", "exact", "megatron")
 METHODS = ("copy", "drop", "btx")       # train.py's upcycle_method; btx is btx.py's
-ROUTER_INITS = ("random", "hidden")
+ROUTER_INITS = ("random", "hidden")    # train.py's upcycle_router_init
+CLI_ROUTER_INITS = ROUTER_INITS + ("mergekit_hidden", "mergekit_hidden_avg")
+HIDDEN_BLOCK_SIZE = 256   # hidden-state window length when no run block_size is known (train.py's default)
 DEFAULT_DROP_RATIO = 0.5   # Drop-Upcycling's best ratio (arXiv 2502.19261)
 # fields that fix the dense parameter shapes, and ones that change the dense function
 SHAPE_KEYS = ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "ffn_hidden", "tie_embeddings")
@@ -214,7 +218,7 @@ def source_record(path):
 def upcycle_checkpoint(path, out_dir, options=None, force=False, hidden=None, **kw):
     """Offline upcycling (the CLI): write out_dir/ckpt.pt, a step-0 MoE checkpoint that
     train.py resumes (--init_from=resume) and eval.py reads. hidden: None, or the keyword
-    arguments of router_init_hidden (data_dir, domains, ...). Never overwrites the source,
+    arguments of set_router_from_hidden (method, data_dir, domains, ...). Never overwrites the source,
     nor out_dir/ckpt.pt unless force. Returns (path written, cfg, info)."""
     def build():
         dense = load_dense(path)
@@ -227,14 +231,14 @@ def upcycle_checkpoint(path, out_dir, options=None, force=False, hidden=None, **
 def write_step0_moe(out_dir, sources, force, build, hidden=None):
     """Hold out_dir's lock, refuse to overwrite a source or (without force) out_dir/ckpt.pt,
     build() -> (state, cfg, info, config, source record), set the routers from hidden states
-    when `hidden` is given, and write a step-0 MoE checkpoint (no optimizer, no RNG state)
-    atomically. Returns (path written, cfg, info)."""
+    when `hidden` is given (set_router_from_hidden's keyword arguments), and write a step-0
+    MoE checkpoint (no optimizer, no RNG state) atomically. Returns (path written, cfg, info)."""
     with OutDirLock(out_dir):   # LockError while another process writes there
         check_out_dir(sources, out_dir, force)
         state, cfg, info, config, record = build()
         if hidden is not None:
             model = model_from_state(cfg, state)
-            info["options"].update(router_init_hidden(model, **hidden))
+            info["options"].update(set_router_from_hidden(model, (config or {}).get("block_size"), **hidden))
             state = {k: v.detach().to(state[k].dtype) for k, v in model.state_dict().items()}
         ckpt = {"model_args": asdict(cfg), "model": state, "optimizer": None, "iter_num": 0, "best_val_loss": 1e9,
                 "config": config, "rng": None, "aux_coef": None, "upcycled_from": {**record, **info}}
@@ -305,6 +309,14 @@ def expert_domains(domains, n_experts):
     return [names[e // m] for e in range(n_experts)]
 
 
+def check_expert_groups(names, cfg, what):
+    """ValueError (one line) unless the G experts of every virtual group take the same name."""
+    G = cfg.ffn_hidden // cfg.expert_hidden
+    if any(len(set(names[i:i + G])) > 1 for i in range(0, cfg.n_experts, G)):
+        raise ValueError(f"granularity {G}: the {G} experts of a virtual group must take the same {what} "
+                         f"(give n_experts / {G} or fewer)")
+
+
 @torch.no_grad()
 def ffn_input(model, idx, layer):
     """(B, T, d) input of block `layer`'s FFN, the vector its router reads:
@@ -318,20 +330,25 @@ def ffn_input(model, idx, layer):
 
 @torch.no_grad()
 def hidden_router_rows(model, windows, expert_domain):
-    """router_init="hidden" (mergekit-moe's `hidden` gate mode): router row e points along
-    the mean FFN input of the text expert e should take. Sets every MoE layer's
-    router.weight in place and returns {layer: (E, d) rows}.
+    """router_init="hidden", this repo's domain-contrast rows: router row e points along the
+    mean FFN input of the text expert e should take, relative to the other domains. Sets
+    every MoE layer's router.weight in place and returns {layer: (E, d) rows}.
 
     windows: {domain: (B, T) token windows of that domain}; expert_domain: a domain per expert.
     For each MoE layer l in order (so the rows already set shape the later layers' inputs):
         m_D   = mean over the tokens of domain D of ffn_input(model, windows[D], l)    (d,)
         m     = mean over domains of m_D
-        c_D   = (m_D - m) minus its component along m   (the part all domains share: mergekit
-                removes it with negative prompts; here it is what every token carries, and
-                row . m = 0 keeps it from favouring one expert for every token)
-        row_e = c_{D(e)} / ||c_{D(e)}||           (unit norm, as mergekit normalises its gates)
+        c_D   = (m_D - m) minus its component along m   (row . m = 0: what every token
+                carries favours no expert)
+        row_e = c_{D(e)} / ||c_{D(e)}||
     A token at its domain's mean then scores highest on its own domain's row (Cauchy-Schwarz).
-    Experts that share a domain share a row (a virtual group, like fine-grained upcycling's)."""
+    Experts that share a domain share a row (a virtual group, like fine-grained upcycling's).
+    It is not mergekit-moe's `hidden` gate mode (mergekit_router_rows), in four ways: it
+    reads (1) the normalised post-attention FFN input, not the residual stream entering
+    the layer, (2) of the MoE being built, not the dense base model, (3) averaged over every
+    token of data windows, not a prompt's last token, and (4) centres over domains and
+    removes the overall mean instead of subtracting negative prompts; the centred rows sum
+    to zero, so they have rank E-1 at most (mergekit's warn_degenerate_gates flags that)."""
     was = model.training
     model.eval()
     doms = list(dict.fromkeys(expert_domain))
@@ -351,39 +368,145 @@ def hidden_router_rows(model, windows, expert_domain):
     return rows
 
 
+def domain_windows(data_dir, names, n_windows, T, split, seed, vocab_size):
+    """{domain: (n_windows, T) token windows} of each name, drawn from data_dir's split with
+    TokenDataset(domains=D) and a Generator seeded with `seed`."""
+    windows = {}
+    for D in dict.fromkeys(names):
+        ds = TokenDataset(data_dir, split, domains=D)
+        if ds.meta["vocab_size"] != vocab_size:
+            raise ValueError(f"{data_dir} has vocab_size={ds.meta['vocab_size']}, the model {vocab_size}: "
+                             f"use the data the model was trained on")
+        windows[D] = ds.get_batch(n_windows, T, torch.Generator().manual_seed(seed))[0]
+    return windows
+
+
 def router_init_hidden(model, data_dir, domains, n_windows=16, block_size=None, split="train", seed=0):
     """Set every MoE router of `model` from hidden states (hidden_router_rows): n_windows
-    windows of block_size tokens (default the model's) of each domain, drawn from
-    data_dir's split with TokenDataset(domains=D) and a Generator seeded with `seed`.
+    windows of T = min(block_size, the model's block_size) tokens of each domain (block_size:
+    the run's; None: HIDDEN_BLOCK_SIZE), so n_windows * T tokens per domain, printed.
     domains: see expert_domains (at least 2 different names). Returns what to record in
-    info["options"] (router_init, its domains and data, and the preservation verdict when
-    a non-zero router breaks it)."""
+    info["options"] (router_init, its domains, data and tokens, and the preservation verdict
+    when a non-zero router breaks it)."""
     cfg = model.config
     names = expert_domains(domains, cfg.n_experts)
     if len(set(names)) < 2:
         raise ValueError(f"router_init=hidden needs at least 2 different domains (got {names[0]!r} for every "
                          f"expert): rows are the domains' mean hidden states minus their average")
-    G = cfg.ffn_hidden // cfg.expert_hidden
-    if any(len(set(names[i:i + G])) > 1 for i in range(0, cfg.n_experts, G)):
-        raise ValueError(f"granularity {G}: the {G} experts of a virtual group must take the same domain "
-                         f"(give n_experts / {G} or fewer domains)")
-    T = block_size or cfg.block_size
-    windows = {}
-    for D in dict.fromkeys(names):
-        ds = TokenDataset(data_dir, split, domains=D)
-        if ds.meta["vocab_size"] != cfg.vocab_size:
-            raise ValueError(f"{data_dir} has vocab_size={ds.meta['vocab_size']}, the model {cfg.vocab_size}: "
-                             f"use the data the model was trained on")
-        windows[D] = ds.get_batch(n_windows, T, torch.Generator().manual_seed(seed))[0]
-    hidden_router_rows(model, windows, names)
+    check_expert_groups(names, cfg, "domain")
+    T = min(block_size or HIDDEN_BLOCK_SIZE, cfg.block_size)
+    hidden_router_rows(model, domain_windows(data_dir, names, n_windows, T, split, seed, cfg.vocab_size), names)
+    print(f"router init from hidden states: {n_windows} windows x {T} tokens = {n_windows * T} tokens of each of "
+          f"{len(set(names))} domains")
     out = {"router_init": "hidden", "router_init_domains": names, "router_init_data": os.path.abspath(data_dir),
-           "router_init_windows": n_windows}
-    if cfg.router in ("softmax_topk", "expert_choice") and cfg.n_experts != routed_k(cfg):
-        out.update(function_preserving="approximate",
-                   preservation_note="softmax-then-topk gates sum to an input-dependent value with a non-zero "
-                                     "(hidden-state) router")
-    return out
+           "router_init_windows": n_windows, "router_init_tokens_per_domain": n_windows * T}
+    return {**out, **nonzero_router_verdict(cfg)}
 
+
+def nonzero_router_verdict(cfg):
+    """The preservation verdict to record when a non-zero router replaces the drawn one:
+    softmax-then-topk gates then sum to an input-dependent value ({} otherwise)."""
+    if cfg.router in ("softmax_topk", "expert_choice") and cfg.n_experts != routed_k(cfg):
+        return {"function_preserving": "approximate",
+                "preservation_note": "softmax-then-topk gates sum to an input-dependent value with a non-zero "
+                                     "(hidden-state) router"}
+    return {}
+
+
+@torch.no_grad()
+def layer_inputs(model, idx):
+    """(n_layer, B, T, d): the residual stream entering each block, before attention and any
+    norm (transformers' hidden_states[:-1], what mergekit-moe reads)."""
+    T = idx.shape[1]
+    x = model.tok_emb(idx)                                              # (B, T, d)
+    out = []
+    for block in model.blocks:
+        out.append(x)
+        x, _ = block(x, model.rope_cos[:T], model.rope_sin[:T])
+    return torch.stack(out)
+
+
+def prompt_states(dense, prompts, last_token):
+    """(n_layer, d): layer_inputs of each prompt (a list of token ids, run alone) at its last
+    token (mergekit `hidden`) or averaged over its tokens (`hidden_avg`), then averaged over
+    the prompts."""
+    dev = dense.tok_emb.weight.device
+    states = [layer_inputs(dense, torch.tensor([ids], device=dev))[:, 0].float() for ids in prompts]  # (L, T, d)
+    return torch.stack([h[:, -1] if last_token else h.mean(1) for h in states]).mean(0).cpu()
+
+
+def mergekit_router_rows(dense, expert_prompts, last_token=True):
+    """mergekit-moe's `hidden` / `hidden_avg` gate vectors (mergekit/moe/router.py
+    get_gate_params) from the dense base model `dense`: for each expert's (positive,
+    negative) prompt lists, v = prompt_states(positive) - prompt_states(negative) (no
+    negatives: nothing subtracted), L2-normalised per layer; no centring. Returns
+    (n_layer, n_experts, d); MoE layer l takes [l]. mergekit batches the prompts with padding
+    and reads position -1 (or averages over the padded length); each prompt runs alone
+    here, which equals it whenever the prompts of a batch have the same token length."""
+    dense.eval()
+    rows = []
+    for positive, negative in expert_prompts:
+        v = prompt_states(dense, positive, last_token)                       # (L, d)
+        if negative:
+            v = v - prompt_states(dense, negative, last_token)
+        rows.append(v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+    return torch.stack(rows, 1)                                             # (L, n_experts, d)
+
+
+def read_expert_prompts(path, tokenizer):
+    """[(positive ids lists, negative ids lists)] of a JSON file holding a list with one
+    {"positive_prompts": [text, ...], "negative_prompts": [text, ...]} per expert (mergekit's
+    names). Each prompt starts with the tokenizer's begin-of-text id (its end-of-text id
+    when it has none), as mergekit prepends bos_token."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)
+        if not isinstance(entries, list) or not entries or not all(
+                isinstance(e, dict) and e.get("positive_prompts") for e in entries):
+            raise ValueError("not a list of {positive_prompts, negative_prompts}")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--prompts={path} cannot be used ({getattr(e, 'strerror', None) or e}): give a JSON list "
+                         f"with one {{\"positive_prompts\": [...], \"negative_prompts\": [...]}} per expert") from None
+    start = getattr(tokenizer, "bos_token", None)
+    start = tokenizer.eot_token if start is None else start
+    encode = lambda text: ([] if start is None else [start]) + tokenizer.encode(str(text))   # noqa: E731
+    return [([encode(p) for p in e["positive_prompts"]], [encode(p) for p in e.get("negative_prompts") or []])
+            for e in entries]
+
+
+def router_init_mergekit(model, dense_path, prompts, data_dir=None, last_token=True):
+    """Set every MoE router of `model` to mergekit-moe's gates (mergekit_router_rows) from the
+    dense checkpoint dense_path and the prompt file `prompts` (read_expert_prompts; n entries,
+    n dividing n_experts: expert e takes entry e // (n_experts / n)). The tokenizer is the
+    dense checkpoint's own (tokenizer.json) or data_dir's. Returns what to record in
+    info["options"]."""
+    if dense_path is None:
+        raise ValueError("router_init=mergekit_hidden reads a dense base model's hidden states; a BTX merge has "
+                         "several: use --router_init=hidden")
+    ckpt = load_dense(dense_path)
+    dense = model_from_state(GPTConfig.from_dict(ckpt["model_args"]), ckpt["model"])
+    tok_dir = find_tokenizer_dir(ckpt, dense_path)
+    tokenizer = HFTokenizer(tok_dir) if tok_dir else load_tokenizer(load_meta(data_dir), data_dir)
+    expert_prompts = read_expert_prompts(prompts, tokenizer)
+    entry = expert_domains([str(i) for i in range(len(expert_prompts))], model.config.n_experts)
+    check_expert_groups(entry, model.config, "prompt entry")
+    rows = mergekit_router_rows(dense, expert_prompts, last_token)           # (L, n, d)
+    pick = torch.tensor([int(i) for i in entry])
+    with torch.no_grad():
+        for l, ffn in model.moe_layers():
+            ffn.router.weight.copy_(rows[l][pick].to(ffn.router.weight))
+    out = {"router_init": "mergekit_hidden" if last_token else "mergekit_hidden_avg",
+           "router_init_prompts": os.path.abspath(prompts), "router_init_prompt_entries": [int(i) for i in entry]}
+    return {**out, **nonzero_router_verdict(model.config)}
+
+
+def set_router_from_hidden(model, trained_block_size, method, **kw):
+    """router_init_hidden (method 'hidden'; block_size defaults to trained_block_size, the one
+    the source was trained at) or router_init_mergekit ('mergekit_hidden', last token;
+    'mergekit_hidden_avg', token average). Returns what to record in info["options"]."""
+    if method == "hidden":
+        return router_init_hidden(model, **{**kw, "block_size": kw.get("block_size") or trained_block_size})
+    return router_init_mergekit(model, last_token=method == "mergekit_hidden", **kw)
 
 
 # ----------------------------------------------------------------------------- verdict: what an upcycle preserved
@@ -778,14 +901,6 @@ def build_parser():
 def add_moe_flags(p):
     """The flags of the target MoE shape, its router and the output, shared with btx.py."""
     a = p.add_argument
-    a("--router_init", default="random", choices=ROUTER_INITS,
-      help="random: rows of std router_init_std; hidden: rows from mean hidden states per domain")
-    a("--router_init_dist", default="normal", choices=ROUTER_INIT_DISTS,
-      help="--router_init=random: normal, or uniform (the Drop-Upcycling/BTX authors' torch_rand_002)")
-    a("--domains", default="", help="--router_init=hidden: one domain per expert, or fewer dividing n_experts")
-    a("--data_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "multidomain"),
-      help="--router_init=hidden: the prepared dataset the domains come from")
-    a("--router_init_windows", type=int, default=16, help="--router_init=hidden: windows per domain")
     for name in MODEL_FLAGS:   # GPTConfig's defaults, but every layer upcycled
         default = "all" if name == "moe_layers" else getattr(GPTConfig, name)
         kind = {bool: _bool, int: int, float: float, str: str}.get(type(default), _opt_float)
@@ -795,6 +910,25 @@ def add_moe_flags(p):
     a("--force", type=_bool, nargs="?", const=True, default=False, help="overwrite out_dir/ckpt.pt")
     a("--verify", type=_bool, nargs="?", const=True, default=True,
       help="compare dense and upcycled logits on a random batch (default on)")
+    add_router_init_flags(p)
+
+
+def add_router_init_flags(p):
+    """The flags that choose how the new router rows are drawn or computed."""
+    a = p.add_argument
+    a("--router_init", default="random", choices=CLI_ROUTER_INITS,
+      help="random: rows of std router_init_std; hidden: domain-contrast rows from hidden states per domain; "
+           "mergekit_hidden(_avg): mergekit-moe's gates from --prompts")
+    a("--router_init_dist", default="normal", choices=ROUTER_INIT_DISTS,
+      help="--router_init=random: normal, or uniform (the Drop-Upcycling/BTX authors' torch_rand_002)")
+    a("--domains", default="", help="--router_init=hidden: one domain per expert, or fewer dividing n_experts")
+    a("--data_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "multidomain"),
+      help="--router_init=hidden: the prepared dataset the domains come from")
+    a("--router_init_windows", type=int, default=16, help="--router_init=hidden: windows per domain")
+    a("--hidden_block_size", type=int, default=0, help="--router_init=hidden: tokens per window (0: the "
+      f"block_size the source was trained at, else {HIDDEN_BLOCK_SIZE}; never above the model's)")
+    a("--prompts", default="", help="--router_init=mergekit_hidden(_avg): JSON list, one {positive_prompts, "
+      "negative_prompts} per expert")
 
 
 def parse_flags(parser, argv):
@@ -810,22 +944,35 @@ def parse_flags(parser, argv):
 def cli_options(args):
     """(options, hidden) for the flags add_moe_flags defines, and those of build_parser the
     parser has; ValueError (one line) for flags that do not fit together."""
-    if args.domains and args.router_init != "hidden":
-        raise ValueError("--domains is used by --router_init=hidden only")
     flags = vars(args)
     if flags.get("granularity", 1) < 1:   # 0 would be read as "unset" further down and upcycle with G=1
         raise ValueError(f"--granularity={args.granularity} must be >= 1 (shards per dense FFN)")
-    if args.router_init_windows < 1:
-        raise ValueError(f"--router_init_windows={args.router_init_windows} must be >= 1")
     options = {"model_args": {k: flags[k] for k in MODEL_FLAGS if k in flags}, "weight_scaling": args.weight_scaling,
                "seed": args.seed, "router_init_dist": args.router_init_dist}
     options.update({k: flags[k] for k in ("granularity", "expansion_rate", "expert_noise", "shared_fraction")
                     if k in flags})
+    return options, router_init_plan(args)
+
+
+def router_init_plan(args):
+    """set_router_from_hidden's keyword arguments for the --router_init flags (None for
+    random rows); ValueError (one line) for flags that do not fit together."""
+    if args.domains and args.router_init != "hidden":
+        raise ValueError("--domains is used by --router_init=hidden only")
+    if bool(args.prompts) != args.router_init.startswith("mergekit"):
+        raise ValueError("--prompts=FILE goes with --router_init=mergekit_hidden or mergekit_hidden_avg, and only there")
+    if args.hidden_block_size < 0:
+        raise ValueError(f"--hidden_block_size={args.hidden_block_size} must be >= 0 (0: the source's block_size)")
+    if args.router_init_windows < 1:
+        raise ValueError(f"--router_init_windows={args.router_init_windows} must be >= 1")
     hidden = None
     if args.router_init == "hidden":
-        hidden = {"data_dir": args.data_dir, "domains": args.domains, "n_windows": args.router_init_windows,
-                  "seed": args.seed}
-    return options, hidden
+        hidden = {"method": "hidden", "data_dir": args.data_dir, "domains": args.domains,
+                  "n_windows": args.router_init_windows, "seed": args.seed, "block_size": args.hidden_block_size}
+    elif args.router_init != "random":
+        hidden = {"method": args.router_init, "dense_path": vars(args).get("ckpt"), "prompts": args.prompts,
+                  "data_dir": args.data_dir}
+    return hidden
 
 
 def cli_plan(args):
@@ -837,7 +984,7 @@ def cli_plan(args):
                          f"python btx.py --branches=A,B,...")
     if args.drop_ratio is not None and args.method != "drop":
         raise ValueError("--drop_ratio applies to --method=drop only")
-    if args.router_init == "hidden" and not args.domains:
+    if args.router_init == "hidden" and not args.domains:   # (btx.py takes the branches' domains)
         raise ValueError("--router_init=hidden needs --domains=D1,D2,... (one per expert, or fewer dividing n_experts)")
     options, hidden = cli_options(args)
     if args.method == "drop":
@@ -878,8 +1025,8 @@ def print_summary(paths, path, info, layout, verify, vs="dense"):
     o = info["options"]
     print(f"upcycled {', '.join(os.path.abspath(ckpt_path(p)) for p in paths)} -> {path}")
     print(f"  {info['method']}: {layout}")
-    if o.get("router_init") == "hidden":
-        print(f"  router init from hidden states: expert domains {o['router_init_domains']}")
+    if o.get("router_init", "random") != "random":
+        print(f"  {describe_router_init(o)}")
     print(f"  weight scaling {o['weight_scaling']} (activation scale {o['activation_scale']:g}); "
           f"function preserving: {o['function_preserving']}"
           + (f" ({o['preservation_note']})" if o["preservation_note"] else ""))
@@ -888,6 +1035,15 @@ def print_summary(paths, path, info, layout, verify, vs="dense"):
         dense, _ = load_model(paths[0])
         print(f"  {moe.num_params() / 1e6:.2f}M parameters ({moe.num_params(active=True) / 1e6:.2f}M active); "
               f"max |logit diff| vs {vs} on a random batch: {logit_difference(dense, moe):.3g}")
+
+
+def describe_router_init(o):
+    """One line on a router set from hidden states, from the recorded options o."""
+    if o["router_init"] == "hidden":
+        return (f"router init from hidden states: expert domains {o['router_init_domains']}, "
+                f"{o['router_init_tokens_per_domain']} tokens per domain")
+    return f"router init {o['router_init']} from {o['router_init_prompts']}: expert e takes entry " \
+           f"{o['router_init_prompt_entries']}"
 
 
 def main(argv=None):

@@ -13,6 +13,7 @@ import eval as E
 import train
 import upcycle
 from checkpoint import load_checkpoint
+from data.dataset import TokenDataset
 from helpers import TINY, make_dataset, read_jsonl
 
 N_DOM = 4
@@ -194,3 +195,23 @@ def test_router_init_dist_uniform_online_equals_the_function_and_bad_value_is_on
     err = capsys.readouterr().err
     assert "router_init_dist='cauchy' must be one of normal, uniform" in err and err.count("\n") == 1, err
     assert not bad.exists()
+
+
+def test_hidden_router_windows_never_exceed_the_run_block_size(runs, tmp_path, monkeypatch, capsys):
+    """A dense model with a 64-token context upcycled online by a 16-token run: the hidden-state
+    windows are 16 tokens (not the model's 64), and the tokens read per domain are recorded and
+    printed (16 windows x 16 tokens)."""
+    dense = str(tmp_path / "dense64")
+    run_train([a for a in runs["common"] if not a.startswith("--block_size")] + [
+        "--block_size=64", f"--out_dir={dense}", "--max_iters=1"])
+    lengths = []
+    get_batch = TokenDataset.get_batch
+    monkeypatch.setattr(TokenDataset, "get_batch", lambda self, B, T, *a, **k: (lengths.append(T),
+                                                                                 get_batch(self, B, T, *a, **k))[1])
+    out = str(tmp_path / "moe16")
+    run_train([a for a in runs["common"] if not a.startswith("--block_size")] + [
+        "--block_size=16", f"--out_dir={out}", f"--init_from={dense}", "--max_iters=0", "--moe_layers=all",
+        "--n_experts=4", "--top_k=1", "--upcycle_router_init=hidden", "--upcycle_router_domains=dom0,dom1,dom2,dom3"])
+    assert lengths and max(lengths) == 16, lengths
+    assert load_checkpoint(out)["upcycled_from"]["options"]["router_init_tokens_per_domain"] == 16 * 16
+    assert "16 windows x 16 tokens = 256 tokens of each of 4 domains" in capsys.readouterr().out

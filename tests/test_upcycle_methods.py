@@ -5,6 +5,7 @@ the data loader's domain filter that BTX branch training needs.
 Tiny models (2 layers, d=32, d_ff=96) and the synthetic 4-domain dataset of
 tests/helpers.py, whose domains use disjoint slices of the vocabulary.
 """
+import json
 import math
 import os
 import subprocess
@@ -18,11 +19,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import btx as B  # noqa: E402
+import convert  # noqa: E402
+import hf_models as H  # noqa: E402
 import upcycle as U  # noqa: E402
 from checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: E402
 from data.dataset import TokenDataset  # noqa: E402
 from helpers import make_dataset  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D_FF = 96    # GPTConfig's Llama rule for n_embd=32
@@ -72,6 +76,17 @@ def run_cli(*args, script="upcycle.py"):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_errors(capsys, base, cases, never_written):
+    """upcycle.py with base + each case's flags exits 2 with one stderr line holding its
+    message, and never writes `never_written`."""
+    capsys.readouterr()
+    for args, msg in cases:
+        rc = U.main([*base, *args])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and msg in lines[0], (args, lines)
+        assert not os.path.exists(never_written)
 
 
 # ----------------------------------------------------------------------------- Drop-Upcycling
@@ -375,6 +390,31 @@ def test_hidden_router_init_sends_domain_tokens_to_their_expert(four_domains, tr
     assert float((logits(model, X) - logits(dense, X)).abs().max()) < 1e-5
 
 
+def test_own_domain_routing_of_hidden_and_mergekit_rows_against_a_random_router(four_domains, trained_dense):
+    """The measurement behind docs/METHODS.md: share of held-out tokens whose top-1 expert is
+    their own domain's, for a random router, this repo's domain-contrast rows (hidden) and
+    mergekit's gates (16 windows of 32 tokens of the expert's domain as its positive prompts,
+    no negatives). mergekit's rows keep full rank E; the centred hidden rows have rank E-1."""
+    rows = {}
+    for name in ("random", "hidden", "mergekit_hidden", "mergekit_hidden_avg"):
+        model, _ = U.upcycle_model(trained_dense, moe_opts(n_experts=4, top_k=1))
+        if name == "hidden":
+            U.router_init_hidden(model, four_domains, "dom0,dom1,dom2,dom3", n_windows=16)
+        elif name != "random":
+            prompts = [([w.tolist() for w in TokenDataset(four_domains, "train", domains=d).get_batch(
+                16, 32, torch.Generator().manual_seed(0))[0]], []) for d in DOMAINS]
+            gates = U.mergekit_router_rows(trained_dense, prompts, last_token=name == "mergekit_hidden")
+            with torch.no_grad():
+                for l, ffn in model.moe_layers():
+                    ffn.router.weight.copy_(gates[l])
+        rows[name] = [ffn.router.weight.detach().clone() for _, ffn in model.moe_layers()]
+        rates = [np.mean(own_expert_rate(model, four_domains, l)) for l in range(2)]
+        print(f"{name:20s} own-domain top-1 rate per layer {np.round(rates, 3)} (chance 0.25)")
+    for l in range(2):
+        assert int(torch.linalg.matrix_rank(rows["mergekit_hidden"][l])) == 4
+        assert int(torch.linalg.matrix_rank(rows["hidden"][l])) <= 3
+
+
 def test_hidden_router_for_btx_branches_from_their_configs(tmp_path, four_domains):
     """Each BTX branch records its domain (config['domains']); experts of branch b get b's row."""
     dense = make_dense(seed=4)
@@ -390,6 +430,20 @@ def test_hidden_router_for_btx_branches_from_their_configs(tmp_path, four_domain
     assert not torch.equal(w[0], w[2])
 
 
+def test_hidden_windows_take_the_source_run_block_size_or_the_flag(tmp_path, four_domains, capsys):
+    """The CLI's hidden-state windows are --hidden_block_size tokens, else the block_size the
+    source was trained at (its config), never the model's context when that is longer."""
+    dense = make_dense(seed=4, block_size=64)
+    src = save_dense(dense, tmp_path / "dense", config={"block_size": 16})
+    base = [f"--ckpt={src}", "--n_experts=4", "--router_init=hidden", "--domains=dom0,dom1,dom2,dom3",
+            f"--data_dir={four_domains}", "--verify=false"]
+    for name, extra, T in [("trained", [], 16), ("flag", ["--hidden_block_size=8"], 8)]:
+        assert U.main([*base, f"--out_dir={tmp_path / name}", *extra]) == 0
+        o = load_checkpoint(str(tmp_path / name))["upcycled_from"]["options"]
+        assert o["router_init_tokens_per_domain"] == 16 * T
+        assert f"{16 * T} tokens per domain" in capsys.readouterr().out
+
+
 def test_hidden_router_bad_inputs(tmp_path, four_domains, capsys):
     src = save_dense(make_dense(), tmp_path / "dense")
     base = [f"--ckpt={src}", f"--out_dir={tmp_path / 'out'}", "--n_experts=4"]
@@ -402,12 +456,95 @@ def test_hidden_router_bad_inputs(tmp_path, four_domains, capsys):
         ([data, "--domains=dom0,dom1"], "--router_init=hidden only"),
         ([f"--data_dir={tmp_path / 'nodata'}", "--router_init=hidden", "--domains=dom0,dom1"], "does not exist"),
     ]
-    capsys.readouterr()
-    for args, msg in cases:
-        rc = U.main([*base, *args])
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert rc == 2 and len(lines) == 1 and msg in lines[0], (args, lines)
-        assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
+    assert_one_line_errors(capsys, base, cases, tmp_path / "out" / "ckpt.pt")
+
+
+# ----------------------------------------------------------------------------- mergekit-moe's hidden gates
+
+def mergekit_gate_params(hf_model, tok, experts, average):
+    """Reference: mergekit/moe/router.py get_gate_params for gate_mode hidden (average=False)
+    or hidden_avg, run on the transformers model. experts: [(positive texts, negative texts)].
+    Returns (n_layer, n_experts, d)."""
+    def states(prompts):
+        batch = tok([(tok.bos_token or "") + p for p in prompts], return_tensors="pt", padding=True,
+                    add_special_tokens=False)
+        with torch.no_grad():
+            out = hf_model(**batch, output_hidden_states=True, return_dict=True)
+        h = torch.stack(out.hidden_states[:-1])                       # (L, B, T, d)
+        h = h.sum(dim=2) / h.shape[2] if average else h[:, :, -1, :]
+        return h.sum(dim=1) / h.shape[1]                              # (L, d)
+    vecs = []
+    for positive, negative in experts:
+        v = states(positive)
+        if negative:
+            v -= states(negative)
+        v /= v.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
+        vecs.append(v)
+    return torch.stack(vecs, dim=0).permute(1, 0, 2)
+
+
+@pytest.fixture(scope="module")
+def imported_llama(tmp_path_factory):
+    """(transformers LlamaForCausalLM, its tokenizer, the model imported with convert.py)."""
+    base = tmp_path_factory.mktemp("mergekit")
+    hf = H.random_model(H.hf_config("llama"), seed=3)
+    H.save(hf, str(base / "hf"))
+    convert.import_hf(str(base / "hf"), str(base / "dense"))
+    tok = AutoTokenizer.from_pretrained(str(base / "hf"))
+    tok.pad_token = tok.eos_token
+    return hf, tok, str(base / "dense")
+
+
+EXPERT_TEXTS = [(["w5 w6 w7 w8", "w9 w5 w6 w10"], ["w40 w41 w42 w43"]),
+                (["w20 w21 w22 w23", "w24 w25 w20 w21"], []),
+                (["w60 w61 w62 w63", "w64 w65 w66 w60"], ["w5 w6 w7 w8", "w20 w21 w22 w23"]),
+                (["w100 w101 w102 w103", "w110 w111 w112 w113"], [])]
+
+
+@pytest.mark.parametrize("mode", ["mergekit_hidden", "mergekit_hidden_avg"])
+def test_mergekit_hidden_rows_match_mergekit_reference(imported_llama, tmp_path, mode):
+    """upcycle.py --router_init=mergekit_hidden(_avg) --prompts=FILE: every router row has
+    cosine >= 0.99 with mergekit's gate vector computed on the transformers model (residual
+    stream entering each layer, last token / token average, mean over prompts, negatives
+    subtracted, L2-normalised, no centring)."""
+    hf, tok, dense = imported_llama
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"positive_prompts": p, "negative_prompts": n} for p, n in EXPERT_TEXTS]))
+    out = tmp_path / "moe"
+    assert U.main([f"--ckpt={dense}", f"--out_dir={out}", "--n_experts=8", "--top_k=2", f"--router_init={mode}",
+                   f"--prompts={prompts}", "--verify=false"]) == 0
+    ckpt = load_checkpoint(str(out))
+    o = ckpt["upcycled_from"]["options"]
+    assert o["router_init"] == mode and o["router_init_prompt_entries"] == [0, 0, 1, 1, 2, 2, 3, 3]
+    ref = mergekit_gate_params(hf, tok, EXPERT_TEXTS, average=mode.endswith("avg"))     # (L, 4, d)
+    for l in range(2):
+        rows = ckpt["model"][f"blocks.{l}.ffn.router.weight"].float()                    # (8, d)
+        cos = torch.nn.functional.cosine_similarity(rows, ref[l].repeat_interleave(2, dim=0), dim=-1)
+        print(f"{mode} layer {l}: cosine to mergekit's gates per row {cos.numpy().round(5)}")
+        assert float(cos.min()) >= 0.99, cos
+    # the function is still the dense one (top-k then softmax gates sum to 1 over copies)
+    assert ckpt["upcycled_from"]["options"]["function_preserving"] == "exact"
+
+
+def test_mergekit_hidden_bad_inputs(imported_llama, tmp_path, capsys):
+    _, _, dense = imported_llama
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([{"positive_prompts": ["w5"]}, {"positive_prompts": ["w6"]}]))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"positive_prompts": ["w5"]}))
+    three = tmp_path / "three.json"
+    three.write_text(json.dumps([{"positive_prompts": ["w5"]}] * 3))
+    base = [f"--ckpt={dense}", f"--out_dir={tmp_path / 'out'}", "--n_experts=4", "--verify=false"]
+    cases = [(["--router_init=mergekit_hidden"], "--prompts=FILE goes with"),
+             ([f"--prompts={good}"], "--prompts=FILE goes with"),
+             (["--router_init=mergekit_hidden", f"--prompts={bad}"], "cannot be used"),
+             (["--router_init=mergekit_hidden", f"--prompts={tmp_path / 'none.json'}"], "cannot be used"),
+             (["--router_init=mergekit_hidden", f"--prompts={three}"], "divides n_experts=4")]
+    assert_one_line_errors(capsys, base, cases, tmp_path / "out" / "ckpt.pt")
+    a = save_dense(make_dense(), tmp_path / "a")
+    assert B.main([f"--branches={a},{a}", f"--out_dir={tmp_path / 'btx'}", "--n_experts=2", "--verify=false",
+                   "--router_init=mergekit_hidden", f"--prompts={good}"]) == 2
+    assert "a BTX merge has several" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- the loader's domain filter
