@@ -318,25 +318,15 @@ def check_expert_groups(names, cfg, what):
 
 
 @torch.no_grad()
-def ffn_input(model, idx, layer):
-    """(B, T, d) input of block `layer`'s FFN, the vector its router reads:
-    ffn_norm(x + attn(attn_norm(x))), with blocks 0..layer-1 run as GPT.forward runs them."""
-    x = model.tok_emb(idx)                                              # (B, T, d)
-    for block in model.blocks[:layer]:
-        x, _ = block(x, model.rope_cos, model.rope_sin)
-    b = model.blocks[layer]
-    return b.ffn_norm(x + b.attn(b.attn_norm(x), model.rope_cos, model.rope_sin))
-
-
-@torch.no_grad()
 def hidden_router_rows(model, windows, expert_domain):
     """router_init="hidden", this repo's domain-contrast rows: router row e points along the
     mean FFN input of the text expert e should take, relative to the other domains. Sets
     every MoE layer's router.weight in place and returns {layer: (E, d) rows}.
 
     windows: {domain: (B, T) token windows of that domain}; expert_domain: a domain per expert.
-    For each MoE layer l in order (so the rows already set shape the later layers' inputs):
-        m_D   = mean over the tokens of domain D of ffn_input(model, windows[D], l)    (d,)
+    Each domain's windows run through the blocks once, as Block.forward runs them; at each
+    MoE layer l, before its FFN runs (so the rows already set shape the later layers' inputs):
+        m_D   = mean over the tokens of domain D of the FFN input ffn_norm(x + attn(attn_norm(x)))
         m     = mean over domains of m_D
         c_D   = (m_D - m) minus its component along m   (row . m = 0: what every token
                 carries favours no expert)
@@ -354,18 +344,29 @@ def hidden_router_rows(model, windows, expert_domain):
     doms = list(dict.fromkeys(expert_domain))
     pick = torch.tensor([doms.index(D) for D in expert_domain])
     rows, dev = {}, model.tok_emb.weight.device
-    for l, ffn in model.moe_layers():
-        m = torch.stack([ffn_input(model, windows[D].to(dev), l).float().mean((0, 1)).cpu()
-                         for D in doms])                                        # (n_domains, d)
-        mean = m.mean(0)                                                        # (d,)
-        u = mean / mean.norm().clamp_min(1e-12)
-        c = m - mean
-        c = c - (c @ u)[:, None] * u                                            # row . mean = 0
-        c = c / c.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        rows[l] = c[pick]                                                       # (E, d)
-        ffn.router.weight.copy_(rows[l].to(dev))
+    moe = dict(model.moe_layers())
+    x = {D: model.tok_emb(windows[D].to(dev)) for D in doms}                   # (B, T, d) per domain
+    for l, block in enumerate(model.blocks[:max(moe) + 1]):
+        x = {D: x[D] + block.attn(block.attn_norm(x[D]), model.rope_cos, model.rope_sin) for D in doms}
+        h = {D: block.ffn_norm(x[D]) for D in doms}                             # (B, T, d) FFN inputs
+        if l in moe:
+            m = torch.stack([h[D].float().mean((0, 1)).cpu() for D in doms])   # (n_domains, d)
+            rows[l] = domain_contrast(m)[pick]                                  # (E, d)
+            moe[l].router.weight.copy_(rows[l].to(dev))
+        if l < max(moe):
+            x = {D: x[D] + block.ffn(h[D])[0] for D in doms}
     model.train(was)
     return rows
+
+
+def domain_contrast(m):
+    """(n_domains, d) mean hidden states -> unit rows: centred over the domains and made
+    orthogonal to their overall mean (hidden_router_rows)."""
+    mean = m.mean(0)                                                            # (d,)
+    u = mean / mean.norm().clamp_min(1e-12)
+    c = m - mean
+    c = c - (c @ u)[:, None] * u                                                # row . mean = 0
+    return c / c.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def domain_windows(data_dir, names, n_windows, T, split, seed, vocab_size):

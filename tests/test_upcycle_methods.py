@@ -430,6 +430,34 @@ def test_hidden_router_for_btx_branches_from_their_configs(tmp_path, four_domain
     assert not torch.equal(w[0], w[2])
 
 
+def test_hidden_router_rows_run_each_block_once_per_domain():
+    """The windows go through the blocks once (each layer's rows are read on the way), not
+    once per MoE layer: on a 4-layer model every attention runs once per domain, and the
+    rows equal those recomputed from scratch for each layer with the earlier rows set."""
+    torch.manual_seed(0)
+    dense = GPT(dense_cfg(n_layer=4))
+    model, _ = U.upcycle_model(dense, moe_opts(n_experts=4, top_k=2))
+    g = torch.Generator().manual_seed(1)
+    windows = {d: torch.randint(0, VOCAB, (4, 32), generator=g) for d in ("x", "y", "z")}
+    calls = [0] * 4
+    hooks = [b.attn.register_forward_hook(lambda m, i, o, l=l: calls.__setitem__(l, calls[l] + 1))
+             for l, b in enumerate(model.blocks)]
+    rows = U.hidden_router_rows(model, windows, ["x", "y", "z", "x"])
+    for hk in hooks:
+        hk.remove()
+    assert calls == [3, 3, 3, 3], calls
+    for l in range(4):   # the FFN input of layer l, from the embeddings up, with the rows as set
+        h = {}
+        for d, w in windows.items():
+            x = model.tok_emb(w)
+            for b in model.blocks[:l]:
+                x, _ = b(x, model.rope_cos, model.rope_sin)
+            b = model.blocks[l]
+            h[d] = b.ffn_norm(x + b.attn(b.attn_norm(x), model.rope_cos, model.rope_sin)).mean((0, 1))
+        ref = U.domain_contrast(torch.stack([h[d] for d in ("x", "y", "z")]))[torch.tensor([0, 1, 2, 0])]
+        assert torch.equal(rows[l], ref.detach()), l
+
+
 def test_hidden_windows_take_the_source_run_block_size_or_the_flag(tmp_path, four_domains, capsys):
     """The CLI's hidden-state windows are --hidden_block_size tokens, else the block_size the
     source was trained at (its config), never the model's context when that is longer."""
