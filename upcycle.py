@@ -303,8 +303,8 @@ def expert_domains(domains, n_experts):
     names = [d.strip() for d in domains.split(",")] if isinstance(domains, str) else [str(d) for d in domains]
     names = [d for d in names if d]
     if not names or n_experts % len(names):
-        raise ValueError(f"domains={','.join(names)!r} has {len(names)} names; router_init=hidden needs a number "
-                         f"that divides n_experts={n_experts} (expert e takes name e // (n_experts / n))")
+        raise ValueError(f"{','.join(names)!r} has {len(names)} entries; a hidden-state router init needs a number "
+                         f"that divides n_experts={n_experts} (expert e takes entry e // (n_experts / n))")
     m = n_experts // len(names)
     return [names[e // m] for e in range(n_experts)]
 
@@ -615,6 +615,7 @@ def config_dict(args):
 
 
 def describe_shape(cfg, keys=SHAPE_KEYS + FUNCTION_KEYS):
+    """'vocab_size=..., n_layer=..., ...' of a GPTConfig, for error messages."""
     return ", ".join(f"{k}={getattr(cfg, k)}" for k in keys)
 
 

@@ -1,6 +1,7 @@
 """Beyond copy-upcycling: Drop-Upcycling (arXiv 2502.19261), Branch-Train-MiX
-(arXiv 2403.07816), the hidden-state router init (mergekit-moe's `hidden` gate mode) and
-the data loader's domain filter that BTX branch training needs.
+(arXiv 2403.07816), the router init distributions, the hidden-state router inits (this
+repo's domain-contrast rows and mergekit-moe's gates, checked against mergekit's computation
+on transformers' Llama) and the data loader's domain filter that BTX branch training needs.
 
 Tiny models (2 layers, d=32, d_ff=96) and the synthetic 4-domain dataset of
 tests/helpers.py, whose domains use disjoint slices of the vocabulary.
