@@ -25,8 +25,8 @@ from configurator import ConfigError, ram_available, resolve_data_dir
 from data.dataset import load_meta
 from data.tokenizer import copy_tokenizer_files
 from model import GPT, GPTConfig
-from upcycle import (FFN_MATS, FUNCTION_KEYS, SHAPE_KEYS, branch_domains, btx_from_checkpoints, check_upcycle_options,
-                     router_init_hidden, upcycle_model)
+from btx import branch_domains, btx_from_checkpoints
+from upcycle import FFN_MATS, FUNCTION_KEYS, SHAPE_KEYS, check_upcycle_options, router_init_hidden, upcycle_model
 
 # model keys that may differ between a checkpoint and the run that starts from it
 RUNTIME_MODEL_KEYS = ("capacity_factor", "eval_capacity_factor", "drop_policy", "expert_impl", "dropout")
@@ -96,7 +96,7 @@ def upcycle_options(cfg, model_args):
     moe_args = {k: v for k, v in model_args.items() if k != "block_size"}
     return {"model_args": moe_args, "granularity": cfg["upcycle_granularity"],
             "weight_scaling": cfg["upcycle_weight_scaling"], "expert_noise": cfg["upcycle_expert_noise"],
-            "seed": cfg["upcycle_seed"],
+            "seed": cfg["upcycle_seed"], "router_init_dist": cfg["upcycle_router_init_dist"],
             "drop_ratio": cfg["upcycle_drop_ratio"] if cfg["upcycle_method"] == "drop" else 0.0}
 
 
@@ -119,7 +119,7 @@ def upcycle_online(cfg, model_args, dist):
     if cfg["upcycle_router_init"] == "hidden":
         domains = cfg["upcycle_router_domains"] or branch_domains(paths)
         upcycled_from["options"].update(router_init_hidden(model, resolve_data_dir(cfg), domains,
-                                                           seed=cfg["upcycle_seed"]))
+                                                           seed=cfg["upcycle_seed"], block_size=cfg["block_size"]))
     dist.log(f"upcycled {init} ({upcycled_from['method']}, router {cfg['upcycle_router_init']}) -> "
              f"{model.config.n_experts} experts top-{model.config.top_k} in memory "
              f"({upcycled_from['options'].get('function_preserving', '?')} function preservation)")
@@ -132,7 +132,7 @@ def upcycle_dense_warmup(dense_model, cfg, model_args, iter_num, dist):
     similarity monitor, upcycled_from). Rank 0 saves the dense model as
     out_dir/dense_warmup.pt, which upcycled_from points at, so a resumed run finds
     the dense FFNs again and logs similarity_to_dense like a straight run."""
-    model = upcycle_model(dense_model, upcycle_options(cfg, model_args)).to(dist.device)
+    model = upcycle_model(dense_model, upcycle_options(cfg, model_args))[0].to(dist.device)
     dense_ffns = {l: tuple(getattr(dense_model.blocks[l].ffn, m).weight.detach().cpu().clone() for m in FFN_MATS)
                   for l, _ in model.moe_layers()}
     path = save_dense_warmup(dense_model, cfg, iter_num) if dist.master else None

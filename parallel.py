@@ -72,10 +72,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import CheckpointError, ckpt_path, file_sha256, load_checkpoint, load_weights
 from configurator import ConfigError
 from kernels import moe_ffn
-from model import GPT, GPTConfig, rope_tables
+from model import GPT, rope_tables
 from router import Routing
-from upcycle import (FFN_MATS, _as_dict, _check_keys, _options, resolve_weight_scaling, target_config, upcycle_ffn,
-                     upcycle_from_checkpoint, upcycle_info)
+from upcycle import target_config, upcycle_from_checkpoint, upcycle_state_dict
 
 EXPERT_MATS = ("gate_proj", "up_proj", "down_proj")   # the stacked (E, ...) tensors of an MoE layer
 DEFAULT_TIMEOUT_S = 300   # a collective that waits longer than this ends the job with an error
@@ -681,29 +680,12 @@ def build_sharded_model(cfg, ep, local_state=None):
 def upcycle_owned(dense_state, dense_args, options, ep):
     """Online upcycling under EP: the MoE state dict of this rank, holding only the
     experts it owns ([ep_rank*E/N, (ep_rank+1)*E/N) of every MoE layer), equal to
-    upcycle.upcycle_state_dict's full result sliced. One MoE layer is built at a
-    time and sliced at once, so at most one layer's full stacks exist (expert noise
-    is drawn for the full stack so the random stream, hence the weights, do not
-    depend on the world size). Returns (state, cfg, info), as upcycle_state_dict."""
-    opts = _options(options, {})
-    dense_cfg = GPTConfig.from_dict(_as_dict(dense_args))
-    cfg, G = target_config(dense_cfg, opts["model_args"], opts["granularity"], opts["expansion_rate"])
+    upcycle.upcycle_state_dict's full result sliced (upcycle_state_dict(experts=...)
+    builds one layer at a time and slices it at once). Returns (state, cfg, info)."""
+    cfg, _ = target_config(dense_args, options.get("model_args"), options.get("granularity"),
+                           options.get("expansion_rate"))
     check_ep_config(cfg, ep.ep_size)
-    if opts["drop_ratio"] > 0:
+    if options.get("drop_ratio"):
         raise ValueError("drop_ratio > 0 is not built per rank under expert_parallel: upcycle offline "
                          "(python upcycle.py --method=drop) and train the MoE checkpoint")
-    _check_keys(dense_state, dense_cfg, "the dense state dict")
-    ws = resolve_weight_scaling(opts["weight_scaling"], cfg.router, G)
-    gen = torch.Generator().manual_seed(int(opts["seed"]))
-    lo, hi = ep.owned(cfg.n_experts)
-    moe_ids = cfg.moe_layer_ids()
-    prefixes = tuple(f"blocks.{l}.ffn." for l in moe_ids)
-    state = {k: v for k, v in dense_state.items() if not k.startswith(prefixes)}
-    for l in moe_ids:   # same layer order and generator stream as upcycle_state_dict
-        p = f"blocks.{l}.ffn."
-        w1, w3, w2 = (dense_state[p + m + ".weight"] for m in FFN_MATS)
-        layer = upcycle_ffn(w1, w3, w2, cfg, G, ws, opts["expert_noise"], opts["shared_fraction"], gen)
-        for name, t in layer.items():
-            state[p + name] = t[lo:hi].clone() if name in EXPERT_MATS else t
-        del layer
-    return state, cfg, upcycle_info(cfg, G, ws, opts)
+    return upcycle_state_dict(dense_state, dense_args, options, experts=ep.owned(cfg.n_experts))

@@ -97,6 +97,7 @@ upcycle_granularity = 1      # G: fine-grained shards per dense FFN
 upcycle_weight_scaling = "auto"  # 'auto' | 'none' | 'exact' | 'megatron'
 upcycle_expert_noise = 0.0   # relative std of noise on the expert copies
 upcycle_seed = 0
+upcycle_router_init_dist = "normal"  # 'normal' | 'uniform' (the Drop-Upcycling/BTX authors' router init)
 upcycle_method = "copy"      # 'copy' | 'drop' (Drop-Upcycling) | 'btx' (Branch-Train-MiX: init_from=A,B,C,D)
 upcycle_drop_ratio = 0.5     # upcycle_method='drop': share of each expert's channels re-initialised
 upcycle_router_init = "random"   # 'random' (router_init_std) | 'hidden' (mean hidden state per domain)

@@ -87,3 +87,14 @@ def show(fig_or_path):
         buf = io.BytesIO()
         fig_or_path.savefig(buf, format="png", dpi=fig_or_path.dpi)
         display(Image(data=buf.getvalue()))
+
+
+@torch.no_grad()
+def ffn_input(model, idx, layer):
+    """(B, T, d): what block `layer`'s router reads, ffn_norm(x + attn(attn_norm(x))),
+    with blocks 0..layer-1 run as GPT.forward runs them."""
+    x = model.tok_emb(idx)                                              # (B, T, d)
+    for block in model.blocks[:layer]:
+        x, _ = block(x, model.rope_cos, model.rope_sin)
+    b = model.blocks[layer]
+    return b.ffn_norm(x + b.attn(b.attn_norm(x), model.rope_cos, model.rope_sin))

@@ -1,19 +1,21 @@
-"""train.py access to the issue-16 upcycling methods: online Drop-Upcycling, BTX from
+"""train.py access to the upcycling methods beyond copies: online Drop-Upcycling, BTX from
 branch checkpoints, the hidden-state router init, and --domains for branch training.
 References: online copy upcycling (drop r=0 must equal it bit for bit) and the
-upcycle.py CLI (train.py's BTX must build the same weights)."""
+btx.py CLI (train.py's BTX must build the same weights)."""
 import os
 
 import numpy as np
 import pytest
 import torch
 
+import btx
 import eval as E
 import init_from
 import train
 import upcycle
 from configurator import check_run_config, parse_config
 from checkpoint import load_checkpoint, save_checkpoint
+from data.dataset import TokenDataset
 from helpers import TINY, make_dataset, read_jsonl
 
 N_DOM = 4
@@ -113,13 +115,13 @@ def test_domains_run_sees_only_that_domain(runs, tmp_path, monkeypatch):
     assert len(np.unique(np.fromfile(os.path.join(runs["data"], "train.bin"), dtype=np.uint16) // BAND)) > 3
 
 
-def test_btx_through_train_equals_upcycle_cli(runs):
+def test_btx_through_train_equals_btx_cli(runs):
     """train.py --init_from=A,B --upcycle_method=btx --upcycle_router_init=hidden builds the
-    MoE that `upcycle.py --method=btx --router_init=hidden` writes, tensor for tensor; the
+    MoE that `btx.py --router_init=hidden` writes, tensor for tensor; the
     hidden rows' domains come from the branches' recorded --domains."""
     cli = str(runs["base"] / "btx_cli")
-    assert upcycle.main([f"--ckpt={','.join(runs['branches'])}", f"--out_dir={cli}", "--method=btx", "--n_experts=4",
-                         "--top_k=2", "--router_init=hidden", f"--data_dir={runs['data']}", "--verify=False"]) == 0
+    assert btx.main([f"--branches={','.join(runs['branches'])}", f"--out_dir={cli}", "--n_experts=4",
+                     "--top_k=2", "--router_init=hidden", f"--data_dir={runs['data']}", "--verify=False"]) == 0
     out = str(runs["base"] / "btx_train")
     run_train(runs["common"] + [f"--out_dir={out}", f"--init_from={','.join(runs['branches'])}", "--max_iters=0",
                                 "--upcycle_method=btx", "--moe_layers=all", "--n_experts=4", "--top_k=2",
@@ -176,3 +178,42 @@ def test_finished_run_reads_a_key_added_since_as_its_default(runs, tmp_path):
     cfg = dict(load_checkpoint(runs["dense"])["config"], out_dir=out)
     assert train.finished_run(out, cfg)
     assert not train.finished_run(out, dict(cfg, domains="dom1"))
+
+
+def test_router_init_dist_uniform_online_equals_the_function_and_bad_value_is_one_line(runs, tmp_path, capsys):
+    """upcycle_router_init_dist reaches the upcycler: train.py builds the uniform router
+    upcycle_state_dict builds, records it, and refuses an unknown distribution in one line."""
+    moe = ["--moe_layers=all", "--n_experts=4", "--top_k=2", f"--init_from={runs['dense']}", "--max_iters=0"]
+    out = str(runs["base"] / "uniform")
+    run_train(runs["common"] + moe + [f"--out_dir={out}", "--upcycle_router_init_dist=uniform"])
+    dense = load_checkpoint(runs["dense"])
+    ref, _, _ = upcycle.upcycle_state_dict(dense["model"], dense["model_args"], {
+        "model_args": {"moe_layers": "all", "n_experts": 4, "top_k": 2}, "router_init_dist": "uniform"})
+    got = load_checkpoint(out)
+    assert got["upcycled_from"]["options"]["router_init_dist"] == "uniform"
+    assert torch.equal(got["model"]["blocks.0.ffn.router.weight"], ref["blocks.0.ffn.router.weight"])
+    bad = tmp_path / "bad"
+    assert train.main(runs["common"] + moe + [f"--out_dir={bad}", "--upcycle_router_init_dist=cauchy"]) == 2
+    err = capsys.readouterr().err
+    assert "router_init_dist='cauchy' must be one of normal, uniform" in err and err.count("\n") == 1, err
+    assert not bad.exists()
+
+
+def test_hidden_router_windows_never_exceed_the_run_block_size(runs, tmp_path, monkeypatch, capsys):
+    """A dense model with a 64-token context upcycled online by a 16-token run: the hidden-state
+    windows are 16 tokens (not the model's 64), and the tokens read per domain are recorded and
+    printed (16 windows x 16 tokens)."""
+    dense = str(tmp_path / "dense64")
+    run_train([a for a in runs["common"] if not a.startswith("--block_size")] + [
+        "--block_size=64", f"--out_dir={dense}", "--max_iters=1"])
+    lengths = []
+    get_batch = TokenDataset.get_batch
+    monkeypatch.setattr(TokenDataset, "get_batch", lambda self, B, T, *a, **k: (lengths.append(T),
+                                                                                 get_batch(self, B, T, *a, **k))[1])
+    out = str(tmp_path / "moe16")
+    run_train([a for a in runs["common"] if not a.startswith("--block_size")] + [
+        "--block_size=16", f"--out_dir={out}", f"--init_from={dense}", "--max_iters=0", "--moe_layers=all",
+        "--n_experts=4", "--top_k=1", "--upcycle_router_init=hidden", "--upcycle_router_domains=dom0,dom1,dom2,dom3"])
+    assert lengths and max(lengths) == 16, lengths
+    assert load_checkpoint(out)["upcycled_from"]["options"]["router_init_tokens_per_domain"] == 16 * 16
+    assert "16 windows x 16 tokens = 256 tokens of each of 4 domains" in capsys.readouterr().out

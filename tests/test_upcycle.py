@@ -73,8 +73,8 @@ def compare(dense, moe):
 
 
 def up(dense, granularity=None, **model_args):
-    """Upcycle with model_args (moe_layers defaults to 'all'); extra options via the
-    special keys weight_scaling / expert_noise / shared_fraction / seed."""
+    """(MoE GPT, info): upcycle with model_args (moe_layers defaults to 'all'); extra options
+    via the special keys weight_scaling / expert_noise / shared_fraction / seed."""
     opts = {k: model_args.pop(k) for k in ("weight_scaling", "expert_noise", "shared_fraction", "seed")
             if k in model_args}
     model_args.setdefault("moe_layers", "all")
@@ -87,12 +87,12 @@ def up(dense, granularity=None, **model_args):
 @pytest.mark.parametrize("router", ["topk_softmax", "sigmoid"])
 def test_coarse_exact(std, router):
     dense = make_dense()
-    moe = up(dense, n_experts=8, top_k=2, router=router, router_init_std=std)
+    moe, moe_info = up(dense, n_experts=8, top_k=2, router=router, router_init_std=std)
     assert all(isinstance(b.ffn, MoEFFN) for b in moe.blocks)
     dl, dloss = compare(dense, moe)
     print(f"\ncoarse {router} std={std}: max|dlogit|={dl:.2e} |dloss|={dloss:.2e}")
     assert dl <= TOL and dloss <= TOL
-    assert moe.upcycle_info["options"]["function_preserving"] == "exact"
+    assert moe_info["options"]["function_preserving"] == "exact"
     for _, f in moe.moe_layers():   # every expert an exact copy; router rows as asked
         assert torch.equal(f.gate_proj[0], f.gate_proj[-1])
         assert (f.router.weight.abs().sum() == 0) == (std == 0)
@@ -104,7 +104,7 @@ def test_coarse_exact(std, router):
 def test_coarse_exact_in_training_mode_with_router_noise():
     """Identical experts: whatever the (noisy) gates, they sum to 1."""
     dense = make_dense()
-    moe = up(dense, n_experts=4, top_k=2, router_noise=True)
+    moe, moe_info = up(dense, n_experts=4, top_k=2, router_noise=True)
     moe.train()
     dense.train()
     with torch.no_grad():
@@ -114,21 +114,21 @@ def test_coarse_exact_in_training_mode_with_router_noise():
 
 def test_coarse_lory_exact():
     dense = make_dense()
-    moe = up(dense, n_experts=4, top_k=1, router="lory", segment_len=8)
+    moe, moe_info = up(dense, n_experts=4, top_k=1, router="lory", segment_len=8)
     assert all(isinstance(b.ffn, LoryFFN) for b in moe.blocks)
     assert compare(dense, moe)[0] <= TOL
 
 
 def test_coarse_softmax_topk_zero_router_exact_random_router_approximate():
     dense = make_dense()
-    exact = up(dense, n_experts=8, top_k=2, router="softmax_topk", router_init_std=0.0)
-    assert exact.upcycle_info["options"]["weight_scaling"] == "exact"          # auto
-    assert exact.upcycle_info["options"]["activation_scale"] == 4.0            # E/k
+    exact, exact_info = up(dense, n_experts=8, top_k=2, router="softmax_topk", router_init_std=0.0)
+    assert exact_info["options"]["weight_scaling"] == "exact"          # auto
+    assert exact_info["options"]["activation_scale"] == 4.0            # E/k
     assert compare(dense, exact)[0] <= TOL
-    approx = up(dense, n_experts=8, top_k=2, router="softmax_topk", router_init_std=0.02)
+    approx, approx_info = up(dense, n_experts=8, top_k=2, router="softmax_topk", router_init_std=0.02)
     dl, dloss = compare(dense, approx)
     print(f"\nsoftmax_topk E8 k2 router std 0.02 (exact W2 scaling): max|dlogit|={dl:.3g} |dloss|={dloss:.3g}")
-    assert approx.upcycle_info["options"]["function_preserving"] == "approximate"
+    assert approx_info["options"]["function_preserving"] == "approximate"
     assert TOL < dl < 1.0
 
 
@@ -138,8 +138,8 @@ def test_expert_choice_exact_in_eval_only(cf):
     factor (top_k is not used): exact with a zero router and W2 x E/cf; in training
     each expert takes its top-C tokens, which is not preserving."""
     dense = make_dense()
-    moe = up(dense, n_experts=4, top_k=2, router="expert_choice", router_init_std=0.0, capacity_factor=cf)
-    o = moe.upcycle_info["options"]
+    moe, moe_info = up(dense, n_experts=4, top_k=2, router="expert_choice", router_init_std=0.0, capacity_factor=cf)
+    o = moe_info["options"]
     assert o["activation_scale"] == 4 / cf
     assert o["function_preserving"] == "exact" and "eval mode only" in o["preservation_note"]
     assert compare(dense, moe)[0] <= TOL
@@ -148,7 +148,7 @@ def test_expert_choice_exact_in_eval_only(cf):
 @pytest.mark.parametrize("layers,ids", [("every_other", [1]), ("0", [0]), ("all", [0, 1])])
 def test_moe_layer_selection(layers, ids):
     dense = make_dense()
-    moe = up(dense, n_experts=4, top_k=2, moe_layers=layers)
+    moe, moe_info = up(dense, n_experts=4, top_k=2, moe_layers=layers)
     assert [l for l, _ in moe.moe_layers()] == ids
     for l, b in enumerate(moe.blocks):
         if l not in ids:
@@ -163,7 +163,7 @@ def test_fine_grained_exact(router, k):
     """E'=4, G=2: expert i*G+g = shard g of the dense FFN, shared router rows,
     down_proj scaled by G (topk-then-softmax: each shard of a picked group gets p_j/G)."""
     dense = make_dense()
-    moe = up(dense, granularity=2, n_experts=8, top_k=k, router=router)
+    moe, moe_info = up(dense, granularity=2, n_experts=8, top_k=k, router=router)
     f = moe.blocks[0].ffn
     W1, W2 = dense.blocks[0].ffn.gate_proj.weight, dense.blocks[0].ffn.down_proj.weight
     h = D_FF // 2
@@ -177,12 +177,12 @@ def test_fine_grained_exact(router, k):
     dl, dloss = compare(dense, moe)
     print(f"\nfine-grained {router} E'4 G2 k{k} exact: max|dlogit|={dl:.2e} |dloss|={dloss:.2e}")
     assert dl <= TOL and dloss <= TOL
-    assert moe.upcycle_info["method"] == "fine_grained_virtual_groups"
+    assert moe_info["method"] == "fine_grained_virtual_groups"
 
 
 def test_fine_grained_topk_picks_whole_groups():
     dense = make_dense()
-    moe = up(dense, granularity=2, n_experts=8, top_k=4).eval()
+    moe = up(dense, granularity=2, n_experts=8, top_k=4)[0].eval()
     captured = []
     moe.blocks[0].ffn.router.register_forward_hook(lambda m, i, o: captured.append(o))
     with torch.no_grad():
@@ -207,8 +207,8 @@ def test_fine_grained_softmax_topk_exact_with_zero_router():
     if not _zero_router_topk_is_balanced(8, 2, 2):
         pytest.skip("this torch.topk breaks ties unevenly across shards")
     dense = make_dense()
-    moe = up(dense, granularity=2, n_experts=8, top_k=2, router="softmax_topk", router_init_std=0.0)
-    o = moe.upcycle_info["options"]
+    moe, moe_info = up(dense, granularity=2, n_experts=8, top_k=2, router="softmax_topk", router_init_std=0.0)
+    o = moe_info["options"]
     assert o["activation_scale"] == 4 * 2 * 2 / 2 and o["function_preserving"] == "exact"
     assert "tie" in o["preservation_note"]
     dl, dloss = compare(dense, moe)
@@ -224,22 +224,22 @@ def test_megatron_scaling_is_approximate_and_bounded():
     for name, G, E, k, router, std in [("topk_softmax E'4 G2 k2 (s=2)", 2, 8, 2, "topk_softmax", 0.02),
                                        ("topk_softmax E'2 G4 k4 (s=4)", 4, 8, 4, "topk_softmax", 0.02),
                                        ("softmax_topk E8 G1 k2 zero router (s=4)", 1, 8, 2, "softmax_topk", 0.0)]:
-        meg = up(dense, granularity=G, n_experts=E, top_k=k, router=router, router_init_std=std,
-                 weight_scaling="megatron")
-        ex = up(dense, granularity=G, n_experts=E, top_k=k, router=router, router_init_std=std,
-                weight_scaling="exact")
-        assert meg.upcycle_info["options"]["function_preserving"] == "approximate"
+        meg, meg_info = up(dense, granularity=G, n_experts=E, top_k=k, router=router, router_init_std=std,
+                           weight_scaling="megatron")
+        ex, _ = up(dense, granularity=G, n_experts=E, top_k=k, router=router, router_init_std=std,
+                   weight_scaling="exact")
+        assert meg_info["options"]["function_preserving"] == "approximate"
         (dm, lm), (de, _) = compare(dense, meg), compare(dense, ex)
         rows.append(f"  {name:42s} megatron max|dlogit|={dm:.3g} |dloss|={lm:.2g}; exact {de:.1e}")
         assert de <= TOL
         assert 1e-3 < dm < 3.0 and lm < 0.05
     # the same construction with G=1 topk_softmax has s=1: megatron == exact
-    same = up(dense, n_experts=8, top_k=2, weight_scaling="megatron")
+    same, _ = up(dense, n_experts=8, top_k=2, weight_scaling="megatron")
     assert compare(dense, same)[0] <= TOL
     # in the near-linear regime of GPT's own init, the cube root is nearly right
     torch.manual_seed(0)
     small = GPT(dense_cfg()).eval()
-    dm_small = compare(small, up(small, granularity=2, n_experts=8, top_k=2, weight_scaling="megatron"))[0]
+    dm_small = compare(small, up(small, granularity=2, n_experts=8, top_k=2, weight_scaling="megatron")[0])[0]
     rows.append(f"  topk_softmax E'4 G2 k2 (s=2), GPT init (near-linear silu): max|dlogit|={dm_small:.3g}")
     print("\nMegatron cube-root scaling on SwiGLU (FFN-active regime, logit std ~1):\n" + "\n".join(rows))
     assert dm_small < 5e-3
@@ -247,8 +247,8 @@ def test_megatron_scaling_is_approximate_and_bounded():
 
 def test_no_scaling_is_wrong_for_fine_grained():
     dense = make_dense()
-    moe = up(dense, granularity=2, n_experts=8, top_k=2, weight_scaling="none")
-    assert moe.upcycle_info["options"]["function_preserving"] == "approximate"
+    moe, moe_info = up(dense, granularity=2, n_experts=8, top_k=2, weight_scaling="none")
+    assert moe_info["options"]["function_preserving"] == "approximate"
     assert compare(dense, moe)[0] > 1e-2
 
 
@@ -258,7 +258,7 @@ def test_shared_expert_exact(G, n_shared, frac):
     shared copies, the rest to the routed experts); G=2, n_shared=1 covers only half the
     units, which then stay wholly routed."""
     dense = make_dense()
-    moe = up(dense, granularity=G, n_experts=8, top_k=2 * G, n_shared_experts=n_shared, shared_fraction=frac)
+    moe, moe_info = up(dense, granularity=G, n_experts=8, top_k=2 * G, n_shared_experts=n_shared, shared_fraction=frac)
     f = moe.blocks[0].ffn
     assert f.shared.gate_proj.weight.shape == (n_shared * D_FF // G, 32)
     dl, dloss = compare(dense, moe)
@@ -269,16 +269,16 @@ def test_shared_expert_exact(G, n_shared, frac):
 
 def test_shared_expert_silent_routed_is_exact_for_any_router():
     dense = make_dense()
-    moe = up(dense, n_experts=8, top_k=2, n_shared_experts=1, shared_fraction=1.0, router="softmax_topk")
-    assert moe.upcycle_info["options"]["function_preserving"] == "exact"
+    moe, moe_info = up(dense, n_experts=8, top_k=2, n_shared_experts=1, shared_fraction=1.0, router="softmax_topk")
+    assert moe_info["options"]["function_preserving"] == "exact"
     assert compare(dense, moe)[0] <= TOL
 
 
 def test_expert_noise_is_approximate_and_seeded():
     dense = make_dense()
-    a = up(dense, n_experts=4, top_k=2, expert_noise=0.01, seed=3)
-    b = up(dense, n_experts=4, top_k=2, expert_noise=0.01, seed=3)
-    c = up(dense, n_experts=4, top_k=2, expert_noise=0.01, seed=4)
+    a, a_info = up(dense, n_experts=4, top_k=2, expert_noise=0.01, seed=3)
+    b, _ = up(dense, n_experts=4, top_k=2, expert_noise=0.01, seed=3)
+    c, _ = up(dense, n_experts=4, top_k=2, expert_noise=0.01, seed=4)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["blocks.0.ffn.gate_proj"], sc["blocks.0.ffn.gate_proj"])
@@ -286,7 +286,7 @@ def test_expert_noise_is_approximate_and_seeded():
     dl = compare(dense, a)[0]
     print(f"\nexpert_noise=0.01: max|dlogit|={dl:.2e}")
     assert TOL < dl < 0.2
-    assert a.upcycle_info["options"]["function_preserving"] == "approximate"
+    assert a_info["options"]["function_preserving"] == "approximate"
 
 
 # ----------------------------------------------------------------------------- checkpoints and the CLI
@@ -336,8 +336,9 @@ def test_online_with_train_py_style_options(tmp_path):
     with torch.no_grad():
         a, b = dense.eval()(X[:, :16])[0], moe.eval()(X[:, :16])[0]
     assert float((a - b).abs().max()) <= TOL
-    # Lory dense warm-up path: upcycle_model(dense GPT, options) -> GPT
-    again = U.upcycle_model(dense, opts)
+    # Lory dense warm-up path: upcycle_model(dense GPT, options) -> (GPT, info)
+    again, again_info = U.upcycle_model(dense, opts)
+    assert again_info == {k: v for k, v in info.items() if k not in ('path', 'sha256')}
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in moe.state_dict().items())
 
 
@@ -461,7 +462,7 @@ def test_cli_subprocess_error_exit_code(tmp_path):
 
 def test_similarity_identical_copies_and_noise():
     dense = make_dense()
-    clean = up(dense, n_experts=4, top_k=2)
+    clean, _ = up(dense, n_experts=4, top_k=2)
     f = clean.blocks[0].ffn
     S = D.expert_similarity(f)
     assert S.shape == (4, 4) and torch.allclose(S, torch.ones(4, 4), atol=1e-5)
@@ -469,7 +470,7 @@ def test_similarity_identical_copies_and_noise():
     assert torch.allclose(D.similarity_to_dense(f, dense.blocks[0].ffn), torch.ones(4), atol=1e-5)
     sims = []
     for noise in (0.1, 0.5):
-        g = up(dense, n_experts=4, top_k=2, expert_noise=noise).blocks[0].ffn
+        g = up(dense, n_experts=4, top_k=2, expert_noise=noise)[0].blocks[0].ffn
         sims.append(D.mean_pairwise_similarity(g))
         to_dense = D.similarity_to_dense(g, U.dense_ffn_weights(dense.state_dict(), 0))
         assert (to_dense < 1 - 1e-4).all()
@@ -485,7 +486,7 @@ def test_similarity_to_dense_fine_grained_shards():
     only; megatron: all three) do not change the per-matrix cosine."""
     dense = make_dense()
     for ws in ("exact", "megatron"):
-        f = up(dense, granularity=2, n_experts=8, top_k=2, weight_scaling=ws).blocks[1].ffn
+        f = up(dense, granularity=2, n_experts=8, top_k=2, weight_scaling=ws)[0].blocks[1].ffn
         assert torch.allclose(D.similarity_to_dense(f, dense.blocks[1].ffn), torch.ones(8), atol=1e-5)
         S = D.expert_similarity(f)
         # same shard -> 1, different shards -> unrelated random weights (~0)
@@ -499,7 +500,7 @@ def test_mean_similarity_over_same_shard_pairs(G):
     e = e' mod G, and only those pairs were copies. Over them the mean is 1.0; over
     all pairs it is diluted by the different-shard pairs, which never were copies."""
     dense = make_dense()
-    f = up(dense, granularity=G, n_experts=8, top_k=G).blocks[0].ffn
+    f = up(dense, granularity=G, n_experts=8, top_k=G)[0].blocks[0].ffn
     assert D.mean_pairwise_similarity(f, granularity=G) == pytest.approx(1.0, abs=1e-5)
     S = D.expert_similarity(f)
     E = 8
@@ -509,7 +510,7 @@ def test_mean_similarity_over_same_shard_pairs(G):
     assert D.mean_pairwise_similarity(f) == pytest.approx(ref_all, abs=1e-6)   # default: all pairs
     assert D.mean_pairwise_similarity(f) < 0.6
     # after noise, the same-shard mean is the mean over exactly those pairs
-    g = up(dense, granularity=G, n_experts=8, top_k=G, expert_noise=0.3).blocks[0].ffn
+    g = up(dense, granularity=G, n_experts=8, top_k=G, expert_noise=0.3)[0].blocks[0].ffn
     Sg = D.expert_similarity(g)
     ref = sum(float(Sg[a, b]) for a, b in same) / len(same)
     assert D.mean_pairwise_similarity(g, granularity=G) == pytest.approx(ref, abs=1e-6) and ref < 0.99

@@ -1,10 +1,12 @@
-"""Beyond copy-upcycling (issue 16): Drop-Upcycling (arXiv 2502.19261), Branch-Train-MiX
-(arXiv 2403.07816), the hidden-state router init (mergekit-moe's `hidden` gate mode) and
-the data loader's domain filter that BTX branch training needs.
+"""Beyond copy-upcycling: Drop-Upcycling (arXiv 2502.19261), Branch-Train-MiX
+(arXiv 2403.07816), the router init distributions, the hidden-state router inits (this
+repo's domain-contrast rows and mergekit-moe's gates, checked against mergekit's computation
+on transformers' Llama) and the data loader's domain filter that BTX branch training needs.
 
 Tiny models (2 layers, d=32, d_ff=96) and the synthetic 4-domain dataset of
 tests/helpers.py, whose domains use disjoint slices of the vocabulary.
 """
+import json
 import math
 import os
 import subprocess
@@ -17,11 +19,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import btx as B  # noqa: E402
+import convert  # noqa: E402
+import hf_models as H  # noqa: E402
 import upcycle as U  # noqa: E402
 from checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: E402
 from data.dataset import TokenDataset  # noqa: E402
 from helpers import make_dataset  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D_FF = 96    # GPTConfig's Llama rule for n_embd=32
@@ -67,10 +73,21 @@ def logits(model, x):
 X = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
 
 
-def run_cli(*args):
+def run_cli(*args, script="upcycle.py"):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "upcycle.py"), *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_errors(capsys, base, cases, never_written):
+    """upcycle.py with base + each case's flags exits 2 with one stderr line holding its
+    message, and never writes `never_written`."""
+    capsys.readouterr()
+    for args, msg in cases:
+        rc = U.main([*base, *args])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and msg in lines[0], (args, lines)
+        assert not os.path.exists(never_written)
 
 
 # ----------------------------------------------------------------------------- Drop-Upcycling
@@ -181,7 +198,7 @@ def test_btx_of_identical_branches_equals_the_dense_model(tmp_path, n_experts):
     float64 average of identical tensors is the tensor itself."""
     dense = make_dense()
     paths = [save_dense(dense, tmp_path / f"b{i}") for i in range(4)]
-    rc = U.main([f"--ckpt={','.join(paths)}", f"--out_dir={tmp_path / 'btx'}", "--method=btx",
+    rc = B.main([f"--branches={','.join(paths)}", f"--out_dir={tmp_path / 'btx'}",
                  f"--n_experts={n_experts}", "--verify=false"])
     assert rc == 0
     moe, ckpt = load_model(str(tmp_path / "btx"))
@@ -201,7 +218,7 @@ def test_btx_expert_choice_scales_for_the_experts_it_routes_to(tmp_path):
     as upcycle_ffn does, or the merged model computes half the dense FFN."""
     dense = make_dense()
     paths = [save_dense(dense, tmp_path / f"b{i}") for i in range(4)]
-    rc = U.main([f"--ckpt={','.join(paths)}", f"--out_dir={tmp_path / 'btx'}", "--method=btx", "--n_experts=4",
+    rc = B.main([f"--branches={','.join(paths)}", f"--out_dir={tmp_path / 'btx'}", "--n_experts=4",
                  "--top_k=2", "--router=expert_choice", "--capacity_factor=1.0", "--router_init_std=0",
                  "--weight_scaling=exact", "--verify=false"])
     assert rc == 0
@@ -216,7 +233,7 @@ def test_btx_averages_exactly_and_takes_each_branch_ffn():
     states = [b.state_dict() for b in branches]
     # layer 0 stays dense (its FFN is averaged too), layer 1 becomes 6 experts, 2 per branch
     opts = {"model_args": {"moe_layers": "1", "n_experts": 6, "top_k": 2}}
-    state, cfg, info = U.btx_merge(states, [asdict(b.config) for b in branches], opts, names=["A", "B", "C"])
+    state, cfg, info = B.btx_merge(states, [asdict(b.config) for b in branches], opts, names=["A", "B", "C"])
     assert info["options"]["expert_branch"] == [0, 0, 1, 1, 2, 2]
     assert info["options"]["function_preserving"] == "approximate"
     for k in states[0]:
@@ -242,7 +259,7 @@ def test_btx_mismatch_is_one_line_naming_both_files(tmp_path, other, what):
     """In a subprocess: exit status 2 and a one-line message naming both files."""
     a = save_dense(make_dense(), tmp_path / "a")
     b = save_dense(make_dense(**other), tmp_path / "b")
-    p = run_cli(f"--ckpt={a},{b}", f"--out_dir={tmp_path / 'btx'}", "--method=btx", "--n_experts=4")
+    p = run_cli(f"--branches={a},{b}", f"--out_dir={tmp_path / 'btx'}", "--n_experts=4", script="btx.py")
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and what in lines[0]
@@ -256,19 +273,54 @@ def test_btx_bad_inputs(tmp_path, capsys):
     moe_dir = tmp_path / "moe"
     assert U.main([f"--ckpt={a}", f"--out_dir={moe_dir}", "--n_experts=4", "--verify=false"]) == 0
     cases = [
-        ([f"--ckpt={a}", "--method=btx"], "2 or more"),
-        ([f"--ckpt={a},{b}", "--method=btx", "--n_experts=3"], "multiple of the 2 branches"),
-        ([f"--ckpt={a},{moe_dir}", "--method=btx"], "is an MoE checkpoint"),
-        ([f"--ckpt={a},{b}"], "only --method=btx"),
-        ([f"--ckpt={a},{b}", "--method=btx", "--granularity=2", "--top_k=2"], "do not apply"),
-        ([f"--ckpt={a},{tmp_path / 'missing'}", "--method=btx"], "no checkpoint"),
+        (B.main, [f"--branches={a}"], "2 or more"),
+        (B.main, [f"--branches={a},{b}", "--n_experts=3"], "multiple of the 2 branches"),
+        (B.main, [f"--branches={a},{moe_dir}"], "is an MoE checkpoint"),
+        (U.main, [f"--ckpt={a},{b}"], "btx.py --branches"),
+        (B.main, [f"--branches={a},{tmp_path / 'missing'}"], "no checkpoint"),
     ]
     capsys.readouterr()
-    for args, msg in cases:
-        rc = U.main([*args, f"--out_dir={tmp_path / 'out'}", "--verify=false"])
+    for main, args, msg in cases:
+        rc = main([*args, f"--out_dir={tmp_path / 'out'}", "--verify=false"])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and msg in err[0], (args, err)
         assert not os.path.exists(tmp_path / "out"), args
+    states = [load_checkpoint(p) for p in (a, b)]
+    with pytest.raises(ValueError, match="do not apply"):
+        B.btx_merge([c["model"] for c in states], [c["model_args"] for c in states],
+                    {"model_args": {"moe_layers": "all", "n_experts": 4, "top_k": 2}, "granularity": 2})
+
+
+# ----------------------------------------------------------------------------- router init distribution
+
+def test_uniform_router_init_is_the_authors_torch_rand_002(tmp_path):
+    """router_init_dist=uniform draws what the Drop-Upcycling/BTX authors' torch_rand_002
+    draws: u ~ U[0, 1), (u - mean(u)) * 0.02 * sqrt(12), so std 0.02 and mean 0; normal stays
+    the default. Upcycle and BTX CLIs record the distribution."""
+    dense = make_dense()
+    sd, args = dense.state_dict(), asdict(dense.config)
+    opts = moe_opts(n_experts=4, top_k=2, router_init_dist="uniform", seed=3)
+    state, _, info = U.upcycle_state_dict(sd, args, opts)
+    u = torch.rand(4, 32, generator=torch.Generator().manual_seed(3))    # the first draw of the seed
+    ref = (u - u.mean()) * 0.02 * 12 ** 0.5
+    w = state["blocks.0.ffn.router.weight"]
+    assert torch.equal(w, ref) and info["options"]["router_init_dist"] == "uniform"
+    assert abs(float(w.std()) - 0.02) < 0.004 and float(w.abs().max()) <= 0.02 * 12 ** 0.5
+    normal, _, info_n = U.upcycle_state_dict(sd, args, moe_opts(n_experts=4, top_k=2, seed=3))
+    assert info_n["options"]["router_init_dist"] == "normal"
+    assert torch.equal(normal["blocks.0.ffn.router.weight"],
+                       torch.randn(4, 32, generator=torch.Generator().manual_seed(3)) * 0.02)
+    src = save_dense(dense, tmp_path / "dense")
+    assert U.main([f"--ckpt={src}", f"--out_dir={tmp_path / 'up'}", "--n_experts=4", "--router_init_dist=uniform",
+                   "--seed=3", "--verify=false"]) == 0
+    assert torch.equal(load_checkpoint(str(tmp_path / "up"))["model"]["blocks.0.ffn.router.weight"], ref)
+    assert B.main([f"--branches={src},{src}", f"--out_dir={tmp_path / 'btx'}", "--n_experts=4",
+                   "--router_init_dist=uniform", "--seed=3", "--verify=false"]) == 0
+    ckpt = load_checkpoint(str(tmp_path / "btx"))
+    assert ckpt["upcycled_from"]["options"]["router_init_dist"] == "uniform"
+    assert torch.equal(ckpt["model"]["blocks.0.ffn.router.weight"], ref)
+    with pytest.raises(ValueError, match="router_init_dist='cauchy' must be one of normal, uniform"):
+        U.upcycle_state_dict(sd, args, moe_opts(router_init_dist="cauchy"))
 
 
 # ----------------------------------------------------------------------------- router init from hidden states
@@ -312,7 +364,7 @@ def trained_dense(four_domains):
 
 def test_hidden_router_init_sends_domain_tokens_to_their_expert(four_domains, trained_dense):
     dense = trained_dense
-    model = U.upcycle_model(dense, moe_opts(n_experts=4, top_k=1))
+    model, _ = U.upcycle_model(dense, moe_opts(n_experts=4, top_k=1))
     before = [own_expert_rate(model, four_domains, l) for l in range(2)]
     info = U.router_init_hidden(model, four_domains, "dom0,dom1,dom2,dom3", n_windows=16)
     assert info["router_init"] == "hidden" and info["router_init_domains"] == DOMAINS
@@ -339,11 +391,36 @@ def test_hidden_router_init_sends_domain_tokens_to_their_expert(four_domains, tr
     assert float((logits(model, X) - logits(dense, X)).abs().max()) < 1e-5
 
 
+def test_own_domain_routing_of_hidden_and_mergekit_rows_against_a_random_router(four_domains, trained_dense):
+    """The measurement behind docs/METHODS.md: share of held-out tokens whose top-1 expert is
+    their own domain's, for a random router, this repo's domain-contrast rows (hidden) and
+    mergekit's gates (16 windows of 32 tokens of the expert's domain as its positive prompts,
+    no negatives). mergekit's rows keep full rank E; the centred hidden rows have rank E-1."""
+    rows = {}
+    for name in ("random", "hidden", "mergekit_hidden", "mergekit_hidden_avg"):
+        model, _ = U.upcycle_model(trained_dense, moe_opts(n_experts=4, top_k=1))
+        if name == "hidden":
+            U.router_init_hidden(model, four_domains, "dom0,dom1,dom2,dom3", n_windows=16)
+        elif name != "random":
+            prompts = [([w.tolist() for w in TokenDataset(four_domains, "train", domains=d).get_batch(
+                16, 32, torch.Generator().manual_seed(0))[0]], []) for d in DOMAINS]
+            gates = U.mergekit_router_rows(trained_dense, prompts, last_token=name == "mergekit_hidden")
+            with torch.no_grad():
+                for l, ffn in model.moe_layers():
+                    ffn.router.weight.copy_(gates[l])
+        rows[name] = [ffn.router.weight.detach().clone() for _, ffn in model.moe_layers()]
+        rates = [np.mean(own_expert_rate(model, four_domains, l)) for l in range(2)]
+        print(f"{name:20s} own-domain top-1 rate per layer {np.round(rates, 3)} (chance 0.25)")
+    for l in range(2):
+        assert int(torch.linalg.matrix_rank(rows["mergekit_hidden"][l])) == 4
+        assert int(torch.linalg.matrix_rank(rows["hidden"][l])) <= 3
+
+
 def test_hidden_router_for_btx_branches_from_their_configs(tmp_path, four_domains):
     """Each BTX branch records its domain (config['domains']); experts of branch b get b's row."""
     dense = make_dense(seed=4)
     paths = [save_dense(dense, tmp_path / f"b{i}", config={"domains": DOMAINS[i]}) for i in range(4)]
-    rc = U.main([f"--ckpt={','.join(paths)}", f"--out_dir={tmp_path / 'btx'}", "--method=btx", "--n_experts=4",
+    rc = B.main([f"--branches={','.join(paths)}", f"--out_dir={tmp_path / 'btx'}", "--n_experts=4",
                  "--top_k=2", "--router_init=hidden", f"--data_dir={four_domains}"])   # and --verify
     assert rc == 0
     moe, ckpt = load_model(str(tmp_path / "btx"))
@@ -351,6 +428,48 @@ def test_hidden_router_for_btx_branches_from_their_configs(tmp_path, four_domain
     assert o["router_init_domains"] == list(DOMAINS)
     w = ckpt["model"]["blocks.0.ffn.router.weight"]
     assert all(not torch.equal(w[a], w[b]) for a in range(4) for b in range(a))   # one domain's row each
+
+
+def test_hidden_router_rows_run_each_block_once_per_domain():
+    """The windows go through the blocks once (each layer's rows are read on the way), not
+    once per MoE layer: on a 4-layer model every attention runs once per domain, and the
+    rows equal those recomputed from scratch for each layer with the earlier rows set."""
+    torch.manual_seed(0)
+    dense = GPT(dense_cfg(n_layer=4))
+    model, _ = U.upcycle_model(dense, moe_opts(n_experts=4, top_k=2))
+    g = torch.Generator().manual_seed(1)
+    windows = {d: torch.randint(0, VOCAB, (4, 32), generator=g) for d in ("x", "y", "z")}
+    calls = [0] * 4
+    hooks = [b.attn.register_forward_hook(lambda m, i, o, l=l: calls.__setitem__(l, calls[l] + 1))
+             for l, b in enumerate(model.blocks)]
+    rows = U.hidden_router_rows(model, windows, ["x", "y", "z", "x"])
+    for hk in hooks:
+        hk.remove()
+    assert calls == [3, 3, 3, 3], calls
+    for l in range(4):   # the FFN input of layer l, from the embeddings up, with the rows as set
+        h = {}
+        for d, w in windows.items():
+            x = model.tok_emb(w)
+            for b in model.blocks[:l]:
+                x, _ = b(x, model.rope_cos, model.rope_sin)
+            b = model.blocks[l]
+            h[d] = b.ffn_norm(x + b.attn(b.attn_norm(x), model.rope_cos, model.rope_sin)).mean((0, 1))
+        ref = U.domain_contrast(torch.stack([h[d] for d in ("x", "y", "z")]))[torch.tensor([0, 1, 2, 0])]
+        assert torch.equal(rows[l], ref.detach()), l
+
+
+def test_hidden_windows_take_the_source_run_block_size_or_the_flag(tmp_path, four_domains, capsys):
+    """The CLI's hidden-state windows are --hidden_block_size tokens, else the block_size the
+    source was trained at (its config), never the model's context when that is longer."""
+    dense = make_dense(seed=4, block_size=64)
+    src = save_dense(dense, tmp_path / "dense", config={"block_size": 16})
+    base = [f"--ckpt={src}", "--n_experts=4", "--router_init=hidden", "--domains=dom0,dom1,dom2,dom3",
+            f"--data_dir={four_domains}", "--verify=false"]
+    for name, extra, T in [("trained", [], 16), ("flag", ["--hidden_block_size=8"], 8)]:
+        assert U.main([*base, f"--out_dir={tmp_path / name}", *extra]) == 0
+        o = load_checkpoint(str(tmp_path / name))["upcycled_from"]["options"]
+        assert o["router_init_tokens_per_domain"] == 16 * T
+        assert f"{16 * T} tokens per domain" in capsys.readouterr().out
 
 
 def test_hidden_router_bad_inputs(tmp_path, four_domains, capsys):
@@ -367,12 +486,95 @@ def test_hidden_router_bad_inputs(tmp_path, four_domains, capsys):
          "--router_init='hidden' with 2 domains for 4 copies"),
         ([f"--data_dir={tmp_path / 'nodata'}", "--router_init=hidden", "--domains=dom0,dom1"], "does not exist"),
     ]
-    capsys.readouterr()
-    for args, msg in cases:
-        rc = U.main([*base, *args])
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert rc == 2 and len(lines) == 1 and msg in lines[0], (args, lines)
-        assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
+    assert_one_line_errors(capsys, base, cases, tmp_path / "out" / "ckpt.pt")
+
+
+# ----------------------------------------------------------------------------- mergekit-moe's hidden gates
+
+def mergekit_gate_params(hf_model, tok, experts, average):
+    """Reference: mergekit/moe/router.py get_gate_params for gate_mode hidden (average=False)
+    or hidden_avg, run on the transformers model. experts: [(positive texts, negative texts)].
+    Returns (n_layer, n_experts, d)."""
+    def states(prompts):
+        batch = tok([(tok.bos_token or "") + p for p in prompts], return_tensors="pt", padding=True,
+                    add_special_tokens=False)
+        with torch.no_grad():
+            out = hf_model(**batch, output_hidden_states=True, return_dict=True)
+        h = torch.stack(out.hidden_states[:-1])                       # (L, B, T, d)
+        h = h.sum(dim=2) / h.shape[2] if average else h[:, :, -1, :]
+        return h.sum(dim=1) / h.shape[1]                              # (L, d)
+    vecs = []
+    for positive, negative in experts:
+        v = states(positive)
+        if negative:
+            v -= states(negative)
+        v /= v.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
+        vecs.append(v)
+    return torch.stack(vecs, dim=0).permute(1, 0, 2)
+
+
+@pytest.fixture(scope="module")
+def imported_llama(tmp_path_factory):
+    """(transformers LlamaForCausalLM, its tokenizer, the model imported with convert.py)."""
+    base = tmp_path_factory.mktemp("mergekit")
+    hf = H.random_model(H.hf_config("llama"), seed=3)
+    H.save(hf, str(base / "hf"))
+    convert.import_hf(str(base / "hf"), str(base / "dense"))
+    tok = AutoTokenizer.from_pretrained(str(base / "hf"))
+    tok.pad_token = tok.eos_token
+    return hf, tok, str(base / "dense")
+
+
+EXPERT_TEXTS = [(["w5 w6 w7 w8", "w9 w5 w6 w10"], ["w40 w41 w42 w43"]),
+                (["w20 w21 w22 w23", "w24 w25 w20 w21"], []),
+                (["w60 w61 w62 w63", "w64 w65 w66 w60"], ["w5 w6 w7 w8", "w20 w21 w22 w23"]),
+                (["w100 w101 w102 w103", "w110 w111 w112 w113"], [])]
+
+
+@pytest.mark.parametrize("mode", ["mergekit_hidden", "mergekit_hidden_avg"])
+def test_mergekit_hidden_rows_match_mergekit_reference(imported_llama, tmp_path, mode):
+    """upcycle.py --router_init=mergekit_hidden(_avg) --prompts=FILE: every router row has
+    cosine >= 0.99 with mergekit's gate vector computed on the transformers model (residual
+    stream entering each layer, last token / token average, mean over prompts, negatives
+    subtracted, L2-normalised, no centring)."""
+    hf, tok, dense = imported_llama
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"positive_prompts": p, "negative_prompts": n} for p, n in EXPERT_TEXTS]))
+    out = tmp_path / "moe"
+    assert U.main([f"--ckpt={dense}", f"--out_dir={out}", "--n_experts=8", "--top_k=2", f"--router_init={mode}",
+                   f"--prompts={prompts}", "--verify=false"]) == 0
+    ckpt = load_checkpoint(str(out))
+    o = ckpt["upcycled_from"]["options"]
+    assert o["router_init"] == mode and o["router_init_prompt_entries"] == [0, 0, 1, 1, 2, 2, 3, 3]
+    ref = mergekit_gate_params(hf, tok, EXPERT_TEXTS, average=mode.endswith("avg"))     # (L, 4, d)
+    for l in range(2):
+        rows = ckpt["model"][f"blocks.{l}.ffn.router.weight"].float()                    # (8, d)
+        cos = torch.nn.functional.cosine_similarity(rows, ref[l].repeat_interleave(2, dim=0), dim=-1)
+        print(f"{mode} layer {l}: cosine to mergekit's gates per row {cos.numpy().round(5)}")
+        assert float(cos.min()) >= 0.99, cos
+    # the function is still the dense one (top-k then softmax gates sum to 1 over copies)
+    assert ckpt["upcycled_from"]["options"]["function_preserving"] == "exact"
+
+
+def test_mergekit_hidden_bad_inputs(imported_llama, tmp_path, capsys):
+    _, _, dense = imported_llama
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([{"positive_prompts": ["w5"]}, {"positive_prompts": ["w6"]}]))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"positive_prompts": ["w5"]}))
+    three = tmp_path / "three.json"
+    three.write_text(json.dumps([{"positive_prompts": ["w5"]}] * 3))
+    base = [f"--ckpt={dense}", f"--out_dir={tmp_path / 'out'}", "--n_experts=4", "--verify=false"]
+    cases = [(["--router_init=mergekit_hidden"], "--prompts=FILE goes with"),
+             ([f"--prompts={good}"], "--prompts=FILE goes with"),
+             (["--router_init=mergekit_hidden", f"--prompts={bad}"], "cannot be used"),
+             (["--router_init=mergekit_hidden", f"--prompts={tmp_path / 'none.json'}"], "cannot be used"),
+             (["--router_init=mergekit_hidden", f"--prompts={three}"], "divides n_experts=4")]
+    assert_one_line_errors(capsys, base, cases, tmp_path / "out" / "ckpt.pt")
+    a = save_dense(make_dense(), tmp_path / "a")
+    assert B.main([f"--branches={a},{a}", f"--out_dir={tmp_path / 'btx'}", "--n_experts=2", "--verify=false",
+                   "--router_init=mergekit_hidden", f"--prompts={good}"]) == 2
+    assert "a BTX merge has several" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- the loader's domain filter
