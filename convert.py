@@ -4,22 +4,35 @@ export dense and MoE checkpoints to classes that `transformers` loads.
 
     python convert.py --from_hf=HF_DIR --out_dir=OUT_DIR    # -> OUT_DIR/ckpt.pt (+ tokenizer files and
                                                             #    generation_config.json: bos/eos ids)
-    python convert.py --ckpt=CKPT_DIR --to_hf=HF_DIR        # -> config.json, model.safetensors,
-                                                            #    generation_config.json
+    python convert.py --ckpt=CKPT_DIR --to_hf=HF_DIR        # -> config.json, model.safetensors (or shards
+                                                            #    + index), generation_config.json
+    --dtype=auto|bfloat16|float16|float32   weights written (auto: the HF files' / the checkpoint's)
+    --max_shard_size=50GB                   export: largest safetensors file (transformers' default)
 
 Import reads config.json and model.safetensors (or model-0000X-of-0000N.safetensors
 with model.safetensors.index.json). Safetensors only: nothing is ever unpickled.
-A key config.json leaves out is read as transformers reads it for that class
-(HF_DEFAULTS). Export writes the model's bos/eos ids back (export_special_ids).
+config.json and the index are checked as a schema first (check_hf_config: types,
+ranges, heads dividing hidden_size, a memory bound), then the tensors' headers
+(floating dtypes only), then each tensor as it is read (finite). A key config.json
+leaves out is read as transformers reads it for that class (HF_DEFAULTS). Export
+writes the model's bos/eos ids back (export_special_ids).
 LlamaForCausalLM, MistralForCausalLM without sliding window and MixtralForCausalLM
 are supported; anything this project cannot compute exactly is refused with one line.
+
+Memory: both directions stream. Import reads tensor by tensor from safetensors'
+memory-mapped files into the state dict (no model is built); export memory-maps the
+checkpoint (torch.load mmap) and writes the safetensors files itself, tensor by
+tensor, so that the peak is about one copy of the weights in the output dtype.
+Output is written into a temp directory renamed at the end: a failure (disk full
+included) is one line and leaves nothing.
 
 Which Hugging Face class an export writes (each computes the same function):
 
     dense                                   LlamaForCausalLM
     topk_softmax, every layer MoE           MixtralForCausalLM (per-expert hub keys)
     topk_softmax / softmax_topk, any layers Qwen2MoeForCausalLM (norm_topk_prob True / False,
-                                            mlp_only_layers, a zero-width shared expert)
+    (+ shared experts)                      mlp_only_layers; shared experts behind a zero gate
+                                            weight with down_proj 2 W2, else a zero-width one)
     sigmoid (+ shared experts), MoE layers  Glm4MoeForCausalLM (n_group 1, routed_scaling_factor 1,
     k..L-1                                  first_k_dense_replace k, partial_rotary_factor 1)
     topk_softmax + shared experts, every    GraniteMoeSharedForCausalLM (multipliers 1, attention
@@ -154,8 +167,8 @@ def check_hf_config(cfg, where):
     rope objects finite and in range; heads dividing hidden_size. One line naming the
     file, the key, the value and what it must be. Returns the architecture."""
     if not isinstance(cfg, dict):
-        raise ConvertError(f"{where} holds a JSON {type(cfg).__name__} ({shown(cfg)}), not an object: "
-                           f"not an HF config.json")
+        kind = {list: "array", str: "string", type(None): "null", bool: "boolean"}.get(type(cfg), "number")
+        raise ConvertError(f"{where} holds a JSON {kind} ({shown(cfg)}), not an object: not an HF config.json")
     archs = cfg.get("architectures")
     if not (isinstance(archs, list) and archs and all(isinstance(a, str) for a in archs)):
         raise bad_key(where, "architectures", archs, 'must be a list of class names such as ["LlamaForCausalLM"]')
