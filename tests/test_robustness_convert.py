@@ -24,6 +24,7 @@ pytest.importorskip("safetensors")
 import checkpoint as C  # noqa: E402
 import convert  # noqa: E402
 from helpers import ROOT  # noqa: E402
+from test_robustness import FailingFile  # noqa: E402  (writes fail after `room` bytes)
 from tests import hf_models as H  # noqa: E402
 
 GiB = 2**30
@@ -283,28 +284,6 @@ def test_export_refusals_are_one_line(ckpt_dir, tmp_path, capsys, edit, flags, n
 
 # ----------------------------------------------------------------------------- write errors
 
-class FailingFile:
-    """A real file whose writes fail with `err` once `room` bytes are written."""
-
-    def __init__(self, f, room, err):
-        self.f, self.room, self.err = f, room, err
-
-    def write(self, b):
-        if len(b) > self.room:
-            raise OSError(self.err, os.strerror(self.err))
-        self.room -= len(b)
-        return self.f.write(b)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
 def fail_with(err):
     def fail(*a, **k):
         raise OSError(err, os.strerror(err))
@@ -381,3 +360,17 @@ def test_export_onto_a_real_full_disk(ckpt_dir, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "EXIT 2 FILES ['hf'] []" in p.stdout, p.stdout
     assert p.stderr.count("\n") == 1 and f"error: disk full: the filesystem holding {d}" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("int8", "field dtype='int8' must be None or one of float32, bfloat16, float16"),
+    (7, "field dtype=7 must be None or one of"),
+    ("bfloat16", "must be bfloat16, the checkpoint's dtype"),   # the weights are float32
+])
+def test_recorded_dtype_is_checked_on_load(ckpt_dir, tmp_path, value, needle):
+    ck = torch.load(os.path.join(ckpt_dir, "ckpt.pt"), weights_only=True)
+    ck["dtype"] = value
+    torch.save(ck, str(tmp_path / "ckpt.pt"))
+    with pytest.raises(C.CheckpointError, match="dtype") as e:
+        C.load_checkpoint(str(tmp_path))
+    assert needle in str(e.value) and "\n" not in str(e.value)
