@@ -95,7 +95,7 @@ def main(argv=None):
     rows = [] if os.path.exists(hf_dir) else [measure("make the random bf16 HF Llama", [sys.executable, "-m", "tests.hf_models", f"--out={hf_dir}",
                                                       f"--shape={args.shape}", "--tied", "--dtype=bfloat16"],
                     ROOT, args.threads)]
-    rows += pipeline(ROOT, "this tree, bf16", hf_dir, args.out, args.experts, args.threads, ["--dtype=auto"])
+    rows += pipeline(ROOT, "this tree, bf16", hf_dir, args.out, args.experts, args.threads, ["--dtype=bfloat16"])
     rows += pipeline(ROOT, "this tree, fp32", hf_dir, args.out, args.experts, args.threads, ["--dtype=float32"])
     if args.base:
         rows += pipeline(os.path.abspath(args.base), "base tree, fp32", hf_dir, args.out, args.experts,
