@@ -14,6 +14,8 @@ OUT_DIR/ckpt.pt is a dict:
     aux_coef       AdaptiveAuxCoef state (MoE runs), or None
     scaler         the float16 loss scaler's state_dict (scale, growth tracker), or None
     upcycled_from  {"path", "sha256", "method", "options"} for upcycled models, else None
+    dtype          "float32", "bfloat16" or "float16": the dtype of the model's floating
+                   weights (absent or None in checkpoints written before it: the weights' own)
 
 Loading checks every field above (validate_checkpoint) and names the file and the
 field of the first wrong one. Saving refuses a non-finite number anywhere in the
@@ -34,7 +36,8 @@ from outdir import WriteError, write_atomic
 FORMAT = "moe-upcycling/1"
 CKPT_NAME = "ckpt.pt"
 FIELDS = ("format", "model_args", "model", "optimizer", "iter_num", "best_val_loss", "config", "rng",
-          "aux_coef", "upcycled_from", "scaler")
+          "aux_coef", "upcycled_from", "scaler", "dtype")
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
 DAMAGED = "damaged or foreign checkpoint: retrain it, or point at another one"
 
 
@@ -97,16 +100,17 @@ def save_checkpoint(ckpt, out_dir, name=CKPT_NAME):
 
 # ----------------------------------------------------------------------------- reading
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", mmap=False):
     """Load a project checkpoint with weights_only=True and validate every field;
-    one-line CheckpointError otherwise."""
+    one-line CheckpointError otherwise. mmap: the tensors stay in the file (torch.load's
+    mmap), read from disk as they are used."""
     path = ckpt_path(path)
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path} (train one with train.py, or check --ckpt/out_dir)")
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): {DAMAGED}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, pickle of foreign objects, not a torch file...
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or foreign file?): "
                               f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
@@ -155,6 +159,19 @@ def validate_checkpoint(ckpt, path):
     check_aux_coef(ckpt.get("aux_coef"), path)
     check_upcycled_from(ckpt.get("upcycled_from"), path)
     check_scaler(ckpt.get("scaler"), path)
+    check_dtype(ckpt, path)
+
+
+def check_dtype(ckpt, path):
+    """dtype: None or one of WEIGHT_DTYPES, which every floating weight has."""
+    name = ckpt.get("dtype")
+    if name is None:
+        return
+    if name not in WEIGHT_DTYPES:
+        raise _bad(path, "dtype", name, f"must be None or one of {', '.join(WEIGHT_DTYPES)}")
+    wrong = next((k for k, v in ckpt["model"].items() if v.is_floating_point() and str(v.dtype) != f"torch.{name}"), None)
+    if wrong:
+        raise _bad(path, f"model[{wrong!r}]", ckpt["model"][wrong], f"must be {name}, the checkpoint's dtype")
 
 
 def check_model_args(args, path):

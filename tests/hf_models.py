@@ -28,6 +28,12 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_la
 # the README's model: train.py's default shape (block 256) with a 512-token byte-level BPE, plus GQA and llama3 RoPE
 README = dict(TINY, vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
               max_position_embeddings=256, rope_scaling=dict(TINY["rope_scaling"], original_max_position_embeddings=64))
+# SmolLM-135M's shape (HuggingFaceTB/SmolLM-135M config.json): 30 layers, d 576, 9 heads / 3 kv heads,
+# FFN 1536, vocab 49,152, tied embeddings, 2,048 positions, theta 10,000: 134.5M parameters
+SMOLLM_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                   num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                   rope_theta=10000.0, rope_scaling=None)
+SHAPES = {"readme": README, "tiny": TINY, "smollm-135m": SMOLLM_135M}
 
 
 def hf_config(arch="llama", tied=False, **overrides):
@@ -125,17 +131,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory to write (config.json, model.safetensors, tokenizer)")
     p.add_argument("--arch", default="llama", choices=["llama", "mistral", "mixtral"])
-    p.add_argument("--shape", default="readme", choices=["readme", "tiny"],
+    p.add_argument("--shape", default="readme", choices=list(SHAPES),
                    help="readme: vocab 512 (a byte-level BPE), d 128, 4 layers, block 256; "
-                        "tiny: what the tests use (vocab 128, word-level tokenizer, d 64, 2 layers)")
+                        "tiny: what the tests use (vocab 128, word-level tokenizer, d 64, 2 layers); "
+                        "smollm-135m: SmolLM-135M's shape (word-level tokenizer; use --tied as the real one)")
     p.add_argument("--tied", action="store_true", help="tie the embeddings and the lm_head")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights (drawn in fp32, then cast)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if os.path.exists(os.path.join(args.out, "config.json")):
         p.exit(2, f"error: {args.out} already holds a model; choose another --out\n")
-    shape = README if args.shape == "readme" else TINY
-    model = random_model(hf_config(args.arch, args.tied, **shape), args.seed)
-    save(model, args.out, tokenizer=args.shape == "tiny")
+    model = random_model(hf_config(args.arch, args.tied, **SHAPES[args.shape]), args.seed)
+    model = model.to(getattr(torch, args.dtype))
+    save(model, args.out, tokenizer=args.shape != "readme")
     if args.shape == "readme":
         write_bpe_tokenizer(args.out, model.config.vocab_size)
     print(f"wrote a random {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "

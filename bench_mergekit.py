@@ -1,0 +1,114 @@
+"""
+Peak memory and time of the dense HF Llama -> Mixtral pipeline, step by step, side by
+side with an older checkout of this project and, optionally, mergekit-moe.
+
+    python bench_mergekit.py --out=out/bench_convert                     # this tree
+    python bench_mergekit.py --out=out/bench_convert --base=../old_tree  # + the older tree's steps
+    python bench_mergekit.py --out=out/bench_convert --mergekit          # + mergekit-moe (own venv)
+
+The model is a random SmolLM-135M-shape Llama in bf16 written by tests/hf_models.py
+(--shape). Steps, each in its own process: import (convert.py --from_hf, --dtype=auto
+and float32), copy-upcycle to --experts x 2 (upcycle.py), export to Mixtral
+(convert.py --to_hf). A step's peak RSS is the kernel's ru_maxrss of that process
+(os.wait4), its time the wall clock around it. mergekit-moe (PyPI mergekit, gate_mode
+random, the same number of copies of the same model) runs from a virtual environment
+made on first use under --out/mergekit-venv (pip needs the network then); never from
+the tests. Writes --out/convert_bench.json and prints a markdown table.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def measure(name, cmd, cwd, threads):
+    """Run cmd; {step, seconds, peak_rss_gib}. Exits with one line when it fails."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    start = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status):
+        last = (out.strip().splitlines() or ["(no output)"])[-1]
+        sys.exit(f"error: step {name!r} ({' '.join(cmd)}) failed: {last}")
+    row = {"step": name, "seconds": round(seconds, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
+    print(f"{name:48s} {row['seconds']:7.1f} s  peak RSS {row['peak_rss_gib']:6.2f} GiB", flush=True)
+    return row
+
+
+def dir_gib(path):
+    return round(sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 2**30, 2)
+
+
+def pipeline(tree, label, hf_dir, out, experts, threads, dtype_flags):
+    """import -> upcycle -> export with the convert.py/upcycle.py of `tree`; rows."""
+    py = sys.executable
+    slug = "".join(c if c.isalnum() else "_" for c in label)   # upcycle.py reads a comma as a list
+    dense, moe, mixtral = (os.path.join(out, f"{slug}_{s}") for s in ("dense", "moe", "mixtral"))
+    rows = [measure(f"{label}: import", [py, "convert.py", f"--from_hf={hf_dir}", f"--out_dir={dense}",
+                                         *dtype_flags], tree, threads),
+            measure(f"{label}: upcycle {experts}x2", [py, "upcycle.py", f"--ckpt={dense}", f"--out_dir={moe}",
+                                                      f"--n_experts={experts}", "--top_k=2"], tree, threads),
+            measure(f"{label}: export Mixtral", [py, "convert.py", f"--ckpt={moe}", f"--to_hf={mixtral}",
+                                                 *dtype_flags], tree, threads)]
+    rows[-1]["output_gib"] = dir_gib(mixtral)
+    return rows
+
+
+def mergekit_rows(hf_dir, out, experts, threads):
+    """mergekit-moe on `experts` copies of hf_dir (gate_mode random, bf16 out)."""
+    venv = os.path.join(out, "mergekit-venv")
+    tool = os.path.join(venv, "bin", "mergekit-moe")
+    if not os.path.exists(tool):
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q", "mergekit"], check=True)
+    config = os.path.join(out, "mergekit_moe.yml")
+    with open(config, "w") as f:
+        f.write(f"base_model: {hf_dir}\ngate_mode: random\ndtype: bfloat16\nexperts_per_token: 2\nexperts:\n")
+        f.write("".join(f"  - source_model: {hf_dir}\n    positive_prompts: [\"\"]\n" for _ in range(experts)))
+    target = os.path.join(out, "mergekit_mixtral")
+    row = measure("mergekit-moe (bf16 out)", [tool, config, target, "--lazy-unpickle"], out, threads)
+    row["output_gib"] = dir_gib(target)
+    return [row]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="new directory for the models and the results")
+    p.add_argument("--shape", default="smollm-135m", help="tests/hf_models.py --shape")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--base", help="an older checkout of this project to measure the same steps with")
+    p.add_argument("--mergekit", action="store_true", help="also run mergekit-moe (its own venv, made on demand)")
+    args = p.parse_args(argv)
+    if os.path.exists(os.path.join(args.out, "convert_bench.json")):
+        p.exit(2, f"error: {args.out} already holds results; choose another --out\n")
+    if os.path.exists(args.out) and set(os.listdir(args.out)) - {"hf", "mergekit-venv"}:
+        p.exit(2, f"error: {args.out} holds other files; choose another --out (hf/ is reused)\n")
+    os.makedirs(args.out, exist_ok=True)
+    hf_dir = os.path.join(args.out, "hf")
+    rows = [] if os.path.exists(hf_dir) else [measure("make the random bf16 HF Llama", [sys.executable, "-m", "tests.hf_models", f"--out={hf_dir}",
+                                                      f"--shape={args.shape}", "--tied", "--dtype=bfloat16"],
+                    ROOT, args.threads)]
+    rows += pipeline(ROOT, "this tree, bf16", hf_dir, args.out, args.experts, args.threads, ["--dtype=bfloat16"])
+    rows += pipeline(ROOT, "this tree, fp32", hf_dir, args.out, args.experts, args.threads, ["--dtype=float32"])
+    if args.base:
+        rows += pipeline(os.path.abspath(args.base), "base tree, fp32", hf_dir, args.out, args.experts,
+                         args.threads, [])
+    if args.mergekit:
+        rows += mergekit_rows(hf_dir, args.out, args.experts, args.threads)
+    with open(os.path.join(args.out, "convert_bench.json"), "w") as f:
+        json.dump({"shape": args.shape, "experts": args.experts, "threads": args.threads, "rows": rows}, f, indent=2)
+    print("\n| step | seconds | peak RSS GiB | output GiB |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['step']} | {r['seconds']} | {r['peak_rss_gib']} | {r.get('output_gib', '')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
