@@ -23,6 +23,7 @@ pytest.importorskip("safetensors")
 
 import checkpoint as C  # noqa: E402
 import convert  # noqa: E402
+import outdir  # noqa: E402  (checkpoint.py writes through outdir.write_atomic)
 from helpers import ROOT  # noqa: E402
 from test_robustness import FailingFile  # noqa: E402  (writes fail after `room` bytes)
 from tests import hf_models as H  # noqa: E402
@@ -297,9 +298,9 @@ def failing_open(module, room, err):
 
 
 WRITE_FAULTS = [   # (direction, what fails, the one line's text)
-    ("import", ("open", C, 0, errno.ENOSPC), "disk full"),             # ckpt.pt, at once
-    ("import", ("open", C, 50_000, errno.ENOSPC), "disk full"),        # ckpt.pt, half written
-    ("import", ("open", C, 50_000, errno.EIO), "could not write"),
+    ("import", ("open", outdir, 0, errno.ENOSPC), "disk full"),             # ckpt.pt, at once
+    ("import", ("open", outdir, 50_000, errno.ENOSPC), "disk full"),        # ckpt.pt, half written
+    ("import", ("open", outdir, 50_000, errno.EIO), "could not write"),
     ("import", ("copyfile", errno.ENOSPC), "disk full: the filesystem holding"),   # the tokenizer files
     ("import", ("mkdtemp", errno.EACCES), "could not write"),          # an unwritable parent directory
     ("import", ("mkdtemp", errno.EROFS), "Read-only file system"),
