@@ -162,6 +162,12 @@ def validate_checkpoint(ckpt, path):
     check_dtype(ckpt, path)
 
 
+def shared_dtype(state):
+    """The torch dtype every floating tensor of a state dict has, else None (mixed or none)."""
+    found = {v.dtype for v in state.values() if torch.is_tensor(v) and v.is_floating_point()}
+    return found.pop() if len(found) == 1 else None
+
+
 def check_dtype(ckpt, path):
     """dtype: None or one of WEIGHT_DTYPES, which every floating weight has."""
     name = ckpt.get("dtype")

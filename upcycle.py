@@ -39,7 +39,8 @@ from dataclasses import asdict, fields
 
 import torch
 
-from checkpoint import CheckpointError, ckpt_path, file_sha256, load_checkpoint, load_model, save_checkpoint
+from checkpoint import (CheckpointError, ckpt_path, file_sha256, load_checkpoint, load_model, save_checkpoint,
+                        shared_dtype)
 from configurator import (METHODS, ROUTER_INITS, ArgumentParser, check_hidden_router_domains, float_problem,
                           ram_available)
 from data.dataset import TokenDataset, load_meta
@@ -176,7 +177,16 @@ def upcycle_state_dict(dense_state, dense_args, options=None, experts=None, **kw
         drop_upcycle_layers(state, moe_ids, settings["drop_ratio"], generator)
     if experts is None:
         check_state_shapes(state, cfg, "the upcycled state dict")   # guards against model.py drifting
-    return state, cfg, upcycle_info(cfg, G, scaling, settings)
+    return in_dtype_of(dense_state, state), cfg, upcycle_info(cfg, G, scaling, settings)
+
+
+def in_dtype_of(dense_state, state):
+    """state with every floating tensor in the dense source's dtype when the source has one
+    (a bf16 checkpoint stays bf16: the new router rows are drawn in fp32, then cast)."""
+    dtype = shared_dtype(dense_state)
+    if dtype is None or dtype == torch.float32:
+        return state
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def upcycle_model(dense, options=None, **kw):
@@ -239,8 +249,10 @@ def write_step0_moe(out_dir, sources, force, build, hidden=None):
             model = model_from_state(cfg, state)
             info["options"].update(set_router_from_hidden(model, (config or {}).get("block_size"), **hidden))
             state = {k: v.detach().to(state[k].dtype) for k, v in model.state_dict().items()}
+        dtype = shared_dtype(state)
         ckpt = {"model_args": asdict(cfg), "model": state, "optimizer": None, "iter_num": 0, "best_val_loss": 1e9,
-                "config": config, "rng": None, "aux_coef": None, "upcycled_from": {**record, **info}}
+                "config": config, "rng": None, "aux_coef": None, "upcycled_from": {**record, **info},
+                "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None}
         return save_checkpoint(ckpt, out_dir), cfg, info
 
 # ----------------------------------------------------------------------------- Drop-Upcycling

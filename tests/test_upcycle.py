@@ -517,3 +517,21 @@ def test_mean_similarity_over_same_shard_pairs(G):
     assert D.mean_similarity_of_pairs(Sg, G) == pytest.approx(ref, abs=1e-6)
     with pytest.raises(ValueError, match="granularity"):
         D.mean_pairwise_similarity(f, granularity=3)                    # 8 experts are not groups of 3
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_upcycle_keeps_the_dense_checkpoints_dtype(tmp_path, dtype):
+    """A bf16 (fp16) dense checkpoint upcycles to a bf16 (fp16) MoE checkpoint: the new router
+    rows are cast too, and the checkpoint records the dtype, so an export with --dtype=auto
+    writes it. The experts are exact copies of the low-precision dense weights."""
+    dense = make_dense()
+    ckpt = {"model_args": asdict(dense.config), "dtype": dtype, "optimizer": None, "iter_num": 1,
+            "model": {k: v.to(getattr(torch, dtype)) for k, v in dense.state_dict().items()},
+            "best_val_loss": 1.0, "config": None, "rng": None, "aux_coef": None, "upcycled_from": None}
+    save_checkpoint(ckpt, str(tmp_path / "dense"))
+    assert U.main([f"--ckpt={tmp_path / 'dense'}", f"--out_dir={tmp_path / 'moe'}", "--n_experts=4", "--top_k=2"]) == 0
+    moe = load_checkpoint(str(tmp_path / "moe"))
+    assert moe["dtype"] == dtype
+    assert {v.dtype for v in moe["model"].values() if v.is_floating_point()} == {getattr(torch, dtype)}
+    w1 = ckpt["model"]["blocks.0.ffn.gate_proj.weight"]
+    assert all(torch.equal(moe["model"]["blocks.0.ffn.gate_proj"][e], w1) for e in range(4))
