@@ -188,7 +188,7 @@ def compile_report(arch, dtype="bf16", first_only=False, shape=(16384, 1024, 281
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    K = kernels._triton_kernels()
+    import kernels_triton
     T, d, h, E = shape
     A = 2 * T
     prec = "ieee" if dtype == "fp32" else "tf32"
@@ -220,7 +220,7 @@ def compile_report(arch, dtype="bf16", first_only=False, shape=(16384, 1024, 281
     sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     n = 0
     for name, ptrs, ints, consts in variants:
-        tuner = K[name]
+        tuner = getattr(kernels_triton, name)
         fn = tuner.fn
         cfgs = tuner.configs[:1] if first_only else tuner.configs
         for cfg in cfgs:
