@@ -327,31 +327,34 @@ class FusedMoE(torch.autograd.Function):
         gy = gy.to(x.dtype).contiguous()
         starts = ends - counts
         dx = dgates = dw1 = dw3 = dw2 = None
-        if need_w2:
-            dw2 = grad_w2(gy, a, w2, tok_s, perm, gates, starts, ends)
+        sorted_idx = (tok_s, perm, gates, starts, ends)
+        if need_w2:   # dW2[e] = sum_{r in e} (g_r dy[tok_r])^T a_r   (E, d, h)
+            dw2 = torch.empty_like(w2)
+            expert_outer_sums(gy, gy, a, dw2, dw2, sorted_idx, l_gather=True, l_scale=True, r_gather=False)
         if need_x or need_g or need_w1 or need_w3:
             tables = (tok_s, perm, gates, blk_expert, blk_start, ends, ctx.block_m)
             dh1, dh3, dgates = grad_swiglu(gy, w2, h1, h3, tables, need_g)
             if need_x:
                 dx = grad_x(dh1, dh3, w1, w3, x, tables)
-            if need_w1 or need_w3:
-                dw1, dw3 = grad_w1_w3(dh1, dh3, x, w1, tok_s, perm, gates, starts, ends)
+            if need_w1 or need_w3:   # dW1[e] = sum dh1^T x[tok], dW3[e] = sum dh3^T x[tok]   (E, h, d)
+                dw1, dw3 = torch.empty_like(w1), torch.empty_like(w3)
+                expert_outer_sums(dh1, dh3, x, dw1, dw3, sorted_idx, l_gather=False, l_scale=False, r_gather=True)
                 dw1 = dw1 if need_w1 else None
                 dw3 = dw3 if need_w3 else None
         return dx, dgates, dw1, dw3, dw2, None, None, None, None, None
 
 
-def grad_w2(gy, a, w2, tok_s, perm, gates, starts, ends):
-    """dW2[e] = sum_{r in e} (g_r dy[tok_r])^T a_r   (E, d, h)."""
-    E, d, h = w2.shape
-    dw2 = torch.empty_like(w2)
-    grid = lambda meta: (cdiv(d, meta["BLOCK_M"]) * cdiv(h, meta["BLOCK_N"]), E)
+def expert_outer_sums(l1, l2, r, out1, out2, sorted_idx, l_gather, l_scale, r_gather):
+    """The weight gradients: out1[e] = sum_{r in e} L1[r]^T R[r] (E, M, N), and out2 the
+    same with L2 unless out2 is out1 (see expert_xty for the gather and gate flags)."""
+    tok_s, perm, gates, starts, ends = sorted_idx
+    E, M, N = out1.shape
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), E)
     expert_xty[grid](
-        gy, gy, a, dw2, dw2, tok_s, perm, gates, starts, ends, d, h,
-        gy.stride(0), gy.stride(1), a.stride(0), a.stride(1),
-        dw2.stride(0), dw2.stride(1), dw2.stride(2),
-        L_GATHER=True, L_SCALE=True, R_GATHER=False, DUAL=False, PREC=dot_precision(gy.dtype))
-    return dw2
+        l1, l2, r, out1, out2, tok_s, perm, gates, starts, ends, M, N,
+        l1.stride(0), l1.stride(1), r.stride(0), r.stride(1), out1.stride(0), out1.stride(1), out1.stride(2),
+        L_GATHER=l_gather, L_SCALE=l_scale, R_GATHER=r_gather, DUAL=out2 is not out1,
+        PREC=dot_precision(r.dtype))
 
 
 def grad_swiglu(gy, w2, h1, h3, tables, need_g):
@@ -390,19 +393,6 @@ def grad_x(dh1, dh3, w1, w3, x, tables):
             dh1.stride(0), dh1.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
             dx.stride(0), dx.stride(1), DUAL=True, SCALE=False, PREC=dot_precision(x.dtype), BLOCK_M=block_m)
     return dx.to(x.dtype)
-
-
-def grad_w1_w3(dh1, dh3, x, w1, tok_s, perm, gates, starts, ends):
-    """dW1[e] = sum dh1^T x[tok], dW3[e] = sum dh3^T x[tok]   (E, h, d) each."""
-    E, h, d = w1.shape
-    dw1, dw3 = torch.empty_like(w1), torch.empty_like(w1)
-    grid = lambda meta: (cdiv(h, meta["BLOCK_M"]) * cdiv(d, meta["BLOCK_N"]), E)
-    expert_xty[grid](
-        dh1, dh3, x, dw1, dw3, tok_s, perm, gates, starts, ends, h, d,
-        dh1.stride(0), dh1.stride(1), x.stride(0), x.stride(1),
-        dw1.stride(0), dw1.stride(1), dw1.stride(2),
-        L_GATHER=False, L_SCALE=False, R_GATHER=True, DUAL=True, PREC=dot_precision(x.dtype))
-    return dw1, dw3
 
 
 def fused_moe(x, gates, w1, w3, w2, perm, tok_s, counts, ends, out_dtype):
