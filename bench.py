@@ -8,6 +8,8 @@ Benchmark the expert kernels against the FLOP-matched dense SwiGLU FFN.
     python bench.py --decode              # generation tokens/s with and without the KV cache
     python bench.py --hf                  # this project vs transformers on the same weights:
                                           # a random Llama and its upcycled, exported Mixtral
+    python bench.py --hf --hf_shape=smollm-135m --threads=1   # at SmolLM-135M's width (8 layers),
+                                          # batch 1 x 512; smollm-135m-full: all 30 layers
     python bench.py --hf=HF_DIR           # the same for a local HF Llama / Mixtral directory
     python bench.py --compile-only=90     # no GPU needed: compile the Triton kernels for
                                           # sm_90, report registers / spills / pipelining
@@ -176,27 +178,13 @@ def profile(cases, gy, device):
         print(prof.key_averages().table(sort_by=key, row_limit=12))
 
 
-def compile_report(arch, dtype="bf16", first_only=False, shape=(16384, 1024, 2816, 8)):
-    """Compile every Triton kernel variant and autotune config for sm_<arch> ahead of
-    time, without a GPU (Triton's bundled ptxas), and print registers, spills,
-    the MMA instruction and whether loads are pipelined (cp.async): the checks that
-    the CPU interpreter cannot make. Argument specialisation mimics a real launch
-    (pointers 16-byte aligned, ints divisible by 16 marked so, stride 1 constant).
-    Returns the number of variants compiled; raises on a compile error."""
-    import triton   # optional dependency (Linux; CUDA wheels bring it): imported only here
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
-
-    K = kernels._triton_kernels()
+def triton_variants(dtype, shape):
+    """Every launch variant of the Triton kernels, as compile_report compiles it: (kernel
+    name, pointer dtypes, int args with example values of shape (T, d, h, E), constexprs)."""
     T, d, h, E = shape
     A = 2 * T
-    prec = "ieee" if dtype == "fp32" else "tf32"
-    target = GPUTarget("cuda", arch, 32)
-    idx = dict(tok_ptr="i64", perm_ptr="i64", blk_expert_ptr="i64", blk_start_ptr="i64", ends_ptr="i64",
-               starts_ptr="i64", gates_ptr="fp32")
     nb = A // 128 + E
-    variants = [   # (kernel, pointer dtypes, int args (example values), constexprs)
+    return [
         ("gather_up_swiglu", dict(x_ptr=dtype, w1_ptr=dtype, w3_ptr=dtype, h1_ptr=dtype, h3_ptr=dtype, a_ptr=dtype),
          dict(n_blocks_m=nb, N=h, K=d, stride_xt=d, stride_xk=1, stride_we=h * d, stride_wn=d, stride_wk=1,
               stride_hm=h, stride_hn=1), dict(SAVE_PRE=True)),
@@ -217,10 +205,30 @@ def compile_report(arch, dtype="bf16", first_only=False, shape=(16384, 1024, 281
          dict(M=h, N=d, stride_lr=h, stride_lc=1, stride_rr=d, stride_rc=1, stride_oe=h * d, stride_om=d, stride_on=1),
          dict(L_GATHER=False, L_SCALE=False, R_GATHER=True, DUAL=True)),
     ]
+
+
+def compile_report(arch, dtype="bf16", first_only=False, shape=(16384, 1024, 2816, 8)):
+    """Compile every Triton kernel variant and autotune config for sm_<arch> ahead of
+    time, without a GPU (Triton's bundled ptxas), and print registers, spills,
+    the MMA instruction and whether loads are pipelined (cp.async): the checks that
+    the CPU interpreter cannot make. Argument specialisation mimics a real launch
+    (pointers 16-byte aligned, ints divisible by 16 marked so, stride 1 constant).
+    Returns the number of variants compiled; raises on a compile error."""
+    import triton   # optional dependency (Linux; CUDA wheels bring it): imported only here
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    import kernels_triton
+    prec = "ieee" if dtype == "fp32" else "tf32"
+    target = GPUTarget("cuda", arch, 32)
+    idx = dict(tok_ptr="i64", perm_ptr="i64", blk_expert_ptr="i64", blk_start_ptr="i64", ends_ptr="i64",
+               starts_ptr="i64", gates_ptr="fp32")
+    variants = triton_variants(dtype, shape)
     sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     n = 0
     for name, ptrs, ints, consts in variants:
-        tuner = K[name]
+        tuner = getattr(kernels_triton, name)
         fn = tuner.fn
         cfgs = tuner.configs[:1] if first_only else tuner.configs
         for cfg in cfgs:
@@ -403,16 +411,24 @@ def hf_generate(hf, prompt, n):
                        attention_mask=torch.ones_like(prompt))
 
 
-# the --hf model when no HF_DIR is given: a Llama of the --model bench's width class with GQA
-HF_BENCH_LLAMA = dict(vocab_size=256, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      rms_norm_eps=1e-5, tie_word_embeddings=False)
+# --hf_shape: the random HF Llama --hf builds when no HF_DIR is given, and the batch it
+# times (batch, tokens per sequence); --model_batch / --model_block override the batch
+SMOLLM_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                   num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                   rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True)
+HF_SHAPES = {
+    "toy": (8, 256, dict(vocab_size=256, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False)),
+    "smollm-135m": (1, 512, dict(SMOLLM_135M, num_hidden_layers=8)),     # its width, 8 of its 30 layers
+    "smollm-135m-full": (1, 512, SMOLLM_135M),
+}
 
 
-def hf_bench_models(hf_dir, tmp):
+def hf_bench_models(hf_dir, tmp, shape="toy"):
     """[(name, project GPT, transformers model)] on the same weights: the HF model in
-    hf_dir (a random HF_BENCH_LLAMA when None) and, for a dense one, its upcycled
-    8x2 MoE exported to Mixtral. Both sides are loaded from the files convert.py wrote."""
+    hf_dir (a random Llama of HF_SHAPES[shape] when None) and, for a dense one, its
+    upcycled 8x2 MoE exported to Mixtral. Both sides are loaded from the files convert.py wrote."""
     from transformers import AutoModelForCausalLM, LlamaConfig
     import convert
     from checkpoint import load_model
@@ -420,7 +436,7 @@ def hf_bench_models(hf_dir, tmp):
     if hf_dir is None:
         torch.manual_seed(0)
         hf_dir = os.path.join(tmp, "llama")
-        AutoModelForCausalLM.from_config(LlamaConfig(**HF_BENCH_LLAMA), dtype=torch.float32).save_pretrained(hf_dir)
+        AutoModelForCausalLM.from_config(LlamaConfig(**HF_SHAPES[shape][2]), dtype=torch.float32).save_pretrained(hf_dir)
     convert.import_hf(hf_dir, os.path.join(tmp, "imported"))
     pairs = [(os.path.join(tmp, "imported"), hf_dir)]
     if not load_model(pairs[0][0])[0].config.is_moe:
@@ -440,13 +456,13 @@ def bench_hf(args, device):
     """Forward tokens/s (no grad) and training steps (forward, backward, AdamW) of this
     project's model and transformers' on the same weights, interleaved rounds, median.
     Ratios are transformers' time / ours: > 1 means this project is faster."""
-    import tempfile
     B = args.model_batch
     with tempfile.TemporaryDirectory() as tmp:
-        models = hf_bench_models(None if args.hf == "random" else args.hf, tmp)
+        models = hf_bench_models(None if args.hf == "random" else args.hf, tmp, args.hf_shape)
         print(f"machine: {machine(device)}")
-        print(f"same weights in this project and in transformers; batch {B} x T tokens, fp32; "
-              f"median of {args.repeats or 5} interleaved rounds; ratio = transformers time / ours")
+        print(f"shape: {args.hf if args.hf != 'random' else args.hf_shape}; same weights in this project and in "
+              f"transformers; batch {B} x T tokens, fp32; median of {args.repeats or 5} interleaved rounds; "
+              f"ratio = transformers time / ours")
         print(f"{'model':<22} {'params':>8} {'T':>5} {'max|dlogit|':>12} {'fwd tok/s ours':>15} {'theirs':>10} "
               f"{'ratio':>6} {'step ms ours':>13} {'theirs':>9} {'ratio':>6}")
         for name, ours, theirs in models:
@@ -620,14 +636,17 @@ def check_args(p, args):
     return archs
 
 
-def main(argv=None):
+def make_parser():
+    """bench.py's flags (see the module doc)."""
     p = ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="store_true",
                    help="time whole training steps: dense vs MoE vs FLOP-matched dense (see bench_model)")
     p.add_argument("--hf", nargs="?", const="random", default=None, metavar="HF_DIR",
                    help="this project vs transformers on the same weights (see bench_hf); needs transformers")
-    p.add_argument("--model_batch", type=int, default=8)
-    p.add_argument("--model_block", type=int, default=256)
+    p.add_argument("--hf_shape", default="toy", choices=sorted(HF_SHAPES),
+                   help="with --hf and no HF_DIR: the random Llama's shape and batch (see HF_SHAPES)")
+    p.add_argument("--model_batch", type=int, default=None, help="sequences per batch (--model: 8; --hf: the shape's)")
+    p.add_argument("--model_block", type=int, default=None, help="tokens per sequence (--model: 256; --hf: the shape's)")
     p.add_argument("--model_experts", type=int, default=8)
     p.add_argument("--model_impl", default="auto", help="expert kernel of the MoE model")
     p.add_argument("--decode", action="store_true",
@@ -661,6 +680,11 @@ def main(argv=None):
                         "80,90) without a GPU and report registers / spills / pipelining")
     p.add_argument("--compile-configs", default="all", choices=["all", "first"],
                    help="with --compile-only: every autotune config, or the first of each kernel")
+    return p
+
+
+def main(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
     archs = check_args(p, args)
     if args.compile_only:
@@ -671,9 +695,10 @@ def main(argv=None):
         return
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    gpu = device.type == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
+    batch, block = HF_SHAPES[args.hf_shape][:2] if args.hf else (8, 256)
+    args.model_batch, args.model_block = args.model_batch or batch, args.model_block or block
     if args.model:
         return bench_model(args, device)
     if args.decode:
@@ -682,6 +707,12 @@ def main(argv=None):
         return bench_hf(args, device)
     if args.expert_parallel:
         return bench_expert_parallel(args)
+    return bench_kernels(args, device)
+
+
+def bench_kernels(args, device):
+    """The default bench: every expert path against the FLOP-matched dense FFN, per E."""
+    gpu = device.type == "cuda"
     defaults = dict(tokens=16384, d=1024, d_ff_expert=2816, dtype="bfloat16", repeats=20, warmup=5,
                     impls="loop,grouped,grouped_padded,triton") if gpu else \
         dict(tokens=4096, d=256, d_ff_expert=704, dtype="float32", repeats=5, warmup=1, impls="loop,grouped,triton")

@@ -510,7 +510,11 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len=None):
         """Training FLOPs per token: 6 * N_active + 12 * L * d * T (PaLM appendix B),
         T = seq_len, the sequence length the run trains at (train.py's block_size;
-        default: the model's block_size, the longest it takes). Embedding lookups are free."""
+        default: the model's block_size, the longest it takes). Embedding lookups are free.
+        Lory adds its expert merge (arXiv 2405.03133 eq. 2): per segment of segment_len
+        tokens each Lory layer forms sum_e w_e theta_e over its 3 (E, h, d) stacks, 2 FLOPs
+        per expert parameter forward and 4 backward (gradients of the weights and of the
+        stacks): 6 * (expert parameters) / segment_len per token."""
         cfg = self.config
         T = cfg.block_size if seq_len is None else int(seq_len)
         if not 0 < T <= cfg.block_size:
@@ -518,7 +522,12 @@ class GPT(nn.Module):
         n_active = self.num_params(active=True, non_embedding=True)
         if cfg.tie_embeddings:   # the tied lm_head matmul is still a matmul
             n_active += self.tok_emb.weight.numel()
-        return 6 * n_active + 12 * cfg.n_layer * cfg.n_embd * T
+        flops = 6 * n_active + 12 * cfg.n_layer * cfg.n_embd * T
+        for _, ffn in self.moe_layers():
+            if isinstance(ffn, LoryFFN):
+                merged = ffn.gate_proj.numel() + ffn.up_proj.numel() + ffn.down_proj.numel()
+                flops += 6 * merged / cfg.segment_len
+        return flops
 
     def estimate_mfu(self, tokens_per_device, dt, device_name=None, seq_len=None):
         """Model FLOPs utilisation of ONE device on a known GPU, else None (report

@@ -19,6 +19,9 @@ Router types (see docs/METHODS.md sections 2, 3, 5, 6):
                    eval and generation use token-choice top-k on the same logits
                    instead, with k = capacity_factor (the experts per token it trained with).
     lory           Lory (arXiv 2405.03133): causal segment routing -> merge weights.
+The file reads top-down: the token-choice top-k core (Routing, losses, capacity,
+Router.forward), then the other router kinds, statistics, Lory's SegmentRouter and
+Skywork-MoE's adaptive loss coefficients.
 """
 import math
 from dataclasses import dataclass, field
@@ -72,6 +75,9 @@ def z_loss(logits):
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
 
 
+# -----------------------------------------------------------------------------
+# capacity
+
 def expert_capacity(n_tokens, n_experts, top_k, capacity_factor):
     """C = ceil(k * T / E * capacity_factor); None means dropless (factor <= 0).
     (Rounded to 9 decimals before the ceil: 100 / 2 * 1.1 is 55.000000000000007 in
@@ -79,19 +85,6 @@ def expert_capacity(n_tokens, n_experts, top_k, capacity_factor):
     if capacity_factor <= 0:
         return None
     return math.ceil(round(top_k * n_tokens / n_experts * capacity_factor, 9))
-
-
-def expert_choice_k(capacity_factor, n_experts):
-    """Experts per token of expert choice's token-choice eval fallback: k = capacity_factor.
-    Training gives each token capacity_factor experts on average (E experts x
-    C = T * capacity_factor / E tokens), so a whole capacity_factor in 1..E is needed
-    for eval to run the compute the model trained with. Raises ValueError (one line)."""
-    cf = float(capacity_factor)
-    if cf != int(cf) or not 1 <= cf <= n_experts:
-        raise ValueError(f"router='expert_choice' trains with capacity_factor experts per token on average and "
-                         f"evaluates token-choice top-k with k = capacity_factor: capacity_factor={capacity_factor} "
-                         f"must be a whole number from 1 to n_experts={n_experts}")
-    return int(cf)
 
 
 def capacity_keep_mask(expert_idx, priority, n_experts, capacity):
@@ -114,56 +107,6 @@ def capacity_keep_mask(expert_idx, priority, n_experts, capacity):
     keep = torch.zeros(A, dtype=torch.bool, device=expert_idx.device)
     keep[order] = rank < capacity
     return keep
-
-
-def capacity_overflow(demand, capacity):
-    """Assignments that a capacity of C per expert would drop: sum_i max(demand_i - C, 0).
-    demand: (E,) assignments per expert before dropping."""
-    return (demand.float() - capacity).clamp_min(0).sum()
-
-
-def _cv(load):
-    """Coefficient of variation std/mean (population std; 0 = balanced)."""
-    return load.std(unbiased=False) / load.mean().clamp_min(1e-9)
-
-
-@torch.no_grad()
-def routing_stats(logits, probs, tokens_per_expert, n_dropped, n_assign, demand=None):
-    """Detached diagnostics of one layer (docs/METHODS.md sections 2.1, 5 and 8).
-
-    probs: (T, E) the gate distribution over all experts (after any logit
-    normalisation). tokens_per_expert: (E,) kept assignments per expert.
-    demand: (E,) assignments per expert before capacity dropping (default: the
-    kept ones). load_cv is on the kept load, demand_cv on the demand; only the
-    latter is comparable across capacity factors (a capacity clips the load).
-    """
-    E = probs.shape[1]
-    load = tokens_per_expert.float()
-    demand = load if demand is None else demand.float()
-    entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).mean()
-    stats = {
-        "tokens_per_expert": load,
-        "demand_per_expert": demand,
-        "drop_rate": torch.tensor(n_dropped / max(n_assign, 1)),
-        "gate_entropy": entropy,
-        "load_cv": _cv(load),
-        "demand_cv": _cv(demand),
-        "logit_abs": logits.abs().mean(),
-    }
-    if E >= 2:
-        top = probs.topk(min(3, E), dim=-1).values.clamp_min(1e-20)  # (T, 3) sorted
-        stats["max1_max2"] = (top[:, 0] / top[:, 1]).mean()
-        if E >= 3:
-            stats["max2_max3"] = (top[:, 1] / top[:, 2]).mean()
-    return stats
-
-
-def init_router_weight(weight, std):
-    """A new router: normal(0, std), or zeros when std <= 0 (all experts tie)."""
-    if std > 0:
-        nn.init.normal_(weight, std=std)
-    else:
-        nn.init.zeros_(weight)
 
 
 # -----------------------------------------------------------------------------
@@ -208,6 +151,67 @@ class Router(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             return F.linear(x.float(), self.weight.float())
 
+    def forward(self, x):
+        """x: (T, d) -> Routing. Token-choice top-k: each token picks the k experts with
+        the highest logits; with a capacity C per expert the overflow is dropped,
+        lowest router probability first (drop_policy "probs") or latest token first
+        ("position"). Expert choice (training) routes in _expert_choice instead."""
+        T, E = x.shape[0], self.n_experts
+        logits = self.gate_logits(x)                                    # (T, E) raw
+        z = self.normalise(self.add_noise(x, logits))                   # (T, E)
+        if self.router_type == "expert_choice" and (self.training or self.eval_expert_choice):
+            return self._expert_choice(logits, z, self.capacity_factor)
+        k = self.experts_per_token()
+        probs, gates, topi = self.top_k_gates(z, k)                     # (T, E), (T, k), (T, k)
+        token_idx = torch.arange(T, device=x.device).repeat_interleave(k)   # (T*k,) a = t * k + j
+        expert_idx, flat_gates = topi.reshape(-1), gates.reshape(-1)    # (T*k,)
+        C = expert_capacity(T, E, k, self.capacity_factor if self.training else self.eval_capacity_factor)
+        if C is None and not self.with_stats:   # generation: the decision is all that is used
+            return Routing(token_idx, expert_idx, flat_gates)
+        demand = torch.bincount(expert_idx, minlength=E)                # (E,) before dropping
+        if C is not None and C < T * k:
+            priority = None if self.drop_policy == "position" else probs.gather(-1, topi).reshape(-1).detach()
+            keep = capacity_keep_mask(expert_idx, priority, E, C)
+            token_idx, expert_idx, flat_gates = token_idx[keep], expert_idx[keep], flat_gates[keep]
+        aux, stats = self.losses_and_stats(logits, probs, expert_idx, demand, k, C)
+        return Routing(token_idx, expert_idx, flat_gates, aux, stats)
+
+    def top_k_gates(self, z, k):
+        """z (T, E) -> probs (T, E) (the distribution the losses and stats read), gates
+        (T, k) and the chosen experts topi (T, k)."""
+        if self.router_type == "sigmoid":
+            return self._sigmoid_gates(z, k)
+        probs = F.softmax(z, dim=-1)                                    # (T, E)
+        if self.router_type == "topk_softmax":
+            topv, topi = z.topk(k, dim=-1)
+            return probs, F.softmax(topv, dim=-1), topi                 # gates sum to 1
+        gates, topi = probs.topk(k, dim=-1)   # softmax_topk (and expert choice at eval): sum < 1
+        return probs, gates, topi
+
+    def losses_and_stats(self, logits, probs, expert_idx, demand, k, C):
+        """The unweighted auxiliary losses and the detached statistics of one routing.
+        expert_idx: (A,) kept assignments; demand: (E,) assignments before dropping."""
+        T = logits.shape[0]
+        tokens_per_expert = torch.bincount(expert_idx, minlength=self.n_experts)
+        aux = {
+            "switch": switch_loss(probs, demand.float(), k),
+            "skywork": skywork_loss(probs),
+            "z": z_loss(logits),
+        }
+        stats = routing_stats(logits, probs, tokens_per_expert, T * k - expert_idx.numel(), T * k, demand)
+        stats["adaptive_drop_rate"] = self._adaptive_drop_rate(stats["drop_rate"], demand, T, k, C)
+        return aux, stats
+
+    # ------------------------------------------------------- the other router kinds
+    def add_noise(self, x, z):
+        """Noisy top-k gating (Shazeer et al. 2017 eq. 4), training only:
+        H = z + N(0, 1) * softplus(W_noise x)."""
+        if not (self.noisy and self.training):
+            return z
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            noise_std = F.softplus(F.linear(x.float(), self.noise_weight.float()))
+        return z + torch.randn_like(z) * noise_std
+
     def normalise(self, z):
         """Skywork-MoE eq. 6 gating logit normalisation:
         z~ = lambda * (z - mean(z)) / std(z), per token over the E logits."""
@@ -217,60 +221,22 @@ class Router(nn.Module):
         sd = z.std(dim=-1, keepdim=True)
         return self.gate_norm_lambda * (z - mu) / (sd + 1e-6)
 
-    def forward(self, x):
-        """x: (T, d) -> Routing."""
-        T, E, k = x.shape[0], self.n_experts, self.top_k
-        logits = self.gate_logits(x)                                    # (T, E) raw
-        z = logits
-        if self.noisy and self.training:
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                noise_std = F.softplus(F.linear(x.float(), self.noise_weight.float()))
-            z = z + torch.randn_like(z) * noise_std
-        z = self.normalise(z)
-        cf = self.capacity_factor if self.training else self.eval_capacity_factor
-
+    def experts_per_token(self):
+        """k: top_k, or for expert choice at eval (token-choice fallback) capacity_factor,
+        the experts per token it trained with, with softmax-then-topk gates as Lory's
+        baseline does."""
         if self.router_type == "expert_choice":
-            if self.training or self.eval_expert_choice:
-                return self._expert_choice(logits, z, self.capacity_factor)
-            # eval/generation: token-choice top-k on the same logits, with
-            # softmax-then-topk gates (as Lory's baseline does) and k = cf, the
-            # experts per token it trained with (not top_k)
-            k = expert_choice_k(self.capacity_factor, E)
+            return expert_choice_k(self.capacity_factor, self.n_experts)
+        return self.top_k
 
-        if self.router_type == "sigmoid":
-            scores = torch.sigmoid(z)                                   # (T, E)
-            topi = (scores + self.expert_bias).topk(k, dim=-1).indices  # bias: selection only
-            topv = scores.gather(-1, topi)
-            gates = topv / topv.sum(-1, keepdim=True).clamp_min(1e-20)
-            probs = scores / scores.sum(-1, keepdim=True)               # for losses/stats
-        else:
-            probs = F.softmax(z, dim=-1)                                # (T, E)
-            if self.router_type == "topk_softmax":
-                topv, topi = z.topk(k, dim=-1)
-                gates = F.softmax(topv, dim=-1)                         # sums to 1
-            else:  # softmax_topk (and expert choice at eval)
-                gates, topi = probs.topk(k, dim=-1)                     # sums to < 1
-        # flat assignments in token order: a = t * k + j
-        token_idx = torch.arange(T, device=x.device).repeat_interleave(k)   # (T*k,)
-        expert_idx = topi.reshape(-1)
-        flat_gates = gates.reshape(-1)
-        C = expert_capacity(T, E, k, cf)
-        if C is None and not self.with_stats:   # generation: the decision is all that is used
-            return Routing(token_idx, expert_idx, flat_gates)
-        demand = torch.bincount(expert_idx, minlength=E)                # before dropping
-        if C is not None and C < T * k:
-            priority = None if self.drop_policy == "position" else probs.gather(-1, topi).reshape(-1).detach()
-            keep = capacity_keep_mask(expert_idx, priority, E, C)
-            token_idx, expert_idx, flat_gates = token_idx[keep], expert_idx[keep], flat_gates[keep]
-        tokens_per_expert = torch.bincount(expert_idx, minlength=E)
-        aux = {
-            "switch": switch_loss(probs, demand.float(), k),
-            "skywork": skywork_loss(probs),
-            "z": z_loss(logits),
-        }
-        stats = routing_stats(logits, probs, tokens_per_expert, T * k - expert_idx.numel(), T * k, demand)
-        stats["adaptive_drop_rate"] = self._adaptive_drop_rate(stats["drop_rate"], demand, T, k, C)
-        return Routing(token_idx, expert_idx, flat_gates, aux, stats)
+    def _sigmoid_gates(self, z, k):
+        """DeepSeek-V3 (arXiv 2412.19437 section 2.1.2): s = sigmoid(z); the bias b only
+        selects (top-k of s + b); g = s[topk] / sum. probs = s / sum(s) for losses/stats."""
+        scores = torch.sigmoid(z)                                       # (T, E)
+        topi = (scores + self.expert_bias).topk(k, dim=-1).indices      # bias: selection only
+        topv = scores.gather(-1, topi)
+        gates = topv / topv.sum(-1, keepdim=True).clamp_min(1e-20)
+        return scores / scores.sum(-1, keepdim=True), gates, topi
 
     def _adaptive_drop_rate(self, drop_rate, demand, T, k, C):
         """The drop rate AdaptiveAuxCoef reads: the actual one when there is a
@@ -311,6 +277,72 @@ class Router(nn.Module):
         [19, 14, 3, 3], whose mean 9.75 would push under-loaded expert 1 down."""
         load = demand_per_expert.float().to(self.expert_bias.device)
         self.expert_bias += gamma * torch.sign(load.mean() - load)
+
+
+# -----------------------------------------------------------------------------
+# statistics and helpers
+
+def capacity_overflow(demand, capacity):
+    """Assignments that a capacity of C per expert would drop: sum_i max(demand_i - C, 0).
+    demand: (E,) assignments per expert before dropping."""
+    return (demand.float() - capacity).clamp_min(0).sum()
+
+
+def _cv(load):
+    """Coefficient of variation std/mean (population std; 0 = balanced)."""
+    return load.std(unbiased=False) / load.mean().clamp_min(1e-9)
+
+
+@torch.no_grad()
+def routing_stats(logits, probs, tokens_per_expert, n_dropped, n_assign, demand=None):
+    """Detached diagnostics of one layer (docs/METHODS.md sections 2.1, 5 and 8).
+
+    probs: (T, E) the gate distribution over all experts (after any logit
+    normalisation). tokens_per_expert: (E,) kept assignments per expert.
+    demand: (E,) assignments per expert before capacity dropping (default: the
+    kept ones). load_cv is on the kept load, demand_cv on the demand; only the
+    latter is comparable across capacity factors (a capacity clips the load).
+    """
+    E = probs.shape[1]
+    load = tokens_per_expert.float()
+    demand = load if demand is None else demand.float()
+    entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).mean()
+    stats = {
+        "tokens_per_expert": load,
+        "demand_per_expert": demand,
+        "drop_rate": torch.tensor(n_dropped / max(n_assign, 1)),
+        "gate_entropy": entropy,
+        "load_cv": _cv(load),
+        "demand_cv": _cv(demand),
+        "logit_abs": logits.abs().mean(),
+    }
+    if E >= 2:
+        top = probs.topk(min(3, E), dim=-1).values.clamp_min(1e-20)  # (T, 3) sorted
+        stats["max1_max2"] = (top[:, 0] / top[:, 1]).mean()
+        if E >= 3:
+            stats["max2_max3"] = (top[:, 1] / top[:, 2]).mean()
+    return stats
+
+
+def expert_choice_k(capacity_factor, n_experts):
+    """Experts per token of expert choice's token-choice eval fallback: k = capacity_factor.
+    Training gives each token capacity_factor experts on average (E experts x
+    C = T * capacity_factor / E tokens), so a whole capacity_factor in 1..E is needed
+    for eval to run the compute the model trained with. Raises ValueError (one line)."""
+    cf = float(capacity_factor)
+    if cf != int(cf) or not 1 <= cf <= n_experts:
+        raise ValueError(f"router='expert_choice' trains with capacity_factor experts per token on average and "
+                         f"evaluates token-choice top-k with k = capacity_factor: capacity_factor={capacity_factor} "
+                         f"must be a whole number from 1 to n_experts={n_experts}")
+    return int(cf)
+
+
+def init_router_weight(weight, std):
+    """A new router: normal(0, std), or zeros when std <= 0 (all experts tie)."""
+    if std > 0:
+        nn.init.normal_(weight, std=std)
+    else:
+        nn.init.zeros_(weight)
 
 
 class SegmentRouter(nn.Module):

@@ -288,6 +288,35 @@ def test_bench_script_smoke():
     assert {r[1] for r in rows} == {"dense", "loop", "grouped", "grouped_padded"}, out
 
 
+def test_bench_hf_shape_preset_smoke():
+    """bench.py --hf with a shape preset: the random Llama and its upcycled Mixtral run
+    in this project and in transformers on the same weights (logits agree), and both
+    rows print forward and training-step ratios."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--hf", "--hf_shape=toy", "--model_batch=1",
+                        "--model_block=16", "--repeats=1", "--warmup=0", "--threads=1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "shape: toy" in p.stdout, p.stdout
+    rows = {l.split()[0]: l.split() for l in p.stdout.splitlines() if l.split()[:1] in (["LlamaForCausalLM"],
+                                                                                      ["MixtralForCausalLM"])}
+    assert set(rows) == {"LlamaForCausalLM", "MixtralForCausalLM"}, p.stdout
+    for r in rows.values():   # name params T max|dlogit| fwd-ours fwd-theirs ratio step-ours step-theirs ratio
+        assert r[2] == "16" and float(r[3]) < 1e-4 and float(r[6]) > 0 and float(r[9]) > 0, r
+
+
+def test_kernels_imports_triton_lazily_and_kernels_triton_stands_alone():
+    """`import kernels` imports no triton (the fused path loads on first use), and
+    kernels_triton works from sorted inputs without importing kernels."""
+    code = ("import sys, kernels\n"
+            "assert 'triton' not in sys.modules and 'kernels_triton' not in sys.modules\n"
+            "del sys.modules['kernels']\n"
+            "import kernels_triton\n"
+            "assert 'kernels' not in sys.modules\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
 def test_padding_rows_contribute_nothing_even_on_overflow():
     """The padded grouped GEMM fills experts to one size with zero rows: a padding row
     that copied a real token could overflow in fp16 (expert 1 on token 0 is inf here,

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -272,6 +274,22 @@ def test_throughput_mfu_is_per_device_under_ddp():
     assert four["mfu"] == pytest.approx(one["mfu"] / 4)
     assert four["mfu"] == pytest.approx(model.estimate_mfu(1000, 0.5, h100, seq_len=8))
     assert "mfu" not in model.throughput(4000, 0.5, world_size=4, seq_len=8, device_name="cpu")
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "lory"])
+def test_flops_per_token_matches_a_flop_counter(kind):
+    """flops_per_token against torch's FlopCounterMode over one forward + backward
+    (SDPA on its math backend, so attention's matmuls are counted too), within 2%:
+    dense, token-choice MoE, and Lory, whose expert merge costs forward and backward
+    6 * (parameters merged) / segment_len per token (30% of this model's FLOPs)."""
+    kw = {"dense": {}, "moe": dict(moe_layers="all", n_experts=4, top_k=2),
+          "lory": dict(moe_layers="all", n_experts=8, router="lory", segment_len=8)}[kind]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=64, n_layer=2, n_head=4, n_embd=64, **kw))
+    idx = torch.randint(0, 64, (2, 64))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(idx, idx)[1].backward()
+    assert counter.get_total_flops() / idx.numel() == pytest.approx(model.flops_per_token(64), rel=0.02)
 
 
 def test_peak_flops_table():
