@@ -637,29 +637,36 @@ def target_config(dense_args, model_args=None, granularity=None, expansion_rate=
     dense config (its MoE fields reset to the GPTConfig defaults). Returns
     (cfg, G) with cfg.expert_hidden = d_ff / G. Raises ValueError (one line) for
     an MoE source, a target whose dense shape differs from the source, or an
-    impossible fine-grained layout."""
+    impossible fine-grained layout (check_target, check_granularity)."""
     dense = GPTConfig.from_dict(config_dict(dense_args))
-    if dense.is_moe:
-        raise ValueError(f"the source is already an MoE model (moe_layers={dense.moe_layers!r}); "
-                         f"upcycle a dense checkpoint")
     moe_names = {f.name for f in fields(GPTConfig)} - set(SHAPE_KEYS + FUNCTION_KEYS) - {"block_size", "dropout"}
     args = {k: v for k, v in asdict(dense).items() if k not in moe_names}
-    user = config_dict(model_args)
-    unknown = sorted(set(user) - {f.name for f in fields(GPTConfig)})
-    if unknown:
-        raise ValueError(f"unknown model config key(s) {unknown}")
-    args.update(user)
-    if str(args.get("moe_layers", "none")).strip() in ("none", ""):
-        raise ValueError("the target config has moe_layers='none': nothing to upcycle "
-                         "(use --moe_layers=all, every_other or a list like 1,3)")
-    # the target's dense part, resolved (ffn_hidden=0 -> Llama rule, n_kv_head=0 -> n_head)
-    tgt_dense = GPTConfig(**{**args, "moe_layers": "none", "expert_hidden": 0})
-    if any(getattr(tgt_dense, k) != getattr(dense, k) for k in SHAPE_KEYS + FUNCTION_KEYS):
-        raise ValueError(f"target config ({describe_shape(tgt_dense)}) differs from the dense checkpoint's "
-                         f"({describe_shape(dense)}); upcycling keeps the dense shape")
+    args.update(check_target(dense, config_dict(model_args), args))
     G = check_granularity(args, dense.ffn_hidden, granularity, expansion_rate)
     args["expert_hidden"] = dense.ffn_hidden // G
     return GPTConfig(**args), G
+
+
+def check_target(dense, user, args):
+    """user (the target fields), after refusing in one line (ValueError) an MoE source,
+    unknown keys, a target with no MoE layer, or one whose dense part (args updated by
+    user) differs from the source's shape."""
+    if dense.is_moe:
+        raise ValueError(f"the source is already an MoE model (moe_layers={dense.moe_layers!r}); "
+                         f"upcycle a dense checkpoint")
+    unknown = sorted(set(user) - {f.name for f in fields(GPTConfig)})
+    if unknown:
+        raise ValueError(f"unknown model config key(s) {unknown}")
+    target = {**args, **user}
+    if str(target.get("moe_layers", "none")).strip() in ("none", ""):
+        raise ValueError("the target config has moe_layers='none': nothing to upcycle "
+                         "(use --moe_layers=all, every_other or a list like 1,3)")
+    # the target's dense part, resolved (ffn_hidden=0 -> Llama rule, n_kv_head=0 -> n_head)
+    tgt_dense = GPTConfig(**{**target, "moe_layers": "none", "expert_hidden": 0})
+    if any(getattr(tgt_dense, k) != getattr(dense, k) for k in SHAPE_KEYS + FUNCTION_KEYS):
+        raise ValueError(f"target config ({describe_shape(tgt_dense)}) differs from the dense checkpoint's "
+                         f"({describe_shape(dense)}); upcycling keeps the dense shape")
+    return user
 
 
 def check_granularity(args, d_ff, granularity, expansion_rate):
