@@ -138,14 +138,18 @@ def main(argv=None):
     p.add_argument("--tied", action="store_true", help="tie the embeddings and the lm_head")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the saved weights (drawn in fp32, then cast)")
+    p.add_argument("--tokenizer", choices=["bpe", "word"], default=None,
+                   help="bpe: a byte-level BPE trained on standard-library source (real text tokenizes; "
+                        "the readme shape's default), word: a word-level tokenizer (the other shapes' default)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    bpe = (args.tokenizer or ("bpe" if args.shape == "readme" else "word")) == "bpe"
     if os.path.exists(os.path.join(args.out, "config.json")):
         p.exit(2, f"error: {args.out} already holds a model; choose another --out\n")
     model = random_model(hf_config(args.arch, args.tied, **SHAPES[args.shape]), args.seed)
     model = model.to(getattr(torch, args.dtype))
-    save(model, args.out, tokenizer=args.shape != "readme")
-    if args.shape == "readme":
+    save(model, args.out, tokenizer=not bpe)
+    if bpe:
         write_bpe_tokenizer(args.out, model.config.vocab_size)
     print(f"wrote a random {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           f"params) to {args.out}")
