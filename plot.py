@@ -638,43 +638,81 @@ def finite_records(records):
     return keep, len(records) - len(keep)
 
 
-def plot_compare(runs, path, figsize=None, dpi=100):
-    """One figure for several runs: val loss vs step, val loss vs tokens (with the
-    logged train loss faint), and a bar chart of each run's final val loss.
-    runs: list of (name, records, row). Records with a NaN/inf value are left out,
-    with a warning on stderr."""
+def _drop_nonfinite(runs):
+    """runs (name, records, row) without their records that hold a NaN/inf value,
+    with a warning on stderr for each run that had some."""
     kept = []
     for name, recs, row in runs:
         recs, n = finite_records(recs)
         if n:
             print(f"warning: {name}: left out {n} metrics.jsonl record(s) with a NaN/inf value", file=sys.stderr)
         kept.append((name, recs, row))
-    runs = kept
-    fig = _figure(figsize or (15.0, 4.6), dpi)
-    a1, a2, a3 = fig.subplots(1, 3)
-    colors = [f"C{i}" for i in range(10)]
-    for i, (name, recs, row) in enumerate(runs):
+    return kept
+
+
+def _val_records(recs):
+    return [r for r in recs if r.get("split") == "eval" and "val_loss" in r]
+
+
+def _draw_compare_curves(ax_step, ax_tokens, runs, colors):
+    """Every run's val loss (and its train loss, faint) against step and against tokens."""
+    for i, (name, recs, _) in enumerate(runs):
         c = colors[i % 10]
         tr = [r for r in recs if r.get("split") == "train" and "loss" in r]
-        ev = [r for r in recs if r.get("split") == "eval" and "val_loss" in r]
-        for ax, x in ((a1, "iter"), (a2, "tokens")):
+        ev = _val_records(recs)
+        for ax, x in ((ax_step, "iter"), (ax_tokens, "tokens")):
             if tr:
                 ax.plot([r[x] for r in tr], [r["loss"] for r in tr], color=c, lw=0.8, alpha=0.3)
             if ev:
                 ax.plot([r[x] for r in ev], [r["val_loss"] for r in ev], "o-", color=c, ms=3, label=name)
-    # zoom on where the runs end: the first evaluations (loss ~ log V) would
-    # otherwise squash the differences that matter
-    finals = [ev[-1]["val_loss"] for _, recs, _ in runs
-              for ev in [[r for r in recs if r.get("split") == "eval" and "val_loss" in r]] if ev]
-    zoomed = False
-    if finals:
-        lows = [r.get("val_loss", r.get("loss")) for _, recs, _ in runs for r in recs
-                if r.get("split") in ("train", "eval") and r.get("val_loss", r.get("loss")) is not None]
-        top = max(finals) + max(2 * (max(finals) - min(finals)), 0.5)
-        bottom = min(lows) - 0.05 * (top - min(lows))
-        zoomed = max(lows) > top
-        for ax in (a1, a2):
-            ax.set_ylim(bottom, top)
+
+
+def _zoom_compare_curves(axes, runs):
+    """Set the y range of the curve axes to where the runs end: the first evaluations
+    (loss ~ log V) would otherwise squash the differences that matter. Returns whether
+    some logged loss lies above the range (the axes are zoomed)."""
+    finals = [ev[-1]["val_loss"] for _, recs, _ in runs for ev in [_val_records(recs)] if ev]
+    if not finals:
+        return False
+    lows = [r.get("val_loss", r.get("loss")) for _, recs, _ in runs for r in recs
+            if r.get("split") in ("train", "eval") and r.get("val_loss", r.get("loss")) is not None]
+    top = max(finals) + max(2 * (max(finals) - min(finals)), 0.5)
+    bottom = min(lows) - 0.05 * (top - min(lows))
+    for ax in axes:
+        ax.set_ylim(bottom, top)
+    return max(lows) > top
+
+
+def _draw_final_loss_bars(ax, runs, colors):
+    """A horizontal bar per run: its final val loss (eval.py's when the row has one)."""
+    names = [n for n, _, _ in runs]
+    vals = [row.get("eval_val_loss", row.get("val_loss")) for _, _, row in runs]
+    vals = [np.nan if v is None else v for v in vals]
+    bars = ax.barh(range(len(runs)), vals, color=colors[:len(runs)])
+    ax.bar_label(bars, fmt="%.4f", padding=3, fontsize=8)
+    ax.set_yticks(range(len(runs)), names)
+    ax.invert_yaxis()
+    finite = [v for v in vals if np.isfinite(v)]
+    if finite:
+        lo, hi = min(finite), max(finite)
+        pad = max(0.05 * (hi - lo), 0.02 * hi, 1e-3)
+        ax.set_xlim(max(0.0, lo - 4 * pad), hi + 3 * pad)
+    evaluated = any("eval_val_loss" in row for _, _, row in runs)
+    ax.set_xlabel("val loss" + (" (eval.py, same fixed batches)" if evaluated else " (last eval in metrics.jsonl)"))
+    ax.set_title("Final val loss", fontsize=10)
+
+
+def plot_compare(runs, path, figsize=None, dpi=100):
+    """One figure for several runs: val loss vs step, val loss vs tokens (with the
+    logged train loss faint), and a bar chart of each run's final val loss.
+    runs: list of (name, records, row). Records with a NaN/inf value are left out,
+    with a warning on stderr."""
+    runs = _drop_nonfinite(runs)
+    fig = _figure(figsize or (15.0, 4.6), dpi)
+    a1, a2, a3 = fig.subplots(1, 3)
+    colors = [f"C{i}" for i in range(10)]
+    _draw_compare_curves(a1, a2, runs, colors)
+    zoomed = _zoom_compare_curves((a1, a2), runs)
     for ax, xl in ((a1, "step"), (a2, "tokens")):
         ax.set_xlabel(xl)
         ax.set_ylabel("loss (nats/token)" + (" - zoomed" if zoomed else ""))
@@ -683,21 +721,7 @@ def plot_compare(runs, path, figsize=None, dpi=100):
     a2.set_title("Val loss vs tokens (faint: train)", fontsize=10)
     a2.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
     a1.legend(fontsize=8)
-    names = [n for n, _, _ in runs]
-    vals = [row.get("eval_val_loss", row.get("val_loss")) for _, _, row in runs]
-    vals = [np.nan if v is None else v for v in vals]
-    bars = a3.barh(range(len(runs)), vals, color=colors[:len(runs)])
-    a3.bar_label(bars, fmt="%.4f", padding=3, fontsize=8)
-    a3.set_yticks(range(len(runs)), names)
-    a3.invert_yaxis()
-    finite = [v for v in vals if np.isfinite(v)]
-    if finite:
-        lo, hi = min(finite), max(finite)
-        pad = max(0.05 * (hi - lo), 0.02 * hi, 1e-3)
-        a3.set_xlim(max(0.0, lo - 4 * pad), hi + 3 * pad)
-    evaluated = any("eval_val_loss" in row for _, _, row in runs)
-    a3.set_xlabel("val loss" + (" (eval.py, same fixed batches)" if evaluated else " (last eval in metrics.jsonl)"))
-    a3.set_title("Final val loss", fontsize=10)
+    _draw_final_loss_bars(a3, runs, colors)
     fig.suptitle("Run comparison")
     return _save(fig, path)
 
