@@ -254,6 +254,39 @@ def test_btx_averages_exactly_and_takes_each_branch_ffn():
     assert torch.equal(state["blocks.1.ffn.router.weight"], copy["blocks.1.ffn.router.weight"])
 
 
+def test_btx_takes_the_dense_seed_as_a_generalist_branch(tmp_path):
+    """The seed checkpoint the branches were trained from has their shape, so it can be one
+    more branch (the BTX paper's 4x7B: three domain experts and the seed Llama-2 7B): its FFN
+    is an expert bit for bit and it joins the mean of the other weights. With branches that
+    never moved from the seed, the merge is the seed's function again."""
+    seed = make_dense(seed=5)
+    branches = []
+    for s in (6, 7):   # a branch: the seed with its FFNs and one attention matrix moved
+        b = make_dense(seed=5)
+        other = make_dense(seed=s).state_dict()
+        b.load_state_dict({k: (other[k] if ".ffn." in k or k.endswith("attn.o_proj.weight") else v)
+                           for k, v in b.state_dict().items()})
+        branches.append(b)
+    paths = [save_dense(m, tmp_path / n) for m, n in zip([seed, *branches], ("seed", "b0", "b1"))]
+    assert B.main([f"--branches={','.join(paths)}", f"--out_dir={tmp_path / 'btx'}", "--n_experts=3",
+                   "--verify=false"]) == 0
+    ckpt = load_checkpoint(str(tmp_path / "btx"))
+    assert ckpt["upcycled_from"]["options"]["expert_branch"] == [0, 1, 2]
+    states = [m.state_dict() for m in (seed, *branches)]
+    for l in range(2):
+        for e, s in enumerate(states):
+            for m, w in zip(("gate_proj", "up_proj", "down_proj"), U.dense_ffn_weights(s, l)):
+                assert torch.equal(ckpt["model"][f"blocks.{l}.ffn.{m}"][e], w), (l, e, m)
+    k = "blocks.0.attn.o_proj.weight"
+    assert torch.equal(ckpt["model"][k], B.average_tensors([s[k] for s in states]))
+    # seed + two unmoved copies of it: the seed's function (top-k-then-softmax gates sum to 1)
+    same = [save_dense(seed, tmp_path / n) for n in ("s0", "s1")]
+    assert B.main([f"--branches={paths[0]},{','.join(same)}", f"--out_dir={tmp_path / 'btx_same'}",
+                   "--n_experts=3", "--verify=false"]) == 0
+    moe, _ = load_model(str(tmp_path / "btx_same"))
+    assert float((logits(moe, X) - logits(seed, X)).abs().max()) < 1e-5
+
+
 @pytest.mark.parametrize("other, what", [({"vocab_size": 70, "n_embd": 64}, "vocab_size 65 vs 70; n_embd 32 vs 64")])
 def test_btx_mismatch_is_one_line_naming_both_files(tmp_path, other, what):
     """In a subprocess: exit status 2 and a one-line message naming both files."""
