@@ -5,7 +5,7 @@ of train.py runs on the default data that ends in a figure and a table.
     python experiments.py list
     python experiments.py upcycle_vs_scratch         # one experiment
     python experiments.py all --jobs=2               # the whole suite, two runs at a time (README: times)
-    python experiments.py beyond_copy --jobs=2       # 9. issue 16's long-budget comparison
+    python experiments.py beyond_copy --jobs=2       # 9. copies vs Drop-Upcycling vs BTX, 4x the MoE budget
     python experiments.py all --scale=gpu            # larger GPU-sized runs (more iterations and width)
     python experiments.py router_order --smoke       # 3 iterations per run: checks the configs, not the claims
 
@@ -30,6 +30,7 @@ import matplotlib
 matplotlib.use("Agg")   # files only, no display (before pyplot is imported)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from checkpoint import CheckpointError, load_checkpoint, load_model  # noqa: E402
 from configurator import ArgumentParser, parse_config  # noqa: E402
@@ -37,7 +38,9 @@ from data.dataset import load_meta  # noqa: E402
 from data.similarity import ensure_similarity_order  # noqa: E402
 from diagnostics import mean_pairwise_similarity  # noqa: E402
 from eval import evaluate_checkpoint  # noqa: E402
+from init_from import model_args_from  # noqa: E402
 from metrics import load_metrics  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 from plot import make_plots, plot_domain_specialization  # noqa: E402
 from train import DEFAULTS, finished_run  # noqa: E402
 
@@ -58,16 +61,22 @@ def iters(n):
     return SMOKE_ITERS if OPTS["smoke"] else (4 * n if OPTS["scale"] == "gpu" else n)
 
 
-def run(out_dir, *args, threads=None):
-    """Train one run (train.py BASE args...) unless out_dir holds the finished run
-    of exactly these settings (train.finished_run). threads: its torch threads
-    (run_many's share of the cores; default torch's own, all cores)."""
+def scale_args():
+    """The train.py flags every run of this invocation adds (--data_dir, --smoke, --scale)."""
     extra = [f"--data_dir={OPTS['data_dir']}"] if OPTS["data_dir"] else []
     if OPTS["smoke"]:   # a tiny model: checks that every run's configuration loads and trains
         extra += ["--eval_interval=3", "--eval_iters=2", "--log_interval=1", "--warmup_iters=1", "--n_layer=2",
                   "--n_embd=32", "--n_head=2", "--block_size=64", "--batch_size=2"]
     if OPTS["scale"] == "gpu":
         extra += ["--n_layer=8", "--n_embd=512", "--n_head=8", "--batch_size=32", "--block_size=512"]
+    return extra
+
+
+def run(out_dir, *args, threads=None):
+    """Train one run (train.py BASE args...) unless out_dir holds the finished run
+    of exactly these settings (train.finished_run). threads: its torch threads
+    (run_many's share of the cores; default torch's own, all cores)."""
+    extra = scale_args()
     reusable = not OPTS["fresh"] or out_dir in TRAINED   # --fresh: each run once per invocation (the dense base)
     if reusable and finished_run(out_dir, parse_config([os.path.join(ROOT, BASE), f"--out_dir={out_dir}",
                                                         *args, *extra], DEFAULTS)):
@@ -128,11 +137,11 @@ def run_many(specs):
             raise
 
 
-def upcycled_8x2(dense, n):
-    """Online upcycling of the dense base to 8 experts top-2 with the warm-restart
-    schedule every upcycling experiment uses (peak a little below the dense peak)."""
-    return [f"--init_from={dense}", *MOE8, f"--max_iters={n}", f"--eval_interval={max(n // 6, 1)}",
-            "--learning_rate=1.5e-3", "--warmup_iters=20"]
+def upcycled_8x2(dense, n, n_experts=8):
+    """Online upcycling of the dense base to 8 (or n_experts) experts top-2 with the
+    warm-restart schedule every upcycling experiment uses (peak a little below the dense peak)."""
+    return [f"--init_from={dense}", "--moe_layers=all", f"--n_experts={n_experts}", "--top_k=2", f"--max_iters={n}",
+            f"--eval_interval={max(n // 6, 1)}", "--learning_rate=1.5e-3", "--warmup_iters=20"]
 
 
 def dense_base():
@@ -505,9 +514,32 @@ BTX_BRANCH_STEPS = 600     # BTX's dense branch steps (all branches together), c
 DROP_RATIOS = (0.25, 0.5, 0.75)
 
 
+def experiment_data_dir():
+    """The experiment data directory (--data_dir, default data/multidomain)."""
+    return OPTS["data_dir"] or os.path.join(ROOT, "data", "multidomain")
+
+
 def data_domains():
     """The domain names of the experiment data (meta.json)."""
-    return load_meta(OPTS["data_dir"] or os.path.join(ROOT, "data", "multidomain"))["domains"]
+    return load_meta(experiment_data_dir())["domains"]
+
+
+def planned_flops_per_token(shape_flags, vocab_size=None):
+    """Training FLOPs per token (model.flops_per_token at the run's block_size) of the model
+    that train.py BASE shape_flags... trains at this invocation's scale, from its shape alone
+    (built on the meta device: no weights). vocab_size: default the data's."""
+    cfg = parse_config([os.path.join(ROOT, BASE), *shape_flags, *scale_args()], DEFAULTS)
+    vocab = vocab_size or load_meta(experiment_data_dir())["vocab_size"]
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**model_args_from(cfg, vocab)))
+    return model.flops_per_token(cfg["block_size"])
+
+
+def btx_moe_steps_at_flops(steps, branch_steps, f_copy, f_dense, f_btx):
+    """MoE steps after the merge that bring BTX's training FLOPs (branch_steps dense steps
+    at f_dense FLOPs per token, then these at f_btx) to those of `steps` copy-upcycled steps
+    at f_copy, every step the same tokens: round((steps f_copy - branch_steps f_dense) / f_btx)."""
+    return max(1, round((steps * f_copy - branch_steps * f_dense) / f_btx))
 
 
 def btx_branches(name, dense, domains):
@@ -520,19 +552,31 @@ def btx_branches(name, dense, domains):
 
 
 def beyond_copy_runs(name, dense, branches):
-    """(tag, out_dir) of every compared run; each sees BEYOND_STEPS steps of tokens in all."""
+    """(tag, out_dir) of every compared run. Each sees BEYOND_STEPS steps of tokens in all
+    (BTX's branch steps counted) except btx_flops, which trains as many MoE steps after its
+    branches as bring its training FLOPs to copy-upcycling 8x2's (more tokens)."""
     n = iters(BEYOND_STEPS)
-    n_btx = iters(BEYOND_STEPS - len(branches) * (BTX_BRANCH_STEPS // len(branches)))
+    branch_steps = len(branches) * (BTX_BRANCH_STEPS // len(branches))
+    n_btx = iters(BEYOND_STEPS - branch_steps)
     # one expert per branch, top-2 (the BTX paper's layout). Two experts from one branch would start with equal
     # weights and, with hidden-state rows, equal router rows: they would get equal gradients and never diverge.
     E = len(branches)
+    moe = lambda e: ["--moe_layers=all", f"--n_experts={e}", "--top_k=2"]  # noqa: E731
+    n_flops = iters(btx_moe_steps_at_flops(BEYOND_STEPS, branch_steps, planned_flops_per_token(MOE8),
+                                           planned_flops_per_token([]), planned_flops_per_token(moe(E))))
     sched = lambda m: [f"--max_iters={m}", f"--eval_interval={max(m // 8, 1)}", "--warmup_iters=20"]  # noqa: E731
-    btx = [f"--init_from={','.join(branches)}", "--upcycle_method=btx", "--moe_layers=all", f"--n_experts={E}",
-           "--top_k=2", *sched(n_btx), "--learning_rate=1.5e-3"]
+    btx = lambda srcs, e, m: [f"--init_from={','.join(srcs)}", "--upcycle_method=btx", *moe(e), *sched(m),  # noqa: E731
+                              "--learning_rate=1.5e-3"]
     specs = [("copy", upcycled_8x2(dense, n)),
              *[(f"drop_{r:g}", [*upcycled_8x2(dense, n), "--upcycle_method=drop", f"--upcycle_drop_ratio={r}"])
                for r in DROP_RATIOS],
-             ("btx_random", btx), ("btx_hidden", [*btx, "--upcycle_router_init=hidden"]),
+             ("btx_random", btx(branches, E, n_btx)), ("btx_hidden", [*btx(branches, E, n_btx), "--upcycle_router_init=hidden"]),
+             # BTX's shape (E experts top-2) copy-upcycled; BTX at copy 8x2's training FLOPs; BTX with the
+             # dense seed as one more branch, a generalist expert (the BTX paper's 4x7B model: three domain
+             # experts and the seed Llama-2 7B), its FFN expert 0, the rest averaged over the seed and the branches
+             (f"copy_{E}x2", upcycled_8x2(dense, n, n_experts=E)),
+             ("btx_flops", btx(branches, E, n_flops)),
+             ("btx_seed", btx([dense, *branches], E + 1, n_btx)),
              ("moe_scratch", [*MOE8, *sched(n)]),
              ("dense_continued", [f"--init_from={dense}", *sched(n), "--learning_rate=1.5e-3"])]
     dirs = run_many([(os.path.join(OUT, name, tag), args) for tag, args in specs])
@@ -544,31 +588,52 @@ def last_tokens(out_dir):
     return evals(out_dir)[-1]["tokens"]
 
 
+def run_shape(out_dir):
+    """(training FLOPs per token at the run's block_size, FFN weights, experts per MoE
+    layer) of a finished run's model. FFN weights: every layer's gate/up/down matrices,
+    all experts (routers left out)."""
+    model, ckpt = load_model(out_dir)
+    T = (ckpt.get("config") or {}).get("block_size") or model.config.block_size
+    ffn = sum(p.numel() for n, p in model.named_parameters() if ".ffn." in n and ".router." not in n)
+    return model.flops_per_token(T), ffn, model.config.n_experts if model.config.is_moe else 1
+
+
+def training_flops(out_dirs):
+    """Training FLOPs of finished runs together: flops_per_token x tokens of each."""
+    return sum(run_shape(d)[0] * last_tokens(d) for d in out_dirs)
+
+
 def beyond_copy_row(tag, d, offset, domains):
     """Table row: final losses (train.py's eval batches and eval.py's), per-domain eval.py
-    losses, and the run's total training tokens (BTX: branch tokens included)."""
+    losses, the run's experts and FFN weights, and its total training tokens and FLOPs
+    (offset: (tokens, FLOPs) trained before it, BTX's branches; a branch step is a dense
+    step). The dense base, shared by every row, is counted in none."""
     res = evaluate_checkpoint(d, batches=4 if OPTS["smoke"] else 20)
-    row = summary(d, method=tag, eval_val_loss=res["val_loss"], total_tokens=offset + last_tokens(d))
+    fpt, ffn, experts = run_shape(d)
+    flops = offset[1] + fpt * last_tokens(d)
+    row = summary(d, method=tag, experts=experts, ffn_params=ffn, eval_val_loss=res["val_loss"],
+                  total_tokens=offset[0] + last_tokens(d), train_flops=flops, train_tflops=flops / 1e12)
     for D in domains:
         row[f"loss_{D}"] = res["per_domain"].get(D, {}).get("loss", float("nan"))
     return row, res
 
 
-def tokens_figure(name, curves, dense_loss):
-    """Val loss vs total training tokens after the dense base (BTX's curve starts after its
-    branch tokens; the dashed line is the dense base)."""
+def budget_figure(name, curves, dense_loss, flops=False):
+    """Val loss vs total training tokens (flops: training FLOPs) after the dense base; curves:
+    (tag, out_dir, (tokens, FLOPs) before it). BTX's curves start after their branches; the
+    dotted line is the dense base."""
     fig, ax = plt.subplots(figsize=(7.5, 4.8), constrained_layout=True)
     for tag, d, offset in curves:
-        ev = evals(d)
-        ax.plot([(offset + r["tokens"]) / 1e6 for r in ev], [r["val_loss"] for r in ev], marker="o", ms=2.5,
-                label=tag, ls="--" if tag.startswith("btx") else "-")
+        ev, per = evals(d), (run_shape(d)[0] if flops else 1)
+        ax.plot([(offset[flops] + per * r["tokens"]) / (1e12 if flops else 1e6) for r in ev],
+                [r["val_loss"] for r in ev], marker="o", ms=2.5, label=tag, ls="--" if tag.startswith("btx") else "-")
     ax.axhline(dense_loss, color="grey", lw=0.8, ls=":", label="dense base")
-    ax.set_xlabel("training tokens after the dense base (M; BTX includes its branches)")
+    ax.set_xlabel(f"training {'TFLOPs' if flops else 'tokens (M)'} after the dense base (BTX includes its branches)")
     ax.set_ylabel("val loss (nats/token)")
-    ax.set_title("Beyond copy-upcycling at equal training tokens")
+    ax.set_title(f"Beyond copy-upcycling: val loss vs training {'FLOPs' if flops else 'tokens'}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = os.path.join(OUT, name, "loss_vs_tokens.png")
+    path = os.path.join(OUT, name, f"loss_vs_{'flops' if flops else 'tokens'}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -586,8 +651,11 @@ def overtakes(ahead, behind):
 
 
 def beyond_copy_finding(rows, dirs):
-    """The questions of issue 16, answered from the measured rows and curves."""
+    """The finding line, from the measured rows and curves: whether MoE from scratch
+    overtakes copy-upcycling, whether Drop-Upcycling ends ahead of both, and where each
+    BTX variant ends, with its training FLOPs relative to copy-upcycling 8x2's."""
     by = {r["method"]: r["val_loss"] for r in rows}
+    rel = {r["method"]: r["train_flops"] / next(x["train_flops"] for x in rows if x["method"] == "copy") for r in rows}
     step = overtakes(dirs["copy"], dirs["moe_scratch"])
     parts = [("MoE from scratch never gets below copy-upcycling within the budget" if step is None else
               f"MoE from scratch first gets below copy-upcycling at step {step}")
@@ -596,39 +664,45 @@ def beyond_copy_finding(rows, dirs):
         v = by[f"drop_{r:g}"]
         parts.append(f"Drop r={r:g}: {v:.3f} ({'ahead of' if v < min(by['copy'], by['moe_scratch']) else 'not ahead of'}"
                      f" both copy and scratch).")
-    parts.append(f"BTX random router {by['btx_random']:.3f}, hidden router {by['btx_hidden']:.3f}; "
-                 f"dense continued {by['dense_continued']:.3f}.")
+    small = next(t for t in by if t.startswith("copy_"))
+    f = lambda t: f"{by[t]:.3f} ({rel[t]:.2f}x copy's FLOPs)"  # noqa: E731
+    parts.append(f"BTX random router {f('btx_random')}, hidden router {f('btx_hidden')}; {small} (BTX's shape) "
+                 f"{f(small)}; BTX with more MoE steps {f('btx_flops')}; BTX with the seed as an extra expert "
+                 f"{f('btx_seed')}; dense continued {f('dense_continued')}.")
     return " ".join(parts)
 
 
 def beyond_copy():
-    """9. Issue 16 (Skywork-MoE section 2's open question): copy-upcycling vs Drop-Upcycling
-    r in {0.25, 0.5, 0.75}, BTX (one branch per domain) with random and hidden-state router,
-    MoE from scratch and dense continued, at equal training tokens (BTX's branches counted),
-    4x the demo's MoE budget. Per-domain losses; BTX's expert-by-domain routing."""
+    """9. Skywork-MoE section 2's open question and two alternatives to copies:
+    copy-upcycling vs Drop-Upcycling r in {0.25, 0.5, 0.75}, BTX (one branch per domain)
+    with random and hidden-state router, MoE from scratch and dense continued, at equal
+    training tokens (BTX's branches counted), 4x the demo's MoE budget; and, to separate
+    BTX's method from its budget and shape, copy-upcycling in BTX's shape, BTX at copy's
+    training FLOPs and BTX with the seed as an extra expert. Per-domain losses, training
+    FLOPs per row; BTX's expert-by-domain routing."""
     name, t0 = "beyond_copy", time.time()
     dense, domains = dense_base(), data_domains()
     branches = btx_branches(name, dense, domains)
-    branch_tokens = sum(last_tokens(b) for b in branches)
+    branch = (sum(last_tokens(b) for b in branches), training_flops(branches))
     runs = beyond_copy_runs(name, dense, branches)
+    offset = lambda tag: branch if tag.startswith("btx") else (0, 0.0)  # noqa: E731
     rows, figures = [], []
     for tag, d in runs:
-        offset = branch_tokens if tag.startswith("btx") else 0
-        row, res = beyond_copy_row(tag, d, offset, domains)
+        row, res = beyond_copy_row(tag, d, offset(tag), domains)
         rows.append(row)
         if tag.startswith("btx"):
             usage = [L["domain_usage"] for L in res.get("layers", []) if L["kind"] == "routed"]
             figures.append(plot_domain_specialization(usage, None, os.path.join(OUT, name, f"routing_{tag}.png"),
                                                       layer_ids=[L["layer"] for L in res["layers"]]))
     dirs = dict(runs)
-    figures.insert(0, tokens_figure(name, [(t, d, branch_tokens if t.startswith("btx") else 0) for t, d in runs],
-                                    evals(dense)[-1]["val_loss"]))
-    figures.insert(1, bar_figure(name, rows, [f"loss_{D}" for D in domains], path_name="per_domain.png",
-                                 title="Per-domain val loss (eval.py)"))
-    return write_results(name, "Beyond copy-upcycling: Drop-Upcycling, BTX, hidden-state router (issue 16)", rows,
+    curves, dense_loss = [(t, d, offset(t)) for t, d in runs], evals(dense)[-1]["val_loss"]
+    figures[:0] = [budget_figure(name, curves, dense_loss), budget_figure(name, curves, dense_loss, flops=True),
+                   bar_figure(name, rows, [f"loss_{D}" for D in domains], path_name="per_domain.png",
+                              title="Per-domain val loss (eval.py)")]
+    return write_results(name, "Beyond copy-upcycling: Drop-Upcycling, BTX, hidden-state router", rows,
                          figures, beyond_copy_finding(rows, dirs),
-                         ["method", "total_tokens", "val_loss_step0", "val_loss", "eval_val_loss",
-                          *[f"loss_{D}" for D in domains], "expert_sim", "tok_per_s"], t0)
+                         ["method", "experts", "ffn_params", "total_tokens", "train_tflops", "val_loss_step0",
+                          "val_loss", "eval_val_loss", *[f"loss_{D}" for D in domains], "expert_sim", "tok_per_s"], t0)
 
 
 EXPERIMENTS = {f.__name__: f for f in (upcycle_vs_scratch, gate_norm, adaptive_aux, router_order, fine_grained,

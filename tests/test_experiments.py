@@ -58,9 +58,25 @@ def check_beyond_copy(out):
     # every method ran, BTX's routing-by-domain figures exist, and copy-upcycling starts at the
     # dense loss while Drop-Upcycling (re-initialised channels) starts above it
     b = {r["method"]: r for r in load_rows(out, "beyond_copy")}
-    assert sorted(b) == sorted(["copy", "drop_0.25", "drop_0.5", "drop_0.75", "btx_random", "btx_hidden",
+    domains = [k[5:] for k in b["copy"] if k.startswith("loss_")]
+    E, btx = len(domains), ["btx_random", "btx_hidden", "btx_flops", "btx_seed"]
+    assert sorted(b) == sorted(["copy", f"copy_{E}x2", "drop_0.25", "drop_0.5", "drop_0.75", *btx,
                                 "moe_scratch", "dense_continued"])
-    assert all(os.path.exists(os.path.join(out, "beyond_copy", f"routing_{t}.png")) for t in ("btx_random", "btx_hidden"))
+    assert all(os.path.exists(os.path.join(out, "beyond_copy", f"routing_{t}.png")) for t in btx)
+    assert os.path.exists(os.path.join(out, "beyond_copy", "loss_vs_flops.png"))
+    # shapes: BTX and copy_Ex2 have one expert per domain, BTX with the seed one more
+    assert [b[t]["experts"] for t in ("copy", f"copy_{E}x2", "btx_random", "btx_seed", "dense_continued")] \
+        == [8, E, E, E + 1, 1]
+    assert b[f"copy_{E}x2"]["ffn_params"] == b["btx_random"]["ffn_params"] == b["copy"]["ffn_params"] * E // 8
+    # training FLOPs: flops_per_token x tokens of the run, plus (BTX) its dense branches' own
+    import experiments as X
+    branches = [os.path.join(out, "beyond_copy", f"branch_{D}") for D in domains]
+    branch_flops = X.training_flops(branches)
+    for t, r in b.items():
+        d = os.path.join(out, "beyond_copy", t)
+        own = X.run_shape(d)[0] * X.last_tokens(d)
+        assert r["train_flops"] == pytest.approx(own + (branch_flops if t in btx else 0), rel=1e-9), t
+    assert b["dense_continued"]["train_flops"] < b["copy"]["train_flops"]
     dense0 = [r for r in map(json.loads, open(os.path.join(out, "dense", "metrics.jsonl"))) if r["split"] == "eval"][-1]
     assert abs(b["copy"]["val_loss_step0"] - dense0["val_loss"]) < 1e-4
     assert b["drop_0.75"]["val_loss_step0"] > b["copy"]["val_loss_step0"]
@@ -158,6 +174,20 @@ def test_overtakes_compares_curves_evaluated_at_different_steps(tmp_path):
     assert X.overtakes(copy, scratch) == 1050 and X.overtakes(scratch, copy) == 200
     late = write("late", [(i, 2.0 - i / 2000 + (0.1 if i < 750 else -0.01)) for i in range(0, 1201, 150)])
     assert X.overtakes(copy, late) == 750
+
+
+def test_btx_at_copy_flops_takes_the_moe_steps_that_match_copy_8x2():
+    """Experiment 9's BTX at copy's FLOPs: on the experiment's shape (base config, byte
+    vocabulary) a dense step costs 6.59M FLOPs per token, an 8x2 or 4x2 MoE step 9.86M/9.85M,
+    so 600 branch steps and 600 MoE steps are 0.834x of 1200 copy-upcycled steps; 800 MoE
+    steps after the branches bring BTX to copy's FLOPs (within one MoE step)."""
+    import experiments as X
+    fd, fc, fb = (X.planned_flops_per_token(a, vocab_size=256) for a in
+                  ([], X.MOE8, ["--moe_layers=all", "--n_experts=4", "--top_k=2"]))
+    assert (fd, fc, fb) == (6_593_280, 9_861_888, 9_849_600)
+    assert (600 * fd + 600 * fb) / (1200 * fc) == pytest.approx(0.834, abs=1e-3)
+    m = X.btx_moe_steps_at_flops(1200, 600, fc, fd, fb)
+    assert m == 800 and abs(600 * fd + m * fb - 1200 * fc) <= fb / 2
 
 
 def test_jobs_below_one_is_one_line_error():
