@@ -293,42 +293,41 @@ def _version(pkg):
         return None
 
 
-def prepare(out_dir=DEFAULT_OUT_DIR, tokenizer="byte", chars_per_domain=1_500_000, val_fraction=0.05,
-            seed=1337, max_doc_chars=8000, sources=None, verbose=True):
-    """Build the dataset into out_dir and return its meta dict (see the module docstring).
-    tokenizer: 'byte', 'gpt2' or the directory of an imported checkpoint with tokenizer.json.
-    sources: {domain: [(kind, path, suffix), ...]}, default default_sources()."""
-    t0 = time.time()
-    if max_doc_chars < MIN_DOC_CHARS:
-        raise ValueError(f"max_doc_chars={max_doc_chars} must be at least {MIN_DOC_CHARS}")
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction={val_fraction} must be strictly between 0 and 1")
+def load_tokenizer(tokenizer):
+    """(tokenizer, dtype of its token files); the tokenizer must name an end-of-text token."""
     tok = get_tokenizer(tokenizer)
     if tok.eot_token is None:
         raise ValueError(f"tokenizer {tokenizer} names no end-of-text token (eos_token in tokenizer_config.json), "
                          f"which separates the documents: add one there")
-    dtype = token_dtype(tok.vocab_size)     # uint32 above id 65,535: never a silent wrap
-    sources = sources if sources is not None else default_sources()
-    domain_names = list(sources)
+    return tok, token_dtype(tok.vocab_size)     # uint32 above id 65,535: never a silent wrap
 
-    docs, info = collect_documents(sources, chars_per_domain, max_doc_chars, seed)
+
+def tokenize_documents(tok, docs, dtype):
+    """docs [(text, domain_id), ...] -> (token_lists, one dtype array per document; domains, int64 array)."""
     texts = [t for t, _ in docs]
     domains = np.array([d for _, d in docs], dtype=np.int64)
     if hasattr(tok, "encode_batch"):
         token_lists = tok.encode_batch(texts)
     else:
         token_lists = [tok.encode(t) for t in texts]
-    token_lists = [np.asarray(t, dtype=dtype) for t in token_lists]
+    return [np.asarray(t, dtype=dtype) for t in token_lists], domains
 
+
+def split_orders(domains, val_fraction, seed, domain_names):
+    """{"train": document ids, "val": document ids}, each split's documents in a seeded random order."""
     train_ids, val_ids = split_documents(domains, val_fraction, seed, domain_names)
     rng = np.random.default_rng([seed, 2])
     # a random order across domains: a domain-sorted stream would make random windows single-domain
-    splits = {"train": rng.permutation(train_ids), "val": rng.permutation(val_ids)}
+    return {"train": rng.permutation(train_ids), "val": rng.permutation(val_ids)}
 
+
+def write_splits(out_dir, splits, token_lists, domains, eot, dtype, domain_names):
+    """Write {split}.bin and {split}_index.npy for every split and delete a stale
+    train_similarity order; returns the counts for meta.json."""
     os.makedirs(out_dir, exist_ok=True)
     counts = {}
     for split, order in splits.items():
-        tokens, index = build_split(token_lists, domains, order, tok.eot_token, dtype)
+        tokens, index = build_split(token_lists, domains, order, eot, dtype)
         atomic_write(os.path.join(out_dir, f"{split}.bin"), lambda f: tokens.tofile(f))
         atomic_write(os.path.join(out_dir, f"{split}_index.npy"), lambda f: np.save(f, index))
         counts[split] = {
@@ -341,22 +340,51 @@ def prepare(out_dir=DEFAULT_OUT_DIR, tokenizer="byte", chars_per_domain=1_500_00
     for stale in ("train_similarity.bin", "train_similarity_index.npy"):
         if os.path.exists(os.path.join(out_dir, stale)):
             os.remove(os.path.join(out_dir, stale))
+    return counts
 
+
+def build_meta(tok, dtype, sources, info, counts, args):
+    """The meta.json dict. args: the prepare() arguments that define the dataset."""
     meta = {
         "dataset": "multidomain",
         "tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_token": tok.eot_token,
-        "domains": domain_names,
+        "domains": list(sources),
         "counts": counts,
         "sources": {name: {"roots": [[k, str(p)] for k, p, _ in srcs], **info[name]}
                     for name, srcs in sources.items()},
         "versions": {"python": platform.python_version(), "numpy": np.__version__,
                      "torch": _version("torch"), "tiktoken": _version("tiktoken")},
-        "args": {"tokenizer": tokenizer, "chars_per_domain": chars_per_domain, "val_fraction": val_fraction,
-                 "seed": seed, "max_doc_chars": max_doc_chars},
+        "args": args,
     }
-    if tok.name == "hf":   # the byte/gpt2 meta stays as it was (no dtype key: uint16)
+    if tok.name == "hf":   # the byte/gpt2 meta has no dtype key (uint16)
         meta.update(tokenizer_dir=tok.dir, dtype=np.dtype(dtype).name)
         meta["versions"]["tokenizers"] = _version("tokenizers")
+    return meta
+
+
+def prepare(out_dir=DEFAULT_OUT_DIR, tokenizer="byte", chars_per_domain=1_500_000, val_fraction=0.05,
+            seed=1337, max_doc_chars=8000, sources=None, verbose=True):
+    """Build the dataset into out_dir and return its meta dict (see the module docstring).
+    tokenizer: 'byte', 'gpt2' or the directory of an imported checkpoint with tokenizer.json.
+    sources: {domain: [(kind, path, suffix), ...]}, default default_sources()."""
+    t0 = time.time()
+    if max_doc_chars < MIN_DOC_CHARS:
+        raise ValueError(f"max_doc_chars={max_doc_chars} must be at least {MIN_DOC_CHARS}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction} must be strictly between 0 and 1")
+    tok, dtype = load_tokenizer(tokenizer)
+    sources = sources if sources is not None else default_sources()
+    domain_names = list(sources)
+
+    docs, info = collect_documents(sources, chars_per_domain, max_doc_chars, seed)
+    token_lists, domains = tokenize_documents(tok, docs, dtype)
+    splits = split_orders(domains, val_fraction, seed, domain_names)
+    counts = write_splits(out_dir, splits, token_lists, domains, tok.eot_token, dtype, domain_names)
+
+    args = {"tokenizer": tokenizer, "chars_per_domain": chars_per_domain, "val_fraction": val_fraction,
+            "seed": seed, "max_doc_chars": max_doc_chars}
+    meta = build_meta(tok, dtype, sources, info, counts, args)
+    if tok.name == "hf":
         copy_tokenizer_files(tok.dir, out_dir)
     atomic_write(os.path.join(out_dir, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
     if verbose:
