@@ -14,8 +14,9 @@ documents in the order written by data/similarity.py: similar documents next to 
 domains="code" (or "code,prose", or a list) restricts a TokenDataset to those domains'
 documents: it reads the split as if the file held only them, in file order (a "view"), so
 windows never contain a token of another domain. Training a Branch-Train-MiX branch on one
-domain (Sukhbaatar et al., arXiv 2403.07816, section 2) uses it. Without a filter every
-code path, and the random stream a generator sees, is the same as before the filter existed.
+domain (Sukhbaatar et al., arXiv 2403.07816, section 2) uses it. Without a filter view
+positions are file positions, and a batch's window starts are one torch.randint draw over
+the whole split, as in nanoGPT's get_batch (with a filter, the same draw over the view).
 """
 import json
 import os
