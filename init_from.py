@@ -40,6 +40,21 @@ def model_args_from(cfg, vocab_size):
     return args
 
 
+def upcycle_source_shape(cfg, model_args, log):
+    """Online upcycling keeps the dense source's shape, so its shape and function keys
+    (SHAPE_KEYS, FUNCTION_KEYS) replace this run's: an imported model upcycles without
+    its shape repeated in the config. The keys where this run's config asks for another
+    value are named in the log. Other origins: model_args unchanged."""
+    if cfg["init_from"] in ("scratch", "resume") or model_args["moe_layers"] == "none":
+        return model_args
+    path = cfg["init_from"].split(",")[0].strip()   # BTX: the branches share one shape
+    source = load_checkpoint(path, map_location="cpu", mmap=True)["model_args"]
+    note = kept_shape_note(GPTConfig.from_dict(source), model_args)
+    if note:
+        log(f"upcycling {path}" + note)
+    return {**model_args, **{k: source[k] for k in SHAPE_KEYS + FUNCTION_KEYS if k in source}}
+
+
 def with_runtime_keys(saved_args, model_args):
     """GPTConfig of a saved model's shape with this run's runtime settings (RUNTIME_MODEL_KEYS)."""
     return GPTConfig(**{**saved_args, **{k: model_args[k] for k in RUNTIME_MODEL_KEYS}})

@@ -34,7 +34,7 @@ from data.dataset import TokenDataset
 from data.similarity import ensure_similarity_order
 from diagnostics import LogWindow, domain_usage, eval_record, source_ffns
 from init_from import (build_model, carry_tokenizer, check_memory, check_model_fits_data, check_new_run,
-                       model_args_from, upcycle_dense_warmup)
+                       model_args_from, upcycle_dense_warmup, upcycle_source_shape)
 from kernels import auto_impl
 from metrics import METRICS_FILE, MetricsWriter, trim_for_resume
 from router import AdaptiveAuxCoef, Routing
@@ -452,7 +452,7 @@ def train(cfg):
     stops being finite)."""
     env, dist = setup_env(cfg)
     data_dir, train_data, val_data = load_data(cfg, dist)
-    model_args = model_args_from(cfg, train_data.meta["vocab_size"])
+    model_args = upcycle_source_shape(cfg, model_args_from(cfg, train_data.meta["vocab_size"]), dist.log)
     run = start_run(cfg, model_args, env, dist, data_dir, train_data.meta["vocab_size"])
     eval_batches = fixed_eval_batches(train_data, val_data, cfg)
     metrics = open_metrics(cfg, run.iter_num, dist)

@@ -325,6 +325,21 @@ def test_online_upcycling_keeps_the_source_block_size(data_dir, dense_run, tmp_p
     assert state(f"{tmp_path}/moe")["model_args"]["block_size"] == state(f"{tmp_path}/warm")["model_args"]["block_size"] == 32
 
 
+def test_online_upcycling_takes_the_source_shape(data_dir, dense_run, tmp_path, capsys):
+    """Online upcycling keeps the dense source's shape: a run that leaves train.py's default
+    shape (n_layer=4, n_embd=128, ...) upcycles the 2-layer, 32-wide source as it is, names
+    the keys it took, and equals the run that repeats the shape."""
+    run = [f"--data_dir={data_dir}", "--max_iters=2", "--eval_interval=2", "--eval_iters=2", "--batch_size=4",
+           "--block_size=32", "--device=cpu", f"--init_from={dense_run}", "--moe_layers=all", "--n_experts=4"]
+    out = train_here(run + [f"--out_dir={tmp_path}/bare"], capsys)
+    assert "it keeps the checkpoint's shape: n_layer=2 (this run's config: 4)" in out
+    shape = [a for a in TINY if a.split("=")[0] in ("--n_layer", "--n_head", "--n_embd")]
+    train_here(run + shape + [f"--out_dir={tmp_path}/repeated"])
+    a, b = state(f"{tmp_path}/bare"), state(f"{tmp_path}/repeated")
+    assert a["model_args"] == b["model_args"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_online_upcycling_matches_offline_cli(data_dir, dense_run, tmp_path):
     import subprocess
     import sys
@@ -393,9 +408,11 @@ def test_dense_warm_start_and_upcycle_errors(data_dir, dense_run, tmp_path, caps
     p = run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}/x", f"--init_from={tmp_path}/missing",
                           "--moe_layers=all"], check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
+    # online upcycling keeps the source's shape too, and names what this run asked for instead
     p = run_train(TINY + [f"--data_dir={data_dir}", f"--out_dir={tmp_path}/y", f"--init_from={dense_run}",
-                          "--moe_layers=all", "--n_embd=64"], check=False)
-    assert p.returncode == 2 and "Traceback" not in p.stderr
+                          "--moe_layers=all", "--n_embd=64", "--max_iters=1"])
+    assert "keeps the checkpoint's shape: n_embd=32 (this run's config: 64)" in p.stdout
+    assert state(f"{tmp_path}/y")["model_args"]["n_embd"] == 32
 
 
 def test_dense_warmup_then_lory(data_dir, tmp_path):
