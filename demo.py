@@ -48,7 +48,7 @@ def train(name, config, extra):
         return out_dir
     # an unfinished stage is retrained from the start (its partial checkpoint replaced)
     cmd = [sys.executable, "-u", os.path.join(ROOT, "train.py"), config, f"--out_dir={out_dir}", "--overwrite=True"] + extra
-    print("  $ " + " ".join(["python train.py", config, f"--out_dir={out_dir}"] + extra, DEFAULTS), flush=True)
+    print("  $ " + " ".join(["python train.py", config, f"--out_dir={out_dir}"] + extra), flush=True)
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT)
     if p.returncode != 0:

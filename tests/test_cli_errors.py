@@ -51,3 +51,17 @@ def test_smoke_run_never_replaces_a_full_run(tmp_path):
     p = run("experiments.py", "gate_norm", "--smoke", f"--out={tmp_path / 'exp'}", f"--data_dir={data}")
     assert p.returncode != 0 and "will not replace it" in p.stderr, p.stderr
     assert (dense / "ckpt.pt").read_bytes() == before
+
+
+def test_demo_stage_prints_and_runs_its_train_command(tmp_path, monkeypatch, capsys):
+    """demo.train prints the train.py command it runs and runs it (the subprocess is
+    replaced here: the demo's training itself is `make demo`)."""
+    import subprocess
+
+    import demo
+    calls = []
+    monkeypatch.setattr(demo, "OUT", str(tmp_path))
+    monkeypatch.setattr(subprocess, "run", lambda cmd, cwd=None: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    out_dir = demo.train("dense", "config/demo/dense.py", ["--device=cpu"])
+    assert out_dir == str(tmp_path / "dense") and len(calls) == 1 and calls[0][-1] == "--device=cpu"
+    assert f"$ python train.py config/demo/dense.py --out_dir={out_dir} --device=cpu" in capsys.readouterr().out
