@@ -3,7 +3,8 @@ The reader's path: which lines a newcomer reads to answer three questions, with
 their file:line ranges and line counts (docstrings included, blank lines between
 pieces not counted). Pieces are named by function or class, so the ranges follow
 the code as it moves; `python docs/reading_path.py` prints docs/READING.md's tables,
-and tests/test_reading_path.py checks the file is current and the budgets hold.
+`--write` rewrites them there, and tests/test_reading_path.py checks the file is current
+and the budgets hold.
 
 A piece is "file:Name", "file:Class.method", "file:doc" (the module docstring) or
 "file:Name@first marker@last marker" (the lines of Name from the line holding the
@@ -160,5 +161,16 @@ def render():
     return "\n".join(out)
 
 
+def write_guide(path=os.path.join(ROOT, "docs", "READING.md")):
+    """Replace the tables of docs/READING.md (everything from the first question on)."""
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text[:text.index("### (a)")] + render())
+
+
 if __name__ == "__main__":
-    sys.stdout.write(render())
+    if sys.argv[1:] == ["--write"]:
+        write_guide()
+    else:
+        sys.stdout.write(render())

@@ -12,7 +12,7 @@ import reading_path  # noqa: E402
 
 def test_reading_guide_is_current():
     with open(os.path.join(ROOT, "docs", "READING.md")) as f:
-        assert reading_path.render() in f.read(), "run: python docs/reading_path.py and paste into docs/READING.md"
+        assert reading_path.render() in f.read(), "run: python docs/reading_path.py --write"
 
 
 def test_every_path_is_within_its_budget():
