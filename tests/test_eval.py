@@ -268,7 +268,7 @@ def test_truncated_metrics_line(runs, tmp_path, capsys):
     json.loads(p.stdout.splitlines()[-1])
     with open(run / "metrics.jsonl", "a") as f:
         f.write('\n{"iter": 8}\n')                                    # now a corrupt line in the middle
-    p = cli([f"--ckpt={run}", "--plots"] + EVAL_ARGS, capsys)         # skipped and counted (issue 19 class 5)
+    p = cli([f"--ckpt={run}", "--plots"] + EVAL_ARGS, capsys)         # skipped and counted
     assert p.returncode == 0 and "skipped 2 malformed line(s)" in p.stderr and "not valid JSON" in p.stderr
 
 

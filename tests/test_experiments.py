@@ -36,7 +36,7 @@ def check_router_order(out):
 
 
 def check_routers(out):
-    # issue 18: expert choice also has its training-routing loss; demand CV everywhere
+    # expert choice also has its training-routing loss; demand CV everywhere
     rt = {x["run"]: x for x in load_rows(out, "routers")}
     assert "val_loss_training_routing" in rt["expert_choice"] and all("demand_cv" in x for x in rt.values())
 

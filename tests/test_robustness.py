@@ -1,4 +1,4 @@
-"""Robustness (issue 19, first part): one run per out_dir (outdir.py), checkpoint
+"""Robustness: one run per out_dir (outdir.py), checkpoint
 fields validated on load, write errors and a full disk at every checkpoint write,
 no checkpoint with a non-finite number, float settings finite and in range.
 
@@ -316,7 +316,7 @@ def save_many(out_dir, n=25):
 
 
 def test_two_writers_on_one_out_dir_never_break_each_others_save(tmp_path):
-    """Issue 19 class 0: with one shared ckpt.pt.tmp, one writer renamed the
+    """With one shared ckpt.pt.tmp, one writer renamed the
     other's temp file away ('No such file or directory: ckpt.pt.tmp -> ckpt.pt')."""
     pids = []
     for _ in range(2):

@@ -1,4 +1,4 @@
-"""Robustness (issue 19, second part): the command lines. Each table row is a bad
+"""Robustness of the command lines. Each table row is a bad
 setting, a damaged file or a fault, run through train.py / upcycle.py / eval.py /
 sample.py's main() in this process, and the one line (and exit status) it must
 give. "Nothing lost": the previous checkpoint and metrics.jsonl are byte-identical

@@ -1,4 +1,4 @@
-"""What train.py logs and feeds back (issue 18's wiring): global tok/s and per-device
+"""What train.py logs and feeds back: global tok/s and per-device
 MFU at the training sequence length, a log line's timing without evals, checkpoint
 saves or Lory's warm-up upcycle, the aux-free bias updated from the demand, Skywork's
 alphas kept up when dropless, same-shard expert similarity after a fine-grained
