@@ -28,6 +28,7 @@ from configurator import ArgumentParser, device_problem, float_problem, run_cli
 from data.dataset import load_meta
 from data.tokenizer import HFTokenizer, find_tokenizer_dir, load_tokenizer
 from eval import EvalError, _prepare_hint, eval_data_dir, load_run
+from init_from import padded_hf_vocab
 
 SEPARATOR = "---------------"
 
@@ -63,7 +64,7 @@ def check_vocab(vocab, model_vocab, hf, where):
     """EvalError unless a tokenizer of `vocab` tokens (from `where`) can feed a model of
     model_vocab: the two must be equal, except that an HF tokenizer may be smaller
     (an imported model may pad its embedding table beyond the tokenizer)."""
-    if vocab != model_vocab and not (hf and vocab < model_vocab):
+    if vocab != model_vocab and not padded_hf_vocab("hf" if hf else None, vocab, model_vocab):
         raise EvalError(f"the tokenizer of {where} has {vocab} tokens but the model {model_vocab}: pass --data_dir "
                         f"of the data this checkpoint was trained on (or a tokenizer of {model_vocab} tokens)")
 
