@@ -1,28 +1,35 @@
 """
-Peak memory and time of the dense HF Llama -> Mixtral pipeline, step by step, side by
-side with an older checkout of this project and, optionally, mergekit-moe.
+Peak memory and time of dense HF Llama -> Mixtral upcycling, side by side with
+mergekit-moe and, optionally, this project's three-step path and an older checkout.
 
-    python bench_mergekit.py --out=out/bench_convert                     # this tree
-    python bench_mergekit.py --out=out/bench_convert --base=../old_tree  # + the older tree's steps
-    python bench_mergekit.py --out=out/bench_convert --mergekit          # + mergekit-moe (own venv)
+    python bench_mergekit.py --out=out/bench_convert --mergekit               # streamed vs mergekit-moe
+    python bench_mergekit.py --out=out/bench_360m --shape=smollm-360m --mergekit
+    python bench_mergekit.py --out=out/bench_convert --three_step --base=../old_tree
 
-The model is a random SmolLM-135M-shape Llama in bf16 written by tests/hf_models.py
-(--shape). Steps, each in its own process: import (convert.py --from_hf, --dtype=auto
-and float32), copy-upcycle to --experts x 2 (upcycle.py), export to Mixtral
-(convert.py --to_hf). A step's peak RSS is the kernel's ru_maxrss of that process
-(os.wait4), its time the wall clock around it. mergekit-moe (PyPI mergekit, gate_mode
-random, the same number of copies of the same model) runs from a virtual environment
-made on first use under --out/mergekit-venv (pip needs the network then); never from
-the tests. Writes --out/convert_bench.json and prints a markdown table.
+The model is a random bf16 Llama of a real model's shape written by tests/hf_models.py
+(--shape: smollm-135m, smollm-360m, llama-3.2-1b). Rows, each in its own process:
+upcycle.py --from_hf --to_hf (one streamed pass, bf16; without and with --verify); with
+--three_step, import (convert.py --from_hf), copy-upcycle (upcycle.py --ckpt), export
+(convert.py --to_hf), in bf16 and fp32. A row's peak RSS is the kernel's ru_maxrss of
+that process (os.wait4), its time the wall clock around it; "x output" is peak RSS over
+the bytes written. mergekit-moe (PyPI mergekit, gate_mode random, --experts copies of
+the same model, bf16 out) runs from a virtual environment made on first use
+(--mergekit_venv, default --out/mergekit-venv): this process's torch version is installed
+there first, so pip does not pull another build; pip needs the network then. Never run
+by the tests. Writes --out/convert_bench.json and prints a markdown table.
 """
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 
+import torch
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DELETE_OUTPUTS = False   # --delete_outputs
 
 
 def measure(name, cmd, cwd, threads):
@@ -39,6 +46,14 @@ def measure(name, cmd, cwd, threads):
     row = {"step": name, "seconds": round(seconds, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
     print(f"{name:48s} {row['seconds']:7.1f} s  peak RSS {row['peak_rss_gib']:6.2f} GiB", flush=True)
     return row
+
+
+def output_gib(path):
+    """dir_gib(path); with --delete_outputs the directory is removed once measured."""
+    gib = dir_gib(path)
+    if DELETE_OUTPUTS:
+        shutil.rmtree(path)
+    return gib
 
 
 def dir_gib(path):
@@ -60,20 +75,41 @@ def pipeline(tree, label, hf_dir, out, experts, threads, dtype_flags):
     return rows
 
 
-def mergekit_rows(hf_dir, out, experts, threads):
-    """mergekit-moe on `experts` copies of hf_dir (gate_mode random, bf16 out)."""
-    venv = os.path.join(out, "mergekit-venv")
+def streamed_rows(hf_dir, out, experts, threads):
+    """upcycle.py --from_hf --to_hf in bf16, without and with the logit check."""
+    rows = []
+    for verify in ("false", "true"):
+        target = os.path.join(out, f"streamed_verify_{verify}")
+        rows.append(measure(f"this tree: upcycle.py --from_hf --to_hf, verify {verify}",
+                            [sys.executable, "upcycle.py", f"--from_hf={hf_dir}", f"--to_hf={target}",
+                             f"--n_experts={experts}", "--top_k=2", f"--verify={verify}"], ROOT, threads))
+        rows[-1]["output_gib"] = output_gib(target)
+    return rows
+
+
+def mergekit_tool(venv):
+    """mergekit-moe in `venv`, made on first use with this process's torch installed first."""
     tool = os.path.join(venv, "bin", "mergekit-moe")
     if not os.path.exists(tool):
+        pip = os.path.join(venv, "bin", "pip")
         subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-        subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q", "mergekit"], check=True)
+        subprocess.run([pip, "install", "-q", f"torch=={torch.__version__.split('+')[0]}"], check=True)
+        subprocess.run([pip, "install", "-q", "mergekit"], check=True)
+    return tool
+
+
+def mergekit_rows(hf_dir, out, experts, threads, venv):
+    """mergekit-moe on `experts` copies of hf_dir (gate_mode random, bf16 out)."""
+    tool = mergekit_tool(venv)
     config = os.path.join(out, "mergekit_moe.yml")
     with open(config, "w") as f:
         f.write(f"base_model: {hf_dir}\ngate_mode: random\ndtype: bfloat16\nexperts_per_token: 2\nexperts:\n")
         f.write("".join(f"  - source_model: {hf_dir}\n    positive_prompts: [\"\"]\n" for _ in range(experts)))
     target = os.path.join(out, "mergekit_mixtral")
-    row = measure("mergekit-moe (bf16 out)", [tool, config, target, "--lazy-unpickle"], out, threads)
-    row["output_gib"] = dir_gib(target)
+    row = measure("mergekit-moe (bf16 out)", [tool, config, target, "--lazy-unpickle", "--quiet",
+                                              "--i-understand-this-is-not-useful-without-training",
+                                              f"--num-threads={threads}"], out, threads)
+    row["output_gib"] = output_gib(target)
     return [row]
 
 
@@ -85,7 +121,13 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--base", help="an older checkout of this project to measure the same steps with")
     p.add_argument("--mergekit", action="store_true", help="also run mergekit-moe (its own venv, made on demand)")
+    p.add_argument("--mergekit_venv", help="the venv for mergekit-moe (default --out/mergekit-venv)")
+    p.add_argument("--three_step", action="store_true", help="also import, upcycle and export in three steps")
+    p.add_argument("--delete_outputs", action="store_true", help="remove each streamed or mergekit output once "
+                   "measured (the 1B shape's are 13 GiB each)")
     args = p.parse_args(argv)
+    global DELETE_OUTPUTS
+    DELETE_OUTPUTS = args.delete_outputs
     if os.path.exists(os.path.join(args.out, "convert_bench.json")):
         p.exit(2, f"error: {args.out} already holds results; choose another --out\n")
     if os.path.exists(args.out) and set(os.listdir(args.out)) - {"hf", "mergekit-venv"}:
@@ -95,18 +137,23 @@ def main(argv=None):
     rows = [] if os.path.exists(hf_dir) else [measure("make the random bf16 HF Llama", [sys.executable, "-m", "tests.hf_models", f"--out={hf_dir}",
                                                       f"--shape={args.shape}", "--tied", "--dtype=bfloat16"],
                     ROOT, args.threads)]
-    rows += pipeline(ROOT, "this tree, bf16", hf_dir, args.out, args.experts, args.threads, ["--dtype=bfloat16"])
-    rows += pipeline(ROOT, "this tree, fp32", hf_dir, args.out, args.experts, args.threads, ["--dtype=float32"])
+    rows += streamed_rows(hf_dir, args.out, args.experts, args.threads)
+    if args.three_step:
+        rows += pipeline(ROOT, "this tree, bf16", hf_dir, args.out, args.experts, args.threads, ["--dtype=bfloat16"])
+        rows += pipeline(ROOT, "this tree, fp32", hf_dir, args.out, args.experts, args.threads, ["--dtype=float32"])
     if args.base:
         rows += pipeline(os.path.abspath(args.base), "base tree, fp32", hf_dir, args.out, args.experts,
                          args.threads, [])
     if args.mergekit:
-        rows += mergekit_rows(hf_dir, args.out, args.experts, args.threads)
+        rows += mergekit_rows(hf_dir, args.out, args.experts, args.threads,
+                              args.mergekit_venv or os.path.join(args.out, "mergekit-venv"))
     with open(os.path.join(args.out, "convert_bench.json"), "w") as f:
         json.dump({"shape": args.shape, "experts": args.experts, "threads": args.threads, "rows": rows}, f, indent=2)
-    print("\n| step | seconds | peak RSS GiB | output GiB |\n|---|---|---|---|")
+    print(f"\n{args.shape}, {args.experts}x2, {args.threads} threads\n"
+          "| step | seconds | peak RSS GiB | output GiB | peak RSS x output |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['step']} | {r['seconds']} | {r['peak_rss_gib']} | {r.get('output_gib', '')} |")
+        ratio = f"{r['peak_rss_gib'] / r['output_gib']:.2f}" if r.get("output_gib") else ""
+        print(f"| {r['step']} | {r['seconds']} | {r['peak_rss_gib']} | {r.get('output_gib', '')} | {ratio} |")
     return 0
 
 

@@ -52,7 +52,6 @@ Weight layout (both sides are read in model.py and transformers' modeling_llama.
 - Tied embeddings: one tensor, model.embed_tokens.weight; lm_head.weight is absent
   (or a copy) in the file.
 """
-import contextlib
 import json
 import math
 import os
@@ -60,6 +59,7 @@ import shutil
 import struct
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict
 
 import torch
@@ -281,21 +281,20 @@ def unreadable(path, e):
                         f"{str(e).splitlines()[0][:200] if str(e) else ''})")
 
 
-def open_tensors(files, stack):
-    """{HF key: TensorRef} for every tensor of the files, opened lazily (safetensors'
-    safe_open memory-maps each file; nothing is read yet) and kept open by `stack`
-    (contextlib.ExitStack). The headers are checked here: safetensors itself refuses an
-    offset or byte length that does not match dtype x shape; this refuses a tensor that
-    is not floating (F32, F16, BF16) and a name two files share."""
+def open_tensors(files):
+    """{HF key: TensorRef} for every tensor of the files, from their headers alone (nothing
+    is read yet). The headers are checked here: safetensors itself refuses an offset or
+    byte length that does not match dtype x shape; this refuses a tensor that is not
+    floating (F32, F16, BF16) and a name two files share."""
     from safetensors import safe_open
     refs = {}
     for path in files:
         if not os.path.exists(path):
             raise ConvertError(f"{path} is missing (named by model.safetensors.index.json)")
         try:
-            f = stack.enter_context(safe_open(path, framework="pt"))
-            heads = {k: f.get_slice(k) for k in f.keys()}
-            heads = {k: (s.get_dtype(), tuple(s.get_shape())) for k, s in heads.items()}
+            with safe_open(path, framework="pt") as f:
+                heads = {k: f.get_slice(k) for k in f.keys()}
+                heads = {k: (s.get_dtype(), tuple(s.get_shape())) for k, s in heads.items()}
         except Exception as e:   # header too large / truncated / lying offsets / not safetensors
             raise unreadable(path, e) from None
         for key, (dtype, shape) in heads.items():
@@ -304,21 +303,25 @@ def open_tensors(files, stack):
                                    f"(F32, F16 or BF16); a damaged or foreign file")
             if key in refs:
                 raise ConvertError(f"{path}: tensor {key} is also in {refs[key].path}: a damaged shard set")
-            refs[key] = TensorRef(f, path, key, SAFETENSORS_DTYPES[dtype], shape)
+            refs[key] = TensorRef(path, key, SAFETENSORS_DTYPES[dtype], shape)
     return refs
 
 
 class TensorRef:
-    """One tensor of an open safetensors file, not read yet: its file, name, dtype, shape."""
+    """One tensor of a safetensors file, not read yet: its file, name, dtype, shape."""
 
-    def __init__(self, handle, path, key, dtype, shape):
-        self.handle, self.path, self.key, self.dtype, self.shape = handle, path, key, dtype, shape
+    def __init__(self, path, key, dtype, shape):
+        self.path, self.key, self.dtype, self.shape = path, key, dtype, shape
 
     def read(self, dtype):
         """The tensor in `dtype`; one line naming it when it holds NaN or inf (in the file,
-        or after a cast to float16 beyond its range)."""
+        or after a cast to float16 beyond its range). The file is memory-mapped for this
+        read only: a mapping kept open would count every page read so far in the process's
+        resident memory, the whole model by the last tensor."""
+        from safetensors import safe_open
         try:
-            t = self.handle.get_tensor(self.key)
+            with safe_open(self.path, framework="pt") as f:
+                t = f.get_tensor(self.key)
         except Exception as e:
             raise unreadable(self.path, e) from None
         was_finite = first_nonfinite(t, self.key) is None
@@ -432,11 +435,11 @@ def hf_names(cfg):
 
 
 def take(tensors, key, shape, dtype):
-    """Pop tensors[key] (a TensorRef) and read it in `dtype`, after checking the shape
-    its header gives; one-line error naming the key."""
+    """Read tensors[key] (a TensorRef) in `dtype`, after checking the shape its header
+    gives; one-line error naming the key."""
     if key not in tensors:
         raise ConvertError(f"tensor {key} is missing from the checkpoint")
-    ref = tensors.pop(key)
+    ref = tensors[key]
     if ref.shape != tuple(shape):
         raise ConvertError(f"tensor {key} has shape {ref.shape}, but config.json implies {tuple(shape)}")
     return ref.read(dtype)
@@ -472,12 +475,7 @@ def state_from_hf(tensors, cfg, dtype=torch.float32):
     """Project state_dict of GPT(cfg) in `dtype`, read tensor by tensor from an HF
     {key: TensorRef}; refuses missing, mis-shaped and unexpected tensors (before
     reading any: the names and shapes are in the headers)."""
-    tensors = dict(tensors)
-    leftover = set(tensors) - set(hf_names(cfg).values()) - set(expert_names(cfg, tensors))
-    leftover = sorted(k for k in leftover if k != "lm_head.weight" and not k.endswith("rotary_emb.inv_freq"))
-    if leftover:   # (old files kept the rotary buffer)
-        raise ConvertError(f"unexpected tensor {leftover[0]} ({len(leftover)} in all): it has no place in the "
-                           f"model config.json describes")
+    check_hf_names(tensors, cfg)
     shapes = GPT_state_shapes(cfg)
     state = {k: take(tensors, hf, shapes[k], dtype) for k, hf in hf_names(cfg).items()}
     if cfg.tie_embeddings:
@@ -491,6 +489,49 @@ def state_from_hf(tensors, cfg, dtype=torch.float32):
         b = f"blocks.{l}.ffn."
         state.update({b + "gate_proj": w1, b + "up_proj": w3, b + "down_proj": w2, b + "router.weight": router})
     return state
+
+
+def check_hf_names(tensors, cfg):
+    """Refuse a tensor that has no place in GPT(cfg) (one line, before any is read)."""
+    leftover = set(tensors) - set(hf_names(cfg).values()) - set(expert_names(cfg, tensors))
+    leftover = sorted(k for k in leftover if k != "lm_head.weight" and not k.endswith("rotary_emb.inv_freq"))
+    if leftover:   # (old files kept the rotary buffer)
+        raise ConvertError(f"unexpected tensor {leftover[0]} ({len(leftover)} in all): it has no place in the "
+                           f"model config.json describes")
+
+
+class HFState(Mapping):
+    """GPT(cfg)'s state dict over an HF checkpoint's {HF key: TensorRef}, read as it is
+    asked for: a key reads its tensor from the file in `dtype` (a MoE layer's key reads
+    that layer's four stacks, kept until another layer is asked for). Read in layer order,
+    it holds about one layer; state_from_hf is the eager equivalent."""
+
+    def __init__(self, tensors, cfg, dtype):
+        check_hf_names(tensors, cfg)
+        self.tensors, self.cfg, self.dtype = tensors, cfg, dtype
+        self.shapes, self.names = GPT_state_shapes(cfg), hf_names(cfg)
+        if cfg.tie_embeddings:
+            self.names["lm_head.weight"] = self.names["tok_emb.weight"]
+        self.moe_ids, self.layer = set(cfg.moe_layer_ids()), (None, {})
+
+    def __getitem__(self, key):
+        if key in self.names:
+            return take(self.tensors, self.names[key], self.shapes[key], self.dtype)
+        l = int(key.split(".")[1])   # blocks.{l}.ffn.{gate_proj, up_proj, down_proj, router.weight}
+        if l not in self.moe_ids:
+            raise KeyError(key)
+        if self.layer[0] != l:
+            names = ("gate_proj", "up_proj", "down_proj", "router.weight")
+            stacks = take_experts(self.tensors, l, self.cfg.n_experts, self.cfg.expert_hidden, self.cfg.n_embd,
+                                  self.dtype)
+            self.layer = (l, dict(zip(names, stacks)))
+        return self.layer[1][key.split(".", 3)[3]]
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self):
+        return len(self.shapes)
 
 
 def expert_names(cfg, tensors):
@@ -516,19 +557,11 @@ def import_hf(hf_dir, out_dir, dtype="auto"):
     files straight into the checkpoint's state dict (no model is built). Everything is
     written into a temporary sibling directory renamed to out_dir at the end, so a
     failure leaves nothing behind. Returns the ckpt path."""
-    if not os.path.isdir(hf_dir):
-        raise ConvertError(f"--from_hf={hf_dir} is not a directory")
     check_new_output(out_dir, "--out_dir")
-    config_path = os.path.join(hf_dir, "config.json")
-    hf_cfg = read_json(config_path, "an HF model directory needs config.json")
-    args = model_args_from_hf(hf_cfg, config_path)
-    files = safetensors_files(hf_dir)
-    with contextlib.ExitStack() as files_open:
-        refs = open_tensors(files, files_open)
-        torch_dtype = import_dtype(refs, dtype)
-        check_memory(args, torch_dtype, config_path)
-        cfg = GPTConfig(**args)
-        state = state_from_hf(refs, cfg, torch_dtype)
+    hf_cfg, args, refs, torch_dtype = open_hf(hf_dir, dtype)
+    check_memory(args, torch_dtype, os.path.join(hf_dir, "config.json"))
+    cfg = GPTConfig(**args)
+    state = state_from_hf(refs, cfg, torch_dtype)
     ckpt = {"model_args": asdict(cfg), "model": state, "optimizer": None, "iter_num": 0,
             "best_val_loss": 1e9, "rng": None, "aux_coef": None, "upcycled_from": None, "dtype": dtype_name(torch_dtype),
             # no data_dir/dataset: eval.py and train.py need --data_dir with this model's tokenizer
@@ -545,6 +578,19 @@ def import_hf(hf_dir, out_dir, dtype="auto"):
                 json.dump(ids, f, indent=2)
     write_atomically(out_dir, write)
     return os.path.join(out_dir, "ckpt.pt")
+
+
+def open_hf(hf_dir, dtype="auto"):
+    """(config.json dict, GPTConfig fields, {HF key: TensorRef}, torch dtype to read in) of
+    an HF directory, from its config and headers alone: config.json and the shard index
+    checked as a schema, the safetensors headers checked (names, dtypes, shapes)."""
+    if not os.path.isdir(hf_dir):
+        raise ConvertError(f"--from_hf={hf_dir} is not a directory")
+    config_path = os.path.join(hf_dir, "config.json")
+    hf_cfg = read_json(config_path, "an HF model directory needs config.json")
+    args = model_args_from_hf(hf_cfg, config_path)
+    refs = open_tensors(safetensors_files(hf_dir))
+    return hf_cfg, args, refs, import_dtype(refs, dtype)
 
 
 def import_dtype(refs, dtype):
@@ -739,10 +785,18 @@ def export_hf(ckpt_dir, hf_dir, dtype="auto", max_shard_size=MAX_SHARD_SIZE):
     target = export_target(cfg, state)
     check_export_state(state, cfg)
     torch_dtype = DTYPES[dtype] if dtype != "auto" else checkpoint_dtype(ckpt)
-    meta = {k: torch.empty(v.shape, dtype=torch_dtype, device="meta") for k, v in state.items()}
-    shapes = {k: tuple(v.shape) for k, v in hf_tensors(meta, cfg, target)}
     src = tokenizer_dir(ckpt, ckpt_dir)
-    ids = export_special_ids(src)
+    write_hf_dir(hf_dir, state, cfg, target, torch_dtype, max_bytes, src, export_special_ids(src))
+    return target
+
+
+def write_hf_dir(hf_dir, state, cfg, target, torch_dtype, max_bytes, tokenizer_src, ids):
+    """hf_dir (new, written atomically): config.json for `target`, the weights of `state`
+    (a state dict or a lazy mapping, read once in hf_tensors' order) in torch_dtype,
+    generation_config.json with the special ids, then the tokenizer files of
+    tokenizer_src (a model's own generation config among them replaces ours)."""
+    meta = {k: torch.empty(shape, dtype=torch_dtype, device="meta") for k, shape in GPT_state_shapes(cfg).items()}
+    shapes = {k: tuple(v.shape) for k, v in hf_tensors(meta, cfg, target)}
     config = {**hf_config(cfg, target, torch_dtype), **ids}
 
     def write(tmp):
@@ -752,10 +806,9 @@ def export_hf(ckpt_dir, hf_dir, dtype="auto", max_shard_size=MAX_SHARD_SIZE):
         with open(os.path.join(tmp, GENERATION_CONFIG), "w") as f:   # replaced by the model's own, if any
             json.dump({"do_sample": False, **{k: v for k, v in ids.items() if v is not None}}, f, indent=2)
         for name in TOKENIZER_FILES:
-            if src and os.path.exists(os.path.join(src, name)):
-                shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+            if tokenizer_src and os.path.exists(os.path.join(tokenizer_src, name)):
+                shutil.copyfile(os.path.join(tokenizer_src, name), os.path.join(tmp, name))
     write_atomically(hf_dir, write)
-    return target
 
 
 def check_export_state(state, cfg):
@@ -880,6 +933,15 @@ def export_special_ids(src):
     return ids
 
 
+def hf_special_ids(hf_dir, hf_cfg):
+    """export_special_ids for a model exported straight from an HF directory, as if it had
+    been imported first (import_hf keeps config.json's ids when there is no generation
+    config)."""
+    if os.path.exists(os.path.join(hf_dir, GENERATION_CONFIG)) or not special_ids(hf_cfg):
+        return export_special_ids(hf_dir)
+    return {**dict.fromkeys(SPECIAL_IDS[:2]), **special_ids(hf_cfg)}
+
+
 def tokenizer_dir(ckpt, ckpt_dir):
     """Where the HF tokenizer files of a checkpoint are: next to it, else next to the
     dense checkpoint it was upcycled from, the run it started from, or the HF directory
@@ -888,9 +950,16 @@ def tokenizer_dir(ckpt, ckpt_dir):
 
 
 def GPT_state_shapes(cfg):
-    """{key: shape} of GPT(cfg)'s state dict (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+    """{key: shape} of GPT(cfg)'s state dict (built on the meta device: no memory; about a
+    second for a 30-layer MoE, so remembered per config)."""
+    key = json.dumps(asdict(cfg), sort_keys=True)
+    if key not in _STATE_SHAPES:
+        with torch.device("meta"):
+            _STATE_SHAPES[key] = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+    return dict(_STATE_SHAPES[key])
+
+
+_STATE_SHAPES = {}
 
 
 # ============================================================================ CLI

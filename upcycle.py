@@ -35,17 +35,21 @@ import json
 import math
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, fields
 
 import torch
+import torch.nn.functional as F
 
-from checkpoint import (CheckpointError, ckpt_path, file_sha256, load_checkpoint, load_model, save_checkpoint,
+from checkpoint import (CheckpointError, ckpt_path, file_sha256, load_checkpoint, save_checkpoint,
                         shared_dtype)
 from configurator import (METHODS, ROUTER_INITS, ArgumentParser, check_hidden_router_domains, float_problem,
                           ram_available)
+from convert import (MAX_SHARD_SIZE, ConvertError, GPT_state_shapes, HFState, check_new_output, export_target,
+                     hf_special_ids, open_hf, open_tensors, parse_size, safetensors_files, write_hf_dir)
 from data.dataset import TokenDataset, load_meta
 from data.tokenizer import HFTokenizer, find_tokenizer_dir, load_tokenizer
-from model import GPT, GPTConfig
+from model import GPT, Block, GPTConfig, RMSNorm, rope_tables
 from router import expert_choice_k
 from outdir import LockError, OutDirLock
 
@@ -160,24 +164,75 @@ def upcycle_state_dict(dense_state, dense_args, options=None, experts=None, **kw
     if experts is not None and settings["drop_ratio"] > 0:
         raise ValueError("drop_ratio > 0 is built for all experts at once: upcycle offline "
                          "(python upcycle.py --method=drop) and load the MoE checkpoint")
-    scaling = resolve_weight_scaling(settings["weight_scaling"], cfg.router, G)
-    generator = torch.Generator().manual_seed(int(settings["seed"]))
     moe_ids = cfg.moe_layer_ids()
     prefixes = tuple(f"blocks.{l}.ffn." for l in moe_ids)
     state = {k: v for k, v in dense_state.items() if not k.startswith(prefixes)}
-    for l in moe_ids:
-        p = f"blocks.{l}.ffn."
-        w1, w3, w2 = (dense_state[p + m + ".weight"] for m in FFN_MATS)
-        layer = upcycle_ffn(w1, w3, w2, cfg, G, scaling, settings["expert_noise"], settings["shared_fraction"],
-                            generator, settings["router_init_dist"])
+    generator = torch.Generator().manual_seed(int(settings["seed"]))
+    for l, layer in upcycled_layers(dense_state, cfg, G, settings, generator):
         for name, t in layer.items():
-            state[p + name] = t[experts[0]:experts[1]].clone() if experts and name in FFN_MATS else t
+            state[f"blocks.{l}.ffn.{name}"] = t[experts[0]:experts[1]].clone() if experts and name in FFN_MATS else t
         del layer
     if settings["drop_ratio"] > 0:   # after every router/noise draw, so the routers equal copy-upcycling's
         drop_upcycle_layers(state, moe_ids, settings["drop_ratio"], generator)
     if experts is None:
         check_state_shapes(state, cfg, "the upcycled state dict")   # guards against model.py drifting
+    scaling = resolve_weight_scaling(settings["weight_scaling"], cfg.router, G)
     return in_dtype_of(dense_state, state), cfg, upcycle_info(cfg, G, scaling, settings)
+
+
+def upcycled_layers(dense_state, cfg, G, settings, generator):
+    """(l, the tensors of MoE layer l) for every MoE layer in order, each built from the
+    dense FFN of layer l when asked for (upcycle_ffn), so one layer's stacks exist at a
+    time; the random stream is drawn in this order."""
+    scaling = resolve_weight_scaling(settings["weight_scaling"], cfg.router, G)
+    for l in cfg.moe_layer_ids():
+        p = f"blocks.{l}.ffn."
+        w1, w3, w2 = (dense_state[p + m + ".weight"] for m in FFN_MATS)
+        yield l, upcycle_ffn(w1, w3, w2, cfg, G, scaling, settings["expert_noise"], settings["shared_fraction"],
+                             generator, settings["router_init_dist"])
+
+
+class StreamedUpcycle(Mapping):
+    """The state dict upcycle_state_dict returns, as a mapping built while it is read: a
+    key of MoE layer l builds layer l (and drops the one before), every other key is the
+    dense state's. Read in layer order (as convert.hf_tensors and blockwise_logits do) it
+    holds one MoE layer at a time, and its tensors equal upcycle_state_dict's. dense_state
+    may itself be lazy (convert.HFState). Copy upcycling and its variants only:
+    Drop-Upcycling draws its re-initialisation after every layer's router, so it needs
+    the whole model at once."""
+
+    def __init__(self, dense_state, dense_cfg, dtype, options=None, **kw):
+        settings = resolve_options(options, kw)
+        if settings["drop_ratio"] > 0:
+            raise ValueError("--method=drop re-initialises after every layer is built: upcycle a project "
+                             "checkpoint (convert.py --from_hf, then upcycle.py --ckpt) instead")
+        self.cfg, G = target_config(dense_cfg, settings["model_args"], settings["granularity"],
+                                    settings["expansion_rate"])
+        self.dense, self.dtype = dense_state, dtype
+        self.keys_ = list(GPT_state_shapes(self.cfg))
+        generator = torch.Generator().manual_seed(int(settings["seed"]))
+        self.layers = upcycled_layers(dense_state, self.cfg, G, settings, generator)
+        self.moe_ids, self.layer, self.tensors = set(self.cfg.moe_layer_ids()), None, {}
+        scaling = resolve_weight_scaling(settings["weight_scaling"], self.cfg.router, G)
+        self.info = upcycle_info(self.cfg, G, scaling, settings)
+
+    def __getitem__(self, key):
+        parts = key.split(".", 3)   # blocks.{l}.ffn.{name}
+        if parts[0] != "blocks" or parts[2] != "ffn" or int(parts[1]) not in self.moe_ids:
+            return self.dense[key]
+        l = int(parts[1])
+        if self.layer is not None and l < self.layer:
+            raise KeyError(f"{key}: layer {l} was already built and dropped (read the layers in order)")
+        while self.layer != l:
+            self.layer, self.tensors = next(self.layers)
+        t = self.tensors[parts[3]]
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    def __iter__(self):
+        return iter(self.keys_)
+
+    def __len__(self):
+        return len(self.keys_)
 
 
 def in_dtype_of(dense_state, state):
@@ -254,6 +309,40 @@ def write_step0_moe(out_dir, sources, force, build, hidden=None):
                 "config": config, "rng": None, "aux_coef": None, "upcycled_from": {**record, **info},
                 "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None}
         return save_checkpoint(ckpt, out_dir), cfg, info
+
+def upcycle_hf(hf_dir, out_dir, options=None, dtype="auto", max_shard_size=MAX_SHARD_SIZE, **kw):
+    """Dense HF directory (Llama, Mistral) -> new HF directory of the upcycled MoE
+    (Mixtral, or the class convert.export_target picks) in one streamed pass: the tensors
+    convert.py --from_hf, upcycle.py --ckpt and convert.py --to_hf write in turn, built
+    one MoE layer at a time (HFState -> StreamedUpcycle -> convert.write_hf_dir), so the
+    model is never whole in memory. Returns (MoE GPTConfig, target, info)."""
+    max_bytes = parse_size(max_shard_size)
+    check_new_output(out_dir, "--to_hf")
+    hf_cfg, args, refs, torch_dtype = open_hf(hf_dir, dtype)
+    if args.get("moe_layers", "none") != "none":
+        raise ValueError(f"--from_hf={hf_dir} holds {hf_cfg['architectures'][0]}, already an MoE: upcycle a "
+                         f"dense model (Llama, Mistral)")
+    dense_cfg = GPTConfig(**args)
+    moe = StreamedUpcycle(HFState(refs, dense_cfg, torch_dtype), dense_cfg, torch_dtype, options, **kw)
+    target = export_target(moe.cfg, None)
+    write_hf_dir(out_dir, moe, moe.cfg, target, torch_dtype, max_bytes, hf_dir, hf_special_ids(hf_dir, hf_cfg))
+    return moe.cfg, target, moe.info
+
+
+def hf_logit_difference(dense_dir, moe_dir, moe_cfg, target, options):
+    """(state_logit_difference of a dense HF directory and the MoE upcycle_hf made from it,
+    where the MoE came from). Both are read one block at a time in fp32: a Mixtral back
+    from its files; another class, whose names convert.py does not read, rebuilt by
+    StreamedUpcycle with the same options."""
+    _, args, dense_refs, dtype = open_hf(dense_dir)
+    dense_cfg = GPTConfig(**args)
+    dense = HFState(dense_refs, dense_cfg, torch.float32)
+    if target == "mixtral":
+        moe, source = HFState(open_tensors(safetensors_files(moe_dir)), moe_cfg, torch.float32), "read back from the files"
+    else:
+        moe, source = StreamedUpcycle(HFState(dense_refs, dense_cfg, dtype), dense_cfg, dtype, options), "rebuilt"
+    return state_logit_difference(dense_cfg, dense, moe_cfg, moe), source
+
 
 # ----------------------------------------------------------------------------- Drop-Upcycling
 
@@ -736,15 +825,9 @@ def check_upcycle_options(options, dense_args=None):
     resolve_weight_scaling(settings["weight_scaling"], cfg.router, G)
 
 
-def state_shapes(cfg):
-    """{name: shape} of GPT(cfg)'s state dict, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
-
-
 def check_state_shapes(state, cfg, what):
     """ValueError (one line) when `state` lacks, adds or reshapes a tensor of GPT(cfg)."""
-    ref = state_shapes(cfg)
+    ref = GPT_state_shapes(cfg)
     got = {k: tuple(v.shape) for k, v in state.items()}
     missing, extra = sorted(set(ref) - set(got)), sorted(set(got) - set(ref))
     bad = [f"{k} {got[k]} vs {ref[k]}" for k in sorted(set(ref) & set(got)) if got[k] != ref[k]]
@@ -826,8 +909,14 @@ def build_parser():
     p = ArgumentParser(prog="upcycle.py", description="Upcycle a dense checkpoint into an MoE checkpoint "
                                                       "(docs/METHODS.md section 4).")
     a = p.add_argument
-    a("--ckpt", required=True, help="dense out_dir or .pt file")
-    a("--out_dir", required=True, help="where ckpt.pt is written")
+    a("--ckpt", help="dense out_dir or .pt file")
+    a("--out_dir", help="where ckpt.pt is written")
+    a("--from_hf", help="instead of --ckpt: a dense HF directory (Llama, Mistral), upcycled in one streamed pass")
+    a("--to_hf", help="with --from_hf: new directory for the MoE in HF format (Mixtral for top-k softmax "
+                      "routers on every layer)")
+    a("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+      help="with --from_hf: dtype read and written (default auto: the files')")
+    a("--max_shard_size", default=MAX_SHARD_SIZE, help="with --to_hf: largest safetensors file, as convert.py")
     a("--method", default="copy", choices=("copy", "drop"),
       help="copy: sparse upcycling; drop: Drop-Upcycling (Branch-Train-MiX is btx.py)")
     a("--drop_ratio", type=float, default=None, help="--method=drop: share of each expert's channels "
@@ -942,7 +1031,7 @@ def run_cli(write):
     """write() -> (path, cfg, info); None after a one-line error on stderr."""
     try:
         return write()
-    except (ValueError, CheckpointError, LockError) as e:
+    except (ValueError, CheckpointError, LockError, ConvertError) as e:
         print(f"error: {e}", file=sys.stderr)
     except OSError as e:   # e.g. --out_dir names an existing file
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
@@ -952,17 +1041,58 @@ def run_cli(write):
 @torch.no_grad()
 def logit_difference(dense_model, moe_model, n_tokens=64, seed=0):
     """Max |logits_moe - logits_dense| on a random batch (both in eval mode, fp32)."""
-    cfg = dense_model.config
-    T = min(n_tokens, moe_model.config.block_size, cfg.block_size)
-    if moe_model.config.router == "lory":
-        T = T // moe_model.config.segment_len * moe_model.config.segment_len or moe_model.config.segment_len
-    idx = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(seed))
+    idx = verify_batch(dense_model.config, moe_model.config, n_tokens, seed)
     was = dense_model.training, moe_model.training
     dense_model.eval(), moe_model.eval()
     a = dense_model(idx)[0].float()
     b = moe_model(idx)[0].float()
     dense_model.train(was[0]), moe_model.train(was[1])
     return float((a - b).abs().max())
+
+
+def verify_batch(dense_cfg, moe_cfg, n_tokens=64, seed=0):
+    """The random (2, T) token batch the logit comparisons run on (T a whole number of
+    Lory segments)."""
+    T = min(n_tokens, moe_cfg.block_size, dense_cfg.block_size)
+    if moe_cfg.router == "lory":
+        T = T // moe_cfg.segment_len * moe_cfg.segment_len or moe_cfg.segment_len
+    return torch.randint(0, dense_cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def blockwise_logits(cfg, state, idx):
+    """GPT(cfg)'s eval-mode logits (B, T, V) for idx (B, T), in fp32, from a state dict
+    (or a lazy mapping such as convert.HFState), one block at a time: each block is built
+    on the meta device and given its weights (cast to fp32) only while it runs, so the
+    whole model never exists at once. Equal to GPT(cfg) loaded with `state` and cast to fp32."""
+    def part(build, prefix):
+        with torch.device("meta"):
+            module = build()
+        module.load_state_dict({k: state[prefix + k].float() for k in module.state_dict()}, assign=True)
+        return module.eval()
+    T = idx.shape[1]
+    cos, sin = (t[:T] for t in rope_tables(cfg))                                   # (T, hd/2)
+    x = F.embedding(idx, state["tok_emb.weight"].float())                          # (B, T, d)
+    for l in range(cfg.n_layer):
+        x, _ = part(lambda: Block(cfg, l), f"blocks.{l}.")(x, cos, sin)
+    x = part(lambda: RMSNorm(cfg.n_embd, cfg.norm_eps), "norm.")(x)
+    return F.linear(x, state["lm_head.weight"].float())                            # (B, T, V)
+
+
+def state_logit_difference(dense_cfg, dense_state, moe_cfg, moe_state, n_tokens=64, seed=0):
+    """logit_difference from state dicts (or lazy mappings) through blockwise_logits: the
+    check holds one block of each model at a time."""
+    idx = verify_batch(dense_cfg, moe_cfg, n_tokens, seed)
+    a = blockwise_logits(dense_cfg, dense_state, idx)
+    return float((blockwise_logits(moe_cfg, moe_state, idx) - a).abs().max())
+
+
+def checkpoint_logit_difference(dense_path, moe_path):
+    """state_logit_difference of two checkpoints, memory-mapped (their tensors are read
+    from disk as each block runs)."""
+    dense, moe = (load_checkpoint(p, mmap=True) for p in (dense_path, moe_path))
+    return state_logit_difference(GPTConfig.from_dict(dense["model_args"]), dense["model"],
+                                  GPTConfig.from_dict(moe["model_args"]), moe["model"])
 
 
 def print_summary(paths, path, info, layout, verify, vs="dense"):
@@ -977,10 +1107,10 @@ def print_summary(paths, path, info, layout, verify, vs="dense"):
           f"function preserving: {o['function_preserving']}"
           + (f" ({o['preservation_note']})" if o["preservation_note"] else ""))
     if verify:
-        moe, _ = load_model(path)
-        dense, _ = load_model(paths[0])
+        with torch.device("meta"):
+            moe = GPT(GPTConfig.from_dict(load_checkpoint(path, mmap=True)["model_args"]))
         print(f"  {moe.num_params() / 1e6:.2f}M parameters ({moe.num_params(active=True) / 1e6:.2f}M active); "
-              f"max |logit diff| vs {vs} on a random batch: {logit_difference(dense, moe):.3g}")
+              f"max |logit diff| vs {vs} on a random batch: {checkpoint_logit_difference(paths[0], path):.3g}")
 
 
 def describe_router_init(o):
@@ -995,20 +1125,58 @@ def describe_router_init(o):
 def main(argv=None):
     args = parse_flags(build_parser(), argv)
     try:
+        check_io_flags(args)
         paths, options, hidden = cli_plan(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.from_hf:
+        return main_hf(args, options)
     written = run_cli(lambda: upcycle_checkpoint(paths[0], args.out_dir, options, force=args.force, hidden=hidden))
     if written is None:
         return 2
     path, cfg, info = written
-    o = info["options"]
-    print_summary(paths, path, info, f"layers {cfg.moe_layer_ids()}, {cfg.n_experts} experts "
-                  f"(E'={o['expansion_rate']} x G={o['granularity']}, width {cfg.expert_hidden}) top-{cfg.top_k}, "
-                  f"router {cfg.router} (init std {cfg.router_init_std}), shared {cfg.n_shared_experts}"
-                  + (f", drop_ratio {o['drop_ratio']:g}" if o["drop_ratio"] else ""), args.verify)
+    print_summary(paths, path, info, describe_layout(cfg, info), args.verify)
     return 0
+
+
+def check_io_flags(args):
+    """--ckpt with --out_dir, or --from_hf with --to_hf (copy upcycling with random router
+    rows); ValueError (one line) otherwise."""
+    if bool(args.from_hf) == bool(args.ckpt) or bool(args.to_hf) != bool(args.from_hf) or \
+            bool(args.out_dir) != bool(args.ckpt):
+        raise ValueError("use --ckpt=DENSE --out_dir=OUT (a project checkpoint), or --from_hf=HF_DIR "
+                         "--to_hf=NEW_HF_DIR (an HF model, streamed)")
+    if args.from_hf:
+        args.ckpt = args.from_hf   # cli_plan's checks read --ckpt
+        if args.method != "copy" or args.router_init != "random" or args.force:
+            raise ValueError("--from_hf streams copy upcycling with random router rows; for --method=drop, "
+                             "--router_init or --force import it first (convert.py --from_hf) and use --ckpt")
+    elif args.dtype != "auto" or args.max_shard_size != MAX_SHARD_SIZE:
+        raise ValueError("--dtype and --max_shard_size go with --from_hf/--to_hf (convert.py sets them on "
+                         "import and export)")
+
+
+def main_hf(args, options):
+    """upcycle.py --from_hf=... --to_hf=...: upcycle_hf, then (with --verify) the logit check
+    read back from the written files."""
+    written = run_cli(lambda: upcycle_hf(args.from_hf, args.to_hf, options, args.dtype, args.max_shard_size))
+    if written is None:
+        return 2
+    cfg, target, info = written
+    print(f"upcycled {os.path.abspath(args.from_hf)} -> {os.path.abspath(args.to_hf)} ({target})")
+    print(f"  {info['method']}: {describe_layout(cfg, info)}")
+    if args.verify:
+        diff, source = hf_logit_difference(args.from_hf, args.to_hf, cfg, target, options)
+        print(f"  max |logit diff| vs dense on a random batch (fp32, {source}): {diff:.3g}")
+    return 0
+
+
+def describe_layout(cfg, info):
+    o = info["options"]
+    return (f"layers {cfg.moe_layer_ids()}, {cfg.n_experts} experts (E'={o['expansion_rate']} x G={o['granularity']}, "
+            f"width {cfg.expert_hidden}) top-{cfg.top_k}, router {cfg.router} (init std {cfg.router_init_std}), "
+            f"shared {cfg.n_shared_experts}" + (f", drop_ratio {o['drop_ratio']:g}" if o["drop_ratio"] else ""))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,17 @@ README = dict(TINY, vocab_size=512, hidden_size=128, intermediate_size=352, num_
 SMOLLM_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5,
                    rope_theta=10000.0, rope_scaling=None)
-SHAPES = {"readme": README, "tiny": TINY, "smollm-135m": SMOLLM_135M}
+# SmolLM-360M's (HuggingFaceTB/SmolLM-360M): 32 layers, d 960, 15 heads / 5 kv heads, FFN 2560: 361.8M parameters
+SMOLLM_360M = dict(SMOLLM_135M, hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                   num_key_value_heads=5)
+# Llama-3.2-1B's (meta-llama/Llama-3.2-1B): 16 layers, d 2048, 32 heads / 8 kv heads, FFN 8192, vocab 128,256,
+# tied embeddings, 131,072 positions, theta 500,000 with llama3 scaling: 1.24B parameters
+LLAMA32_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                  rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+SHAPES = {"readme": README, "tiny": TINY, "smollm-135m": SMOLLM_135M, "smollm-360m": SMOLLM_360M,
+          "llama-3.2-1b": LLAMA32_1B}
 
 
 def hf_config(arch="llama", tied=False, **overrides):
@@ -134,7 +144,8 @@ def main(argv=None):
     p.add_argument("--shape", default="readme", choices=list(SHAPES),
                    help="readme: vocab 512 (a byte-level BPE), d 128, 4 layers, block 256; "
                         "tiny: what the tests use (vocab 128, word-level tokenizer, d 64, 2 layers); "
-                        "smollm-135m: SmolLM-135M's shape (word-level tokenizer; use --tied as the real one)")
+                        "smollm-135m, smollm-360m, llama-3.2-1b: those models' shapes (word-level tokenizer; "
+                        "use --tied as the real ones)")
     p.add_argument("--tied", action="store_true", help="tie the embeddings and the lm_head")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the saved weights (drawn in fp32, then cast)")
