@@ -268,6 +268,8 @@ def check_run_config(cfg, defaults):
         raise ConfigError(f"aux_loss={cfg['aux_loss']!r} must be one of {', '.join(AUX_LOSSES)}")
     if cfg["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype={cfg['dtype']!r} must be 'auto', 'float32', 'bfloat16' or 'float16'")
+    if cfg["save_dtype"] not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"save_dtype={cfg['save_dtype']!r} must be 'float32', 'bfloat16' or 'float16'")
     if cfg["expert_impl"] == "triton" and cfg["moe_layers"] != "none" and not triton_status()[0]:
         raise ConfigError(f"expert_impl='triton' cannot run here: {triton_status()[1]} (use expert_impl=auto)")
     if cfg["device"] != "auto" and device_problem(cfg["device"]):

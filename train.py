@@ -116,6 +116,7 @@ grad_clip = 1.0
 # system
 device = "auto"              # 'auto' (cuda -> mps -> cpu) | 'cpu' | 'cuda' | 'cuda:1' | 'mps'
 dtype = "auto"               # 'auto' (bf16 autocast on CUDA, fp32 elsewhere) | 'float32' | 'bfloat16'
+save_dtype = "float32"       # weights in ckpt.pt: 'float32' (the fp32 masters: exact resume) | 'bfloat16' | 'float16'
 compile = False
 backend = "auto"             # DDP backend: nccl on CUDA, gloo on CPU
 expert_parallel = 1          # N: ranks that split every MoE layer's experts (parallel.py); 1 = plain DDP
@@ -392,9 +393,11 @@ def save_checkpoint(run, cfg, env, dist, note=""):
     state = dist.full_state(run.raw_model, run.optimizer)
     if state is None:
         return
+    save_dtype = getattr(torch, cfg["save_dtype"])   # the weights only: AdamW's moments stay fp32
     obj = {
         "model_args": asdict(run.raw_model.config),
-        "model": state[0],
+        "model": {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state[0].items()},
+        "dtype": cfg["save_dtype"],
         "optimizer": state[1],
         "iter_num": run.iter_num,
         "best_val_loss": run.best_val_loss,

@@ -81,6 +81,7 @@ def test_string_keys_take_the_text_as_is(tmp_path):
     (["--beta1=2.0"], "beta1=2.0 must be in"),
     (["--aux_loss=bogus"], "aux_loss='bogus' must be one of"),
     (["--device=tpu"], "device='tpu' is not"),
+    (["--save_dtype=int8"], "save_dtype='int8' must be"),
 ])
 def test_run_config_errors(argv, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
@@ -208,6 +209,24 @@ def train_here(argv, capsys=None):
         capsys.readouterr()
     assert train.main(argv) == 0
     return capsys.readouterr().out if capsys is not None else None
+
+
+def test_save_dtype_writes_rounded_weights_that_resume_and_export(data_dir, tmp_path):
+    """save_dtype='bfloat16' saves the fp32 masters rounded to bf16 (the moments stay fp32)
+    and records the dtype; resume trains on from the rounded weights and export keeps bf16."""
+    import convert
+    common = TINY + [f"--data_dir={data_dir}", "--eval_interval=2", "--moe_layers=all", "--n_experts=4", "--top_k=2"]
+    train_here(common + [f"--out_dir={tmp_path}/f", "--max_iters=2"])
+    train_here(common + [f"--out_dir={tmp_path}/b", "--max_iters=2", "--save_dtype=bfloat16"])
+    f, b = state(f"{tmp_path}/f"), state(f"{tmp_path}/b")
+    assert (f["dtype"], b["dtype"]) == ("float32", "bfloat16")
+    for k, v in f["model"].items():
+        assert b["model"][k].dtype == torch.bfloat16 and torch.equal(b["model"][k], v.to(torch.bfloat16)), k
+    assert all(s["exp_avg"].dtype == torch.float32 for s in b["optimizer"]["state"].values())
+    train_here(common + [f"--out_dir={tmp_path}/b", "--max_iters=4", "--init_from=resume", "--save_dtype=bfloat16"])
+    assert state(f"{tmp_path}/b")["iter_num"] == 4
+    assert convert.export_hf(f"{tmp_path}/b", f"{tmp_path}/hf") == "mixtral"
+    assert '"torch_dtype": "bfloat16"' in open(f"{tmp_path}/hf/config.json").read()
 
 
 def test_resume_applies_this_runs_optimizer_settings(data_dir, tmp_path):
