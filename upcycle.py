@@ -122,17 +122,19 @@ def upcycle_ffn(w1, w3, w2, cfg, G, weight_scaling="exact", expert_noise=0.0, sh
     shared, routed_share = shared_experts(w1, w3, w2, cfg, G, shared_fraction)
     out.update({name: t.to(dtype) for name, t in shared.items()})
     # the copy: expert i*G + g holds shard g of the dense FFN
-    gate = w1.view(G, h, d).repeat(expansion, 1, 1)                            # (E, h, d)
-    up = w3.view(G, h, d).repeat(expansion, 1, 1)                              # (E, h, d)
-    down = w2.view(d, G, h).permute(1, 0, 2).repeat(expansion, 1, 1)           # (E, d, h)
-    if expert_noise > 0:
+    gate, up = w1.view(G, h, d), w3.view(G, h, d)                               # (G, h, d) shards
+    down = w2.view(d, G, h).permute(1, 0, 2)                                    # (G, d, h)
+    if expert_noise > 0:   # each copy draws its own noise: make the E copies first
+        gate, up, down = (t.repeat(expansion, 1, 1) for t in (gate, up, down))    # (E, h, d), (E, d, h)
         gate = gate + expert_noise * w1.std() * torch.randn(gate.shape, generator=generator)
         up = up + expert_noise * w3.std() * torch.randn(up.shape, generator=generator)
         down = down + expert_noise * w2.std() * torch.randn(down.shape, generator=generator)
-    down = down * routed_share.view(G, h).repeat(expansion, 1)[:, None, :]
+        expansion = 1
+    down = down * routed_share.view(G, h).repeat(down.shape[0] // G, 1)[:, None, :]
     scaling = resolve_weight_scaling(weight_scaling, cfg.router, G)
     gate, up, down = scale_experts(gate, up, down, scaling, activation_scale(cfg.router, cfg.n_experts, G, routed_k(cfg)))
-    out["gate_proj"], out["up_proj"], out["down_proj"] = (t.to(dtype).contiguous() for t in (gate, up, down))
+    # without noise the copies are equal: the G shards are scaled once, then copied in w1's dtype
+    out["gate_proj"], out["up_proj"], out["down_proj"] = (t.to(dtype).repeat(expansion, 1, 1) for t in (gate, up, down))
     return out
 
 
