@@ -5,6 +5,8 @@ metrics.jsonl, per-domain expert usage, the expert-similarity monitor (Skywork;
 He et al.), the dense checkpoint an upcycled model came from, and eval.py's
 per-layer routing and Lory diagnostics (docs/METHODS.md section 8).
 """
+import math
+
 import numpy as np
 import torch
 
@@ -110,7 +112,7 @@ def moe_summary(layers):
     parts = []
     loads = [l["tokens_per_expert"] for l in layers if "tokens_per_expert" in l]
     if loads:
-        ratio = max(max(x) / max(min(x), 1e-9) for x in loads)
+        ratio = max(max(x) / min(x) if min(x) > 0 else math.inf for x in loads)   # inf: an expert got no token
         drop = np.mean([l["drop_rate"] for l in layers if "drop_rate" in l])
         parts.append(f"load max/min {ratio:.1f}, drop {drop * 100:.1f}%")
     ent = [l["merge_entropy"] for l in layers if "merge_entropy" in l]

@@ -195,3 +195,11 @@ def test_eval_reports_expert_choice_loss_with_the_training_routing(data_dir, tmp
     assert abs(ec["val_loss_training_routing"] - ec["val_loss_causal"]) > 1e-4
     report = E.format_report(E.evaluate_checkpoint(out, batches=2, batch_size=4))
     assert "training routing" in report and f"{ec['val_loss_training_routing']:.4f}" in report
+
+
+def test_log_line_load_ratio_is_inf_when_an_expert_gets_no_token():
+    from diagnostics import moe_summary
+    busy = {"tokens_per_expert": [30, 10, 20, 40], "drop_rate": 0.0}
+    assert "load max/min 4.0, drop 0.0%" in moe_summary([busy])
+    idle = {"tokens_per_expert": [30, 0, 20, 50], "drop_rate": 0.0}
+    assert "load max/min inf, drop 0.0%" in moe_summary([busy, idle])
