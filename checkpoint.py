@@ -313,8 +313,10 @@ def file_sha256(path):
 
 
 def load_model(path, device="cpu"):
-    """Build the GPT a checkpoint describes and load its weights. Returns (model, ckpt)."""
-    ckpt = load_checkpoint(path, map_location=device)
+    """Build the GPT a checkpoint describes and load its weights. Returns (model, ckpt).
+    On the CPU the file is memory-mapped, so a training checkpoint's optimizer moments
+    (twice the weights) are never read into memory by eval.py or sample.py."""
+    ckpt = load_checkpoint(path, map_location=device, mmap=str(device) == "cpu")
     model = GPT(GPTConfig.from_dict(ckpt["model_args"]))
     load_weights(model, ckpt["model"], path)
     return model.to(device), ckpt
