@@ -75,12 +75,12 @@ def pipeline(tree, label, hf_dir, out, experts, threads, dtype_flags):
     return rows
 
 
-def streamed_rows(hf_dir, out, experts, threads):
+def streamed_rows(hf_dir, out, experts, threads, verifies=("false", "true"), label=""):
     """upcycle.py --from_hf --to_hf in bf16, without and with the logit check."""
     rows = []
-    for verify in ("false", "true"):
-        target = os.path.join(out, f"streamed_verify_{verify}")
-        rows.append(measure(f"this tree: upcycle.py --from_hf --to_hf, verify {verify}",
+    for verify in verifies:
+        target = os.path.join(out, f"streamed_verify_{verify}{label.replace(' ', '_')}")
+        rows.append(measure(f"this tree: upcycle.py --from_hf --to_hf, verify {verify}{label}",
                             [sys.executable, "upcycle.py", f"--from_hf={hf_dir}", f"--to_hf={target}",
                              f"--n_experts={experts}", "--top_k=2", f"--verify={verify}"], ROOT, threads))
         rows[-1]["output_gib"] = output_gib(target)
@@ -98,15 +98,15 @@ def mergekit_tool(venv):
     return tool
 
 
-def mergekit_rows(hf_dir, out, experts, threads, venv):
+def mergekit_rows(hf_dir, out, experts, threads, venv, label=""):
     """mergekit-moe on `experts` copies of hf_dir (gate_mode random, bf16 out)."""
     tool = mergekit_tool(venv)
     config = os.path.join(out, "mergekit_moe.yml")
     with open(config, "w") as f:
         f.write(f"base_model: {hf_dir}\ngate_mode: random\ndtype: bfloat16\nexperts_per_token: 2\nexperts:\n")
         f.write("".join(f"  - source_model: {hf_dir}\n    positive_prompts: [\"\"]\n" for _ in range(experts)))
-    target = os.path.join(out, "mergekit_mixtral")
-    row = measure("mergekit-moe (bf16 out)", [tool, config, target, "--lazy-unpickle", "--quiet",
+    target = os.path.join(out, "mergekit_mixtral" + label.replace(" ", "_"))
+    row = measure(f"mergekit-moe (bf16 out){label}", [tool, config, target, "--lazy-unpickle", "--quiet",
                                               "--i-understand-this-is-not-useful-without-training",
                                               f"--num-threads={threads}"], out, threads)
     row["output_gib"] = output_gib(target)
@@ -122,6 +122,8 @@ def main(argv=None):
     p.add_argument("--base", help="an older checkout of this project to measure the same steps with")
     p.add_argument("--mergekit", action="store_true", help="also run mergekit-moe (its own venv, made on demand)")
     p.add_argument("--mergekit_venv", help="the venv for mergekit-moe (default --out/mergekit-venv)")
+    p.add_argument("--rounds", type=int, default=1, help="with --mergekit: alternate the streamed upcycle "
+                   "(verify off) and mergekit-moe this many times")
     p.add_argument("--three_step", action="store_true", help="also import, upcycle and export in three steps")
     p.add_argument("--delete_outputs", action="store_true", help="remove each streamed or mergekit output once "
                    "measured (the 1B shape's are 13 GiB each)")
@@ -145,8 +147,11 @@ def main(argv=None):
         rows += pipeline(os.path.abspath(args.base), "base tree, fp32", hf_dir, args.out, args.experts,
                          args.threads, [])
     if args.mergekit:
-        rows += mergekit_rows(hf_dir, args.out, args.experts, args.threads,
-                              args.mergekit_venv or os.path.join(args.out, "mergekit-venv"))
+        venv = args.mergekit_venv or os.path.join(args.out, "mergekit-venv")
+        rows += mergekit_rows(hf_dir, args.out, args.experts, args.threads, venv)
+        for r in range(2, args.rounds + 1):   # more rounds, alternating, for the times
+            rows += streamed_rows(hf_dir, args.out, args.experts, args.threads, ("false",), f", round {r}")
+            rows += mergekit_rows(hf_dir, args.out, args.experts, args.threads, venv, f", round {r}")
     with open(os.path.join(args.out, "convert_bench.json"), "w") as f:
         json.dump({"shape": args.shape, "experts": args.experts, "threads": args.threads, "rows": rows}, f, indent=2)
     print(f"\n{args.shape}, {args.experts}x2, {args.threads} threads\n"

@@ -155,3 +155,16 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys, argv, words):
         assert w in err, (w, err)
     assert sorted(os.listdir(tmp_path)) == before
     assert json.load(open(os.path.join(src, "config.json")))["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_bench_mergekit_measures_the_streamed_rows(tmp_path, capsys):
+    """bench_mergekit.py's own rows on the tiny shape (mergekit-moe itself needs its venv
+    and the network, so it is never run here)."""
+    import bench_mergekit
+    out = str(tmp_path / "bench")
+    assert bench_mergekit.main([f"--out={out}", "--shape=tiny", "--experts=4", "--threads=1"]) == 0
+    rows = json.load(open(os.path.join(out, "convert_bench.json")))["rows"]
+    assert [r["step"] for r in rows][1:] == ["this tree: upcycle.py --from_hf --to_hf, verify false",
+                                            "this tree: upcycle.py --from_hf --to_hf, verify true"]
+    assert all(r["output_gib"] >= 0 and r["peak_rss_gib"] > 0 for r in rows[1:])
+    assert "peak RSS x output" in capsys.readouterr().out
