@@ -479,16 +479,20 @@ def state_from_hf(tensors, cfg, dtype=torch.float32):
     shapes = GPT_state_shapes(cfg)
     state = {k: take(tensors, hf, shapes[k], dtype) for k, hf in hf_names(cfg).items()}
     if cfg.tie_embeddings:
-        if "lm_head.weight" in tensors:
-            lm = take(tensors, "lm_head.weight", shapes["tok_emb.weight"], dtype)
-            if not torch.equal(lm, state["tok_emb.weight"]):
-                raise ConvertError("tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight")
+        check_tied(tensors, state["tok_emb.weight"], dtype)
         state["lm_head.weight"] = state["tok_emb.weight"]
     for l in cfg.moe_layer_ids():
         w1, w3, w2, router = take_experts(tensors, l, cfg.n_experts, cfg.expert_hidden, cfg.n_embd, dtype)
         b = f"blocks.{l}.ffn."
         state.update({b + "gate_proj": w1, b + "up_proj": w3, b + "down_proj": w2, b + "router.weight": router})
     return state
+
+
+def check_tied(tensors, embedding, dtype):
+    """A tied model's file may still hold lm_head.weight: it must equal the embedding."""
+    if "lm_head.weight" in tensors:
+        if not torch.equal(take(tensors, "lm_head.weight", tuple(embedding.shape), dtype), embedding):
+            raise ConvertError("tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight")
 
 
 def check_hf_names(tensors, cfg):
@@ -512,6 +516,7 @@ class HFState(Mapping):
         self.shapes, self.names = GPT_state_shapes(cfg), hf_names(cfg)
         if cfg.tie_embeddings:
             self.names["lm_head.weight"] = self.names["tok_emb.weight"]
+            check_tied(tensors, self["tok_emb.weight"], dtype)
         self.moe_ids, self.layer = set(cfg.moe_layer_ids()), (None, {})
 
     def __getitem__(self, key):

@@ -168,3 +168,17 @@ def test_bench_mergekit_measures_the_streamed_rows(tmp_path, capsys):
                                             "this tree: upcycle.py --from_hf --to_hf, verify true"]
     assert all(r["output_gib"] >= 0 and r["peak_rss_gib"] > 0 for r in rows[1:])
     assert "peak RSS x output" in capsys.readouterr().out
+
+
+def test_tied_model_with_a_different_lm_head_is_refused(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    src = str(tmp_path / "llama")
+    hf_llama(src, tied=True, shard_size=None)
+    path = os.path.join(src, "model.safetensors")
+    tensors = load_file(path)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] + 1
+    save_file(tensors, path, metadata={"format": "pt"})
+    capsys.readouterr()
+    assert U.main([f"--from_hf={src}", f"--to_hf={tmp_path}/out", *MOE]) == 2
+    assert "lm_head.weight differs from model.embed_tokens.weight" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
