@@ -623,10 +623,11 @@ def budget_figure(name, curves, dense_loss, flops=False):
     (tag, out_dir, (tokens, FLOPs) before it). BTX's curves start after their branches; the
     dotted line is the dense base."""
     fig, ax = plt.subplots(figsize=(7.5, 4.8), constrained_layout=True)
-    for tag, d, offset in curves:
+    for i, (tag, d, offset) in enumerate(curves):
         ev, per = evals(d), (run_shape(d)[0] if flops else 1)
         ax.plot([(offset[flops] + per * r["tokens"]) / (1e12 if flops else 1e6) for r in ev],
-                [r["val_loss"] for r in ev], marker="o", ms=2.5, label=tag, ls="--" if tag.startswith("btx") else "-")
+                [r["val_loss"] for r in ev], marker="o", ms=2.5, label=tag, ls="--" if tag.startswith("btx") else "-",
+                color=f"C{i}" if i < 10 else "black")   # (matplotlib's cycle has 10 colours)
     ax.axhline(dense_loss, color="grey", lw=0.8, ls=":", label="dense base")
     ax.set_xlabel(f"training {'TFLOPs' if flops else 'tokens (M)'} after the dense base (BTX includes its branches)")
     ax.set_ylabel("val loss (nats/token)")
