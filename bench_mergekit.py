@@ -29,7 +29,6 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DELETE_OUTPUTS = False   # --delete_outputs
 
 
 def measure(name, cmd, cwd, threads):
@@ -48,10 +47,10 @@ def measure(name, cmd, cwd, threads):
     return row
 
 
-def output_gib(path):
-    """dir_gib(path); with --delete_outputs the directory is removed once measured."""
+def output_gib(path, delete):
+    """dir_gib(path); with delete (--delete_outputs) the directory is removed once measured."""
     gib = dir_gib(path)
-    if DELETE_OUTPUTS:
+    if delete:
         shutil.rmtree(path)
     return gib
 
@@ -75,7 +74,7 @@ def pipeline(tree, label, hf_dir, out, experts, threads, dtype_flags):
     return rows
 
 
-def streamed_rows(hf_dir, out, experts, threads, verifies=("false", "true"), label=""):
+def streamed_rows(hf_dir, out, experts, threads, delete, verifies=("false", "true"), label=""):
     """upcycle.py --from_hf --to_hf in bf16, without and with the logit check."""
     rows = []
     for verify in verifies:
@@ -83,7 +82,7 @@ def streamed_rows(hf_dir, out, experts, threads, verifies=("false", "true"), lab
         rows.append(measure(f"this tree: upcycle.py --from_hf --to_hf, verify {verify}{label}",
                             [sys.executable, "upcycle.py", f"--from_hf={hf_dir}", f"--to_hf={target}",
                              f"--n_experts={experts}", "--top_k=2", f"--verify={verify}"], ROOT, threads))
-        rows[-1]["output_gib"] = output_gib(target)
+        rows[-1]["output_gib"] = output_gib(target, delete)
     return rows
 
 
@@ -98,7 +97,7 @@ def mergekit_tool(venv):
     return tool
 
 
-def mergekit_rows(hf_dir, out, experts, threads, venv, label=""):
+def mergekit_rows(hf_dir, out, experts, threads, delete, venv, label=""):
     """mergekit-moe on `experts` copies of hf_dir (gate_mode random, bf16 out)."""
     tool = mergekit_tool(venv)
     config = os.path.join(out, "mergekit_moe.yml")
@@ -109,7 +108,7 @@ def mergekit_rows(hf_dir, out, experts, threads, venv, label=""):
     row = measure(f"mergekit-moe (bf16 out){label}", [tool, config, target, "--lazy-unpickle", "--quiet",
                                               "--i-understand-this-is-not-useful-without-training",
                                               f"--num-threads={threads}"], out, threads)
-    row["output_gib"] = output_gib(target)
+    row["output_gib"] = output_gib(target, delete)
     return [row]
 
 
@@ -128,8 +127,6 @@ def main(argv=None):
     p.add_argument("--delete_outputs", action="store_true", help="remove each streamed or mergekit output once "
                    "measured (the 1B shape's are 13 GiB each)")
     args = p.parse_args(argv)
-    global DELETE_OUTPUTS
-    DELETE_OUTPUTS = args.delete_outputs
     if os.path.exists(os.path.join(args.out, "convert_bench.json")):
         p.exit(2, f"error: {args.out} already holds results; choose another --out\n")
     if os.path.exists(args.out) and set(os.listdir(args.out)) - {"hf", "mergekit-venv"}:
@@ -139,7 +136,8 @@ def main(argv=None):
     rows = [] if os.path.exists(hf_dir) else [measure("make the random bf16 HF Llama", [sys.executable, "-m", "tests.hf_models", f"--out={hf_dir}",
                                                       f"--shape={args.shape}", "--tied", "--dtype=bfloat16"],
                     ROOT, args.threads)]
-    rows += streamed_rows(hf_dir, args.out, args.experts, args.threads)
+    run = (hf_dir, args.out, args.experts, args.threads, args.delete_outputs)
+    rows += streamed_rows(*run)
     if args.three_step:
         rows += pipeline(ROOT, "this tree, bf16", hf_dir, args.out, args.experts, args.threads, ["--dtype=bfloat16"])
         rows += pipeline(ROOT, "this tree, fp32", hf_dir, args.out, args.experts, args.threads, ["--dtype=float32"])
@@ -148,10 +146,10 @@ def main(argv=None):
                          args.threads, [])
     if args.mergekit:
         venv = args.mergekit_venv or os.path.join(args.out, "mergekit-venv")
-        rows += mergekit_rows(hf_dir, args.out, args.experts, args.threads, venv)
+        rows += mergekit_rows(*run, venv)
         for r in range(2, args.rounds + 1):   # more rounds, alternating, for the times
-            rows += streamed_rows(hf_dir, args.out, args.experts, args.threads, ("false",), f", round {r}")
-            rows += mergekit_rows(hf_dir, args.out, args.experts, args.threads, venv, f", round {r}")
+            rows += streamed_rows(*run, ("false",), f", round {r}")
+            rows += mergekit_rows(*run, venv, f", round {r}")
     with open(os.path.join(args.out, "convert_bench.json"), "w") as f:
         json.dump({"shape": args.shape, "experts": args.experts, "threads": args.threads, "rows": rows}, f, indent=2)
     print(f"\n{args.shape}, {args.experts}x2, {args.threads} threads\n"

@@ -516,6 +516,7 @@ class HFState(Mapping):
         self.shapes, self.names = GPT_state_shapes(cfg), hf_names(cfg)
         if cfg.tie_embeddings:
             self.names["lm_head.weight"] = self.names["tok_emb.weight"]
+        if cfg.tie_embeddings and "lm_head.weight" in tensors:   # (the embedding is read only to compare)
             check_tied(tensors, self["tok_emb.weight"], dtype)
         self.moe_ids, self.layer = set(cfg.moe_layer_ids()), (None, {})
 
@@ -954,6 +955,9 @@ def tokenizer_dir(ckpt, ckpt_dir):
     return find_tokenizer_dir(ckpt, ckpt_dir)
 
 
+_STATE_SHAPES = {}   # GPT_state_shapes' results, by config
+
+
 def GPT_state_shapes(cfg):
     """{key: shape} of GPT(cfg)'s state dict (built on the meta device: no memory; about a
     second for a 30-layer MoE, so remembered per config)."""
@@ -962,9 +966,6 @@ def GPT_state_shapes(cfg):
         with torch.device("meta"):
             _STATE_SHAPES[key] = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
     return dict(_STATE_SHAPES[key])
-
-
-_STATE_SHAPES = {}
 
 
 # ============================================================================ CLI

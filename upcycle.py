@@ -45,7 +45,7 @@ from checkpoint import (CheckpointError, ckpt_path, file_sha256, load_checkpoint
                         shared_dtype)
 from configurator import (METHODS, ROUTER_INITS, ArgumentParser, check_hidden_router_domains, float_problem,
                           ram_available)
-from convert import (MAX_SHARD_SIZE, ConvertError, GPT_state_shapes, HFState, check_new_output, export_target,
+from convert import (DTYPES, MAX_SHARD_SIZE, ConvertError, GPT_state_shapes, HFState, check_new_output, export_target,
                      hf_special_ids, open_hf, open_tensors, parse_size, safetensors_files, write_hf_dir)
 from data.dataset import TokenDataset, load_meta
 from data.tokenizer import HFTokenizer, find_tokenizer_dir, load_tokenizer
@@ -161,7 +161,7 @@ def upcycle_state_dict(dense_state, dense_args, options=None, experts=None, **kw
     inputs and seed give identical tensors. Raises ValueError (one line)."""
     settings = resolve_options(options, kw)
     dense_cfg = GPTConfig.from_dict(config_dict(dense_args))
-    cfg, G = target_config(dense_cfg, settings["model_args"], settings["granularity"], settings["expansion_rate"])
+    cfg, G, scaling = upcycle_target(dense_cfg, settings)
     check_state_shapes(dense_state, dense_cfg, "the dense state dict")
     if experts is not None and settings["drop_ratio"] > 0:
         raise ValueError("drop_ratio > 0 is built for all experts at once: upcycle offline "
@@ -178,20 +178,25 @@ def upcycle_state_dict(dense_state, dense_args, options=None, experts=None, **kw
         drop_upcycle_layers(state, moe_ids, settings["drop_ratio"], generator)
     if experts is None:
         check_state_shapes(state, cfg, "the upcycled state dict")   # guards against model.py drifting
-    scaling = resolve_weight_scaling(settings["weight_scaling"], cfg.router, G)
     return in_dtype_of(dense_state, state), cfg, upcycle_info(cfg, G, scaling, settings)
+
+
+def upcycle_target(dense_cfg, settings):
+    """(MoE GPTConfig, G, resolved weight scaling) that resolved options make of a dense
+    config (a GPTConfig or dict); ValueError (one line) for options that do not fit it."""
+    cfg, G = target_config(dense_cfg, settings["model_args"], settings["granularity"], settings["expansion_rate"])
+    return cfg, G, resolve_weight_scaling(settings["weight_scaling"], cfg.router, G)
 
 
 def upcycled_layers(dense_state, cfg, G, settings, generator):
     """(l, the tensors of MoE layer l) for every MoE layer in order, each built from the
     dense FFN of layer l when asked for (upcycle_ffn), so one layer's stacks exist at a
     time; the random stream is drawn in this order."""
-    scaling = resolve_weight_scaling(settings["weight_scaling"], cfg.router, G)
     for l in cfg.moe_layer_ids():
         p = f"blocks.{l}.ffn."
         w1, w3, w2 = (dense_state[p + m + ".weight"] for m in FFN_MATS)
-        yield l, upcycle_ffn(w1, w3, w2, cfg, G, scaling, settings["expert_noise"], settings["shared_fraction"],
-                             generator, settings["router_init_dist"])
+        yield l, upcycle_ffn(w1, w3, w2, cfg, G, settings["weight_scaling"], settings["expert_noise"],
+                             settings["shared_fraction"], generator, settings["router_init_dist"])
 
 
 class StreamedUpcycle(Mapping):
@@ -208,14 +213,12 @@ class StreamedUpcycle(Mapping):
         if settings["drop_ratio"] > 0:
             raise ValueError("--method=drop re-initialises after every layer is built: upcycle a project "
                              "checkpoint (convert.py --from_hf, then upcycle.py --ckpt) instead")
-        self.cfg, G = target_config(dense_cfg, settings["model_args"], settings["granularity"],
-                                    settings["expansion_rate"])
+        self.cfg, G, scaling = upcycle_target(dense_cfg, settings)
         self.dense, self.dtype = dense_state, dtype
         self.keys_ = list(GPT_state_shapes(self.cfg))
         generator = torch.Generator().manual_seed(int(settings["seed"]))
         self.layers = upcycled_layers(dense_state, self.cfg, G, settings, generator)
         self.moe_ids, self.layer, self.tensors = set(self.cfg.moe_layer_ids()), None, {}
-        scaling = resolve_weight_scaling(settings["weight_scaling"], self.cfg.router, G)
         self.info = upcycle_info(self.cfg, G, scaling, settings)
 
     def __getitem__(self, key):
@@ -823,8 +826,7 @@ def check_upcycle_options(options, dense_args=None):
     Raises ValueError (one line)."""
     settings = resolve_options(options, {})
     dense = dense_args or {**config_dict(settings["model_args"]), "moe_layers": "none", "expert_hidden": 0}
-    cfg, G = target_config(dense, settings["model_args"], settings["granularity"], settings["expansion_rate"])
-    resolve_weight_scaling(settings["weight_scaling"], cfg.router, G)
+    upcycle_target(dense, settings)
 
 
 def check_state_shapes(state, cfg, what):
@@ -916,7 +918,7 @@ def build_parser():
     a("--from_hf", help="instead of --ckpt: a dense HF directory (Llama, Mistral), upcycled in one streamed pass")
     a("--to_hf", help="with --from_hf: new directory for the MoE in HF format (Mixtral for top-k softmax "
                       "routers on every layer)")
-    a("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    a("--dtype", default="auto", choices=("auto", *DTYPES),
       help="with --from_hf: dtype read and written (default auto: the files')")
     a("--max_shard_size", default=MAX_SHARD_SIZE, help="with --to_hf: largest safetensors file, as convert.py")
     a("--method", default="copy", choices=("copy", "drop"),
