@@ -86,7 +86,7 @@ def build_model(cfg, model_args, dist):
 def warm_start(path, model_args, log):
     """The dense checkpoint at path with its own shape (its model keys win) and this
     run's runtime keys; the optimizer and schedule start fresh."""
-    src = load_checkpoint(path, map_location="cpu")
+    src = load_checkpoint(path, map_location="cpu", mmap=True)   # (its optimizer moments are not read)
     model = GPT(with_runtime_keys(src["model_args"], model_args))
     load_weights(model, src["model"], path)
     log(f"warm start from {path} (iter {src.get('iter_num', '?')}): fresh optimizer and schedule"

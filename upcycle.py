@@ -842,9 +842,10 @@ def check_state_shapes(state, cfg, what):
 
 
 def load_dense(path):
-    """A checkpoint dict with model_args; ValueError (one line) for a missing, corrupt or foreign file."""
+    """A checkpoint dict with model_args, memory-mapped (a training checkpoint's optimizer
+    moments are never read); ValueError (one line) for a missing, corrupt or foreign file."""
     try:
-        ckpt = load_checkpoint(path, map_location="cpu")
+        ckpt = load_checkpoint(path, map_location="cpu", mmap=True)
     except CheckpointError as e:
         raise ValueError(str(e)) from None
     if not isinstance(ckpt.get("model_args"), dict):
