@@ -160,7 +160,7 @@ def skewed_x(demand, E=4):
 
 
 def test_routing_stats_report_demand_before_capacity():
-    """Finding 4: the issue's example, demand [40, 14, 3, 3] with C = ceil(60/4 * 1.25) = 19."""
+    """The stats report demand and load apart: demand [40, 14, 3, 3] with C = ceil(60/4 * 1.25) = 19."""
     r = identity_router(4, 1, "sigmoid", capacity_factor=1.25)
     out = r(skewed_x([40, 14, 3, 3]))
     assert out.stats["tokens_per_expert"].tolist() == [19, 14, 3, 3]     # after dropping
@@ -182,7 +182,7 @@ def test_update_expert_bias_from_demand_has_the_right_sign():
 
 @pytest.mark.parametrize("router_type", ["topk_softmax", "sigmoid"])
 def test_adaptive_drop_rate_when_dropless_is_the_capacity_1_rate(router_type):
-    """Finding 3: dropless drops nothing, so Skywork's controller is fed the drop rate
+    """Dropless drops nothing, so Skywork's controller is fed the drop rate
     capacity factor 1 would give: C = 60/4 = 15, expert 0 overflows by 40 - 15 = 25."""
     r = identity_router(4, 1, router_type, capacity_factor=0.0)
     out = r(skewed_x([40, 14, 3, 3]))
