@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import re
 import socket
 import statistics
@@ -373,13 +374,16 @@ def time_decode_paths(paths, repeats, run):
     return outs, times
 
 
-def interleaved_rounds(paths, repeats, run):
-    """{path: [seconds]} of `repeats` rounds in which every path runs once. The order
-    rotates by one path per round, so that no path always runs first or always
-    follows the same other path (whose freed memory and cache state it inherits)."""
+def interleaved_rounds(paths, repeats, run, seed=0):
+    """{path: [seconds]} of `repeats` rounds in which every path runs once, in an order
+    shuffled anew each round (seeded). A path inherits the freed memory and the cache
+    state of the one before it; a fixed cyclic order (even rotated) would have each path
+    always follow the same other path, a bias that a shuffle spreads over all of them."""
     names, times = list(paths), {p: [] for p in paths}
-    for i in range(repeats):
-        for p in names[i % len(names):] + names[:i % len(names)]:
+    rng = random.Random(seed)
+    for _ in range(repeats):
+        rng.shuffle(names)
+        for p in names:
             times[p].append(run(paths[p]))
     return times
 
@@ -464,7 +468,7 @@ def bench_hf(args, device):
               f"transformers; batch {B} x T tokens, fp32; median of {args.repeats or 5} interleaved rounds; "
               f"ratio = transformers time / ours")
         print(f"{'model':<22} {'params':>8} {'T':>5} {'max|dlogit|':>12} {'fwd tok/s ours':>15} {'theirs':>10} "
-              f"{'ratio':>6} {'step ms ours':>13} {'theirs':>9} {'ratio':>6}")
+              f"{'ratio':>6} {'step ms ours':>13} {'theirs':>9} {'ratio':>6} {'fwd rounds':>11} {'step rounds':>11}")
         for name, ours, theirs in models:
             T = min(args.model_block, ours.config.block_size)
             x = torch.randint(0, ours.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(args.seed))
@@ -479,7 +483,16 @@ def bench_hf(args, device):
             print(f"{name:<22} {ours.num_params() / 1e6:>7.2f}M {T:>5} {diff:>12.1e} "
                   f"{B * T / med['fwd ours']:>15,.0f} {B * T / med['fwd theirs']:>10,.0f} "
                   f"{med['fwd theirs'] / med['fwd ours']:>6.2f} {med['step ours'] * 1e3:>13.1f} "
-                  f"{med['step theirs'] * 1e3:>9.1f} {med['step theirs'] / med['step ours']:>6.2f}", flush=True)
+                  f"{med['step theirs'] * 1e3:>9.1f} {med['step theirs'] / med['step ours']:>6.2f} "
+                  f"{round_ratios(times, 'fwd'):>11} {round_ratios(times, 'step'):>11}", flush=True)
+
+
+def round_ratios(times, what):
+    """'lo-hi': the smallest and largest ratio theirs / ours within one round. Both sides
+    of a round run within seconds of each other, so a slow spell of a shared machine moves
+    a round's two times together; the spread shows what a single round can say."""
+    ratios = [t / o for o, t in zip(times[f"{what} ours"], times[f"{what} theirs"])]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}"
 
 
 def hf_bench_paths(ours, theirs, x):

@@ -301,7 +301,9 @@ def test_bench_hf_shape_preset_smoke():
                                                                                       ["MixtralForCausalLM"])}
     assert set(rows) == {"LlamaForCausalLM", "MixtralForCausalLM"}, p.stdout
     for r in rows.values():   # name params T max|dlogit| fwd-ours fwd-theirs ratio step-ours step-theirs ratio
-        assert r[2] == "16" and float(r[3]) < 1e-4 and float(r[6]) > 0 and float(r[9]) > 0, r
+        assert r[2] == "16" and float(r[3]) < 1e-4 and float(r[6]) > 0 and float(r[9]) > 0, r   # + 2 ranges
+        (f_lo, f_hi), (s_lo, s_hi) = (map(float, c.split("-")) for c in r[10:12])
+        assert f_lo == f_hi == float(r[6]) and s_lo == s_hi == float(r[9]), r   # one round: range = ratio
 
 
 def test_kernels_imports_triton_lazily_and_kernels_triton_stands_alone():
