@@ -26,7 +26,8 @@ Routing is random uniform top-k (seeded), gates a softmax over the chosen k.
 
 Timing: each path is run `--warmup` times, then `--repeats` rounds in which every path
 runs once (interleaved, so a noisy neighbour hurts all paths alike; in --model, --decode
-and --hf the order rotates every round, so no path always goes first); the median is
+and --hf the order is shuffled every round, so no path always goes first or always
+follows the same other path); the median is
 reported (column n: rounds; a very slow path gets fewer, see --max_path_seconds).
 The Triton path on CPU only runs in the interpreter (seconds per launch): it is
 skipped there with a note.
