@@ -516,8 +516,8 @@ class HFState(Mapping):
         self.shapes, self.names = GPT_state_shapes(cfg), hf_names(cfg)
         if cfg.tie_embeddings:
             self.names["lm_head.weight"] = self.names["tok_emb.weight"]
-        if cfg.tie_embeddings and "lm_head.weight" in tensors:   # (the embedding is read only to compare)
-            check_tied(tensors, self["tok_emb.weight"], dtype)
+            if "lm_head.weight" in tensors:   # a stored lm_head: read the embedding to compare them
+                check_tied(tensors, self["tok_emb.weight"], dtype)
         self.moe_ids, self.layer = set(cfg.moe_layer_ids()), (None, {})
 
     def __getitem__(self, key):
