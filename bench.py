@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile as tprofile
 
-import kernels
+import experts
 from configurator import ArgumentParser, device_problem
 from model import GPT, GPTConfig
 
@@ -90,8 +90,8 @@ def make_impl(name, x, tok, ex, gates, w1, w3, w2):
     grouped_slices force the grouped path's GEMM backend)."""
     if name in ("grouped_mm", "grouped_slices", "grouped_padded"):
         gemm = name.split("_", 1)[1] if name != "grouped_mm" else "grouped_mm"
-        return lambda: kernels.moe_ffn_grouped(x, tok, ex, gates, w1, w3, w2, gemm=gemm)
-    return lambda: kernels.moe_ffn(x, tok, ex, gates, w1, w3, w2, impl=name)
+        return lambda: experts.moe_ffn_grouped(x, tok, ex, gates, w1, w3, w2, gemm=gemm)
+    return lambda: experts.moe_ffn(x, tok, ex, gates, w1, w3, w2, impl=name)
 
 
 def timer(device):
@@ -131,7 +131,7 @@ def bench_one(args, E, device, dtype, impls, notes):
     # dense SwiGLU of width k*h: the same active FLOPs
     dw1, dw3, dw2 = param(k * h, d), param(k * h, d), param(d, k * h)
 
-    cases = {"dense": (lambda: kernels.swiglu(x, dw1, dw3, dw2), (x, dw1, dw3, dw2))}
+    cases = {"dense": (lambda: experts.swiglu(x, dw1, dw3, dw2), (x, dw1, dw3, dw2))}
     for name in impls:
         cases[name] = (make_impl(name, x, tok, ex, gates, w1, w3, w2), (x, gates, w1, w3, w2))
 
@@ -221,7 +221,7 @@ def compile_report(arch, dtype="bf16", first_only=False, shape=(16384, 1024, 281
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    import kernels_triton
+    import experts_triton
     prec = "ieee" if dtype == "fp32" else "tf32"
     target = GPUTarget("cuda", arch, 32)
     idx = dict(tok_ptr="i64", perm_ptr="i64", blk_expert_ptr="i64", blk_start_ptr="i64", ends_ptr="i64",
@@ -230,7 +230,7 @@ def compile_report(arch, dtype="bf16", first_only=False, shape=(16384, 1024, 281
     sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     n = 0
     for name, ptrs, ints, consts in variants:
-        tuner = getattr(kernels_triton, name)
+        tuner = getattr(experts_triton, name)
         fn = tuner.fn
         cfgs = tuner.configs[:1] if first_only else tuner.configs
         for cfg in cfgs:
@@ -603,7 +603,7 @@ def bench_expert_parallel(args):
               f"{formula / 1e6:>11.2f} {share * 100:>9.1f}%", flush=True)
 
 
-EXPERT_IMPLS = ("auto", *kernels.IMPLS)                                    # what moe_ffn(impl=...) takes
+EXPERT_IMPLS = ("auto", *experts.IMPLS)                                    # what moe_ffn(impl=...) takes
 BENCH_IMPLS = (*EXPERT_IMPLS, "grouped_mm", "grouped_padded", "grouped_slices")  # + bench-only aliases
 
 
@@ -738,16 +738,16 @@ def bench_kernels(args, device):
     for name in [s.strip() for s in args.impls.split(",") if s.strip()]:
         if name == "triton" and not gpu:
             notes.append("triton skipped: on CPU it runs only in the Triton interpreter (seconds per launch); "
-                         "its correctness is tested (tests/test_kernels.py), its speed needs a GPU")
+                         "its correctness is tested (tests/test_experts.py), its speed needs a GPU")
             continue
-        if name == "triton" and not kernels.triton_status()[0]:
-            notes.append(f"triton skipped: {kernels.triton_status()[1]}")
+        if name == "triton" and not experts.triton_status()[0]:
+            notes.append(f"triton skipped: {experts.triton_status()[1]}")
             continue
         impls.append(name)
 
     T, d, h, k = args.tokens, args.d, args.d_ff_expert, args.k
     flops = 18 * T * k * d * h                     # forward + backward matmul FLOPs (MoE = dense)
-    name, why = kernels.auto_impl(device, dtype)
+    name, why = experts.auto_impl(device, dtype)
     print(f"machine: {machine(device)}")
     print(f"shape: T={T} d={d} d_ff_expert={h} k={k} dtype={args.dtype}; dense FFN width k*d_ff_expert={k * h}; "
           f"{flops / 1e9:.1f} GFLOP per forward+backward; median of n rounds")

@@ -248,7 +248,7 @@ AT_LEAST = {"batch_size": 1, "eval_iters": 1, "eval_interval": 1, "log_interval"
 
 def check_run_config(cfg, defaults):
     """The training settings that GPTConfig.validate does not see (one-line ConfigError)."""
-    from kernels import triton_status   # here, not at the top: kernels imports torch
+    from experts import triton_status   # here, not at the top: experts imports torch
     for key, low in AT_LEAST.items():
         if cfg[key] < low:
             raise ConfigError(f"{key}={cfg[key]} must be >= {low}")

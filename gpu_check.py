@@ -11,7 +11,7 @@ CUDA fault, a hang or a slow section costs only itself: what it measured before 
 kept (it saves its rows after every case), its error or timeout is recorded, and the
 next section runs.
   tests      pytest on the GPU tests (GPU_TESTS)
-  kernels    the expert paths of kernels.moe_ffn (loop, grouped, triton) against the
+  kernels    the expert paths of experts.moe_ffn (loop, grouped, triton) against the
              FLOP-matched dense SwiGLU (width top_k * expert width, the same matmul
              FLOPs: 18 * T * k * d * h forward + backward) at E = 8, 16, 32, 64 in bf16:
              forward + backward ms (median of interleaved rounds), ratio to dense, TFLOP/s
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import kernels
+import experts
 import train
 from configurator import ArgumentParser, run_cli
 from model import GPT, GPTConfig
@@ -52,7 +52,7 @@ from upcycle import upcycle_state_dict
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SECTIONS = ("tests", "kernels", "agreement", "mfu", "decode")
 BUDGET_S = {"tests": 90, "kernels": 100, "agreement": 30, "mfu": 180, "decode": 45}   # 445 s in all
-GPU_TESTS = {"gpu": ["tests/test_kernels_gpu.py", "tests/test_kernels.py"], "dry": ["tests/test_kernels_gpu.py"]}
+GPU_TESTS = {"gpu": ["tests/test_experts_gpu.py", "tests/test_experts.py"], "dry": ["tests/test_experts_gpu.py"]}
 MODEL = {   # the dense model of the mfu and decode sections (SmolLM-135M-like width, 8 layers)
     "gpu": dict(vocab_size=32768, block_size=1024, n_layer=8, n_head=16, n_embd=1024),
     "dry": dict(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32),
@@ -116,12 +116,12 @@ def routed_case(T, d, h, E, k, device, seed):
 
 
 def expert_grads(impl, case, dtype):
-    """[y, dx, dgates, dw1, dw3, dw2] (fp32) of kernels.moe_ffn(impl) in `dtype` for
+    """[y, dx, dgates, dw1, dw3, dw2] (fp32) of experts.moe_ffn(impl) in `dtype` for
     the output gradient gy."""
     x, token_idx, expert_idx, gates, w1, w3, w2, gy = case
     leaves = [t.to(dtype).requires_grad_() for t in (x, w1, w3, w2)]
     g = gates.clone().requires_grad_()
-    y = kernels.moe_ffn(leaves[0], token_idx, expert_idx, g, *leaves[1:], impl=impl)
+    y = experts.moe_ffn(leaves[0], token_idx, expert_idx, g, *leaves[1:], impl=impl)
     grads = torch.autograd.grad(y, [leaves[0], g] + leaves[1:], gy.to(y.dtype))
     return [t.float() for t in (y.detach(),) + grads]
 
@@ -168,7 +168,7 @@ def section_kernels(size, dry_run, deadline, save):
             F.linear(F.silu(F.linear(x, dense[0])) * F.linear(x, dense[1]), dense[2]), [x] + dense, gy)}
         for impl in EXPERT_PATHS:
             call = (lambda impl=impl: torch.autograd.grad(
-                kernels.moe_ffn(x, token_idx, expert_idx, gates, w1, w3, w2, impl=impl), leaves, gy))
+                experts.moe_ffn(x, token_idx, expert_idx, gates, w1, w3, w2, impl=impl), leaves, gy))
             try:
                 call()
                 calls[impl] = call

@@ -34,10 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import IMPLS, MergedExperts, merge_experts, merged_ffn, merged_swiglu, moe_ffn, swiglu
+from experts import IMPLS, MergedExperts, merge_experts, merged_ffn, merged_swiglu, moe_ffn, swiglu
 from router import DROP_POLICIES, ROUTERS, Router, SegmentRouter, expert_choice_k
 
-EXPERT_IMPLS = ("auto", *IMPLS)   # kernels.moe_ffn paths
+EXPERT_IMPLS = ("auto", *IMPLS)   # experts.moe_ffn paths
 
 
 @dataclass
@@ -72,7 +72,7 @@ class GPTConfig:
     gate_norm_lambda: float = None  # Skywork gating logit normalisation; None = off
     router_noise: bool = False    # noisy top-k (Shazeer et al. 2017)
     router_init_std: float = 0.02 # 0 -> zeros
-    expert_impl: str = "auto"     # kernels.moe_ffn impl
+    expert_impl: str = "auto"     # experts.moe_ffn impl
     segment_len: int = 32         # Lory: tokens per routing segment
     lory_first_segment: str = "self"  # "self" (Lory) | "uniform" (fully causal)
 

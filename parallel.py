@@ -2,7 +2,7 @@
 Expert parallelism (EP) on torch.distributed: the experts of every MoE layer are
 split across ranks and tokens travel to the rank that holds their expert.
 
-Why a file of its own: kernels.py computes experts that sit on one device, and
+Why a file of its own: experts.py computes experts that sit on one device, and
 train.py runs a training loop. What is new here is everything about *several*
 devices: the process groups, the two all-to-alls and their backward, which
 gradients are averaged over which ranks, and how a checkpoint stays independent
@@ -31,7 +31,7 @@ The dispatch of one MoE layer on one rank (expert_parallel_ffn):
     3 counts    all_to_all_single of the per-expert counts (E,): each rank learns
                 how many rows it will receive from every source, per local expert
     4 tokens    all_to_all_single of the token rows, uneven splits
-    5 experts   the local experts run on the received rows (kernels.moe_ffn,
+    5 experts   the local experts run on the received rows (experts.moe_ffn,
                 ungated: gate weights stay on the token's own rank)
     6 return    all_to_all_single back, the reverse splits
     7 combine   y[t] = sum_a gate_a * out_a, scattered back to the token rows
@@ -71,7 +71,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import CheckpointError, ckpt_path, file_sha256, load_checkpoint, load_weights
 from configurator import ConfigError
-from kernels import moe_ffn
+from experts import moe_ffn
 from model import GPT, rope_tables
 from router import Routing
 from upcycle import target_config, upcycle_from_checkpoint, upcycle_state_dict
@@ -104,7 +104,7 @@ class EPGroups:
         return self.ep_rank * per, (self.ep_rank + 1) * per
 
     def moe_ffn(self, x, token_idx, expert_idx, gates, w1, w3, w2, impl="auto"):
-        """MoEFFN calls this instead of kernels.moe_ffn when its experts are sharded."""
+        """MoEFFN calls this instead of experts.moe_ffn when its experts are sharded."""
         return expert_parallel_ffn(x, token_idx, expert_idx, gates, w1, w3, w2, self, impl)
 
 
@@ -496,7 +496,7 @@ def expert_parallel_ffn(x, token_idx, expert_idx, gates, w1, w3, w2, ep, impl="a
 
     x: (T, d) this rank's tokens; token_idx, expert_idx, gates: (A,) its kept
     assignments (global expert ids); w1, w3: (E_loc, h, d), w2: (E_loc, d, h) the
-    local experts. Returns y (T, d), the same as kernels.moe_ffn on the full stacks."""
+    local experts. Returns y (T, d), the same as experts.moe_ffn on the full stacks."""
     N, E_loc = ep.ep_size, w1.shape[0]
     E = N * E_loc
     # 2 sort by global expert = by destination rank (stable: token order inside an expert)

@@ -7,7 +7,7 @@ A router looks at hidden states and returns a `Routing`: a flat list of
 auxiliary losses, and detached statistics. It writes nothing to globals and
 keeps no counters; the only state is the DeepSeek-V3 selection bias, which
 train.py updates explicitly after each optimizer step. The expert computation
-itself lives in kernels.py.
+itself lives in experts.py.
 
 Router types (see docs/METHODS.md sections 2, 3, 5, 6):
     topk_softmax   Mixtral: g = softmax(z[topk])  (= softmax -> topk -> renormalise,

@@ -35,7 +35,7 @@ from data.similarity import ensure_similarity_order
 from diagnostics import LogWindow, domain_usage, eval_record, source_ffns
 from init_from import (build_model, carry_tokenizer, check_memory, check_model_fits_data, check_new_run,
                        model_args_from, upcycle_dense_warmup, upcycle_source_shape)
-from kernels import auto_impl
+from experts import auto_impl
 from metrics import METRICS_FILE, MetricsWriter, trim_for_resume
 from router import AdaptiveAuxCoef, Routing
 from outdir import LockError, OutDirLock

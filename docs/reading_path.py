@@ -58,8 +58,8 @@ ROUTER = [
     ("router.py:Router.losses_and_stats", "the losses it returns"),
 ]
 EXPERTS = [
-    ("kernels.py:moe_ffn_loop", "the reference: each expert on its tokens"),
-    ("kernels.py:moe_ffn", "dispatch to the loop or a faster path"),
+    ("experts.py:moe_ffn_loop", "the reference: each expert on its tokens"),
+    ("experts.py:moe_ffn", "dispatch to the loop or a faster path"),
 ]
 
 # question -> (budget in lines, [(piece, why a reader needs it)])
@@ -71,7 +71,7 @@ PATHS = {
         ("router.py:capacity_keep_mask", "which assignments survive capacity"),
         ("router.py:Router.__init__", "the router's settings"),
         *ROUTER,
-        ("kernels.py:doc", "what the expert functions compute"),
+        ("experts.py:doc", "what the expert functions compute"),
         *EXPERTS,
     ]),
     "(b) how a dense checkpoint becomes an MoE by copying (the CLI)": (300, [

@@ -2,7 +2,7 @@
 
 Triton's CPU interpreter: without a CUDA GPU the Triton expert kernels can still be
 checked for correctness by running them in the interpreter. TRITON_INTERPRET must be
-set before kernels_triton is first imported (it is read when the kernels are
+set before experts_triton is first imported (it is read when the kernels are
 defined), so it is set here, before any test module is imported. With a GPU nothing
 is set and the same tests run the compiled kernels.
 """

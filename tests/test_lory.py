@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import merged_ffn, swiglu
+from experts import merged_ffn, swiglu
 from model import GPT, GPTConfig, LoryFFN
 from router import SegmentRouter
 

@@ -17,12 +17,12 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels import auto_impl, moe_ffn
+import experts
+from experts import auto_impl, moe_ffn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TRITON_OK, TRITON_WHY = kernels.triton_status()
+TRITON_OK, TRITON_WHY = experts.triton_status()
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,9 +39,9 @@ def one_thread():
 # path id -> callable(x, tok, ex, gates, w1, w3, w2)
 PATHS = {
     "grouped": lambda *a: moe_ffn(*a, impl="grouped"),
-    "grouped_slices": lambda *a: kernels.moe_ffn_grouped(*a, gemm="slices"),
-    "grouped_padded": lambda *a: kernels.moe_ffn_grouped(*a, gemm="padded"),
-    "grouped_mm": lambda *a: kernels.moe_ffn_grouped(*a, gemm="grouped_mm"),
+    "grouped_slices": lambda *a: experts.moe_ffn_grouped(*a, gemm="slices"),
+    "grouped_padded": lambda *a: experts.moe_ffn_grouped(*a, gemm="padded"),
+    "grouped_mm": lambda *a: experts.moe_ffn_grouped(*a, gemm="grouped_mm"),
     "triton": lambda *a: moe_ffn(*a, impl="triton"),
 }
 
@@ -53,15 +53,15 @@ def skip_reason(path, d, h):
         if not hasattr(torch.nn.functional, "grouped_mm"):
             return "torch has no F.grouped_mm"
         if DEVICE.type == "cuda":
-            return "CUDA grouped_mm is bf16-only: covered by test_kernels_gpu.py"
+            return "CUDA grouped_mm is bf16-only: covered by test_experts_gpu.py"
         if d % 4 or h % 4:
             return "grouped_mm needs 16-byte row strides (fp32: sizes multiple of 4)"
     return None
 
 
-def topk_routing(T, E, k, gen, experts=None):
-    """Token-choice top-k over `experts` (default all E): token-major (A=T*k) lists."""
-    pool = torch.arange(E) if experts is None else torch.tensor(experts)
+def topk_routing(T, E, k, gen, allowed=None):
+    """Token-choice top-k over the `allowed` experts (default all E): token-major (A=T*k) lists."""
+    pool = torch.arange(E) if allowed is None else torch.tensor(allowed)
     pick = torch.rand(T, len(pool), generator=gen).topk(k, dim=-1).indices        # (T, k)
     tok = torch.arange(T).repeat_interleave(k)
     return tok, pool[pick.reshape(-1)]
@@ -74,7 +74,7 @@ def make_case(kind, T, d, h, E, k, seed=0):
     if kind == "topk":
         tok, ex = topk_routing(T, E, k, g)
     elif kind == "empty_experts":                 # experts 1, 3, 4 get nothing
-        tok, ex = topk_routing(T, E, k, g, experts=[0, 2, 5])
+        tok, ex = topk_routing(T, E, k, g, allowed=[0, 2, 5])
     elif kind == "one_expert":                    # everything on expert E-1
         tok, ex = torch.arange(T), torch.full((T,), E - 1)
     elif kind == "dropped":                       # capacity dropping: a subset of the T*k list
@@ -133,7 +133,7 @@ def test_path_matches_loop(path, case):
     if reason:
         pytest.skip(reason)
     inputs = make_case(kind, T, d, h, E, k)
-    ref = run(kernels.moe_ffn_loop, *inputs)
+    ref = run(experts.moe_ffn_loop, *inputs)
     out = run(PATHS[path], *inputs)
     for name, o, r in zip(NAMES, out, ref):
         assert o.dtype == r.dtype and o.shape == r.shape, name
@@ -148,7 +148,7 @@ def test_partial_gradients(path):
         pytest.skip(skip_reason(path, 24, 40))
     inputs = make_case("topk", 21, 24, 40, 4, 2, seed=1)
     for grads in [(0,), (3,), (4, 6)]:
-        ref = run(kernels.moe_ffn_loop, *inputs, grads=grads)
+        ref = run(experts.moe_ffn_loop, *inputs, grads=grads)
         out = run(PATHS[path], *inputs, grads=grads)
         for o, r in zip(out, ref):
             torch.testing.assert_close(o, r, **TOL)
@@ -172,7 +172,7 @@ def test_grouped_under_autocast():
     dev = DEVICE.type
     x, tok, ex, gates, w1, w3, w2, gy = make_case("topk", 40, 32, 48, 4, 2)
     with torch.autocast(dev, dtype=torch.bfloat16):
-        ref = run(kernels.moe_ffn_loop, x, tok, ex, gates, w1, w3, w2, gy)
+        ref = run(experts.moe_ffn_loop, x, tok, ex, gates, w1, w3, w2, gy)
         out = run(PATHS["grouped"], x, tok, ex, gates, w1, w3, w2, gy)
     assert out[0].dtype == x.dtype
     for name, o, r in zip(NAMES, out, ref):
@@ -184,16 +184,16 @@ def test_grouped_under_autocast():
 def test_auto_and_forced_path(monkeypatch):
     """auto_impl names an available path and says why; MOE_KERNEL_IMPL forces the
     path "auto" takes (how tests push a whole model through one path)."""
-    monkeypatch.delenv(kernels.IMPL_ENV, raising=False)
+    monkeypatch.delenv(experts.IMPL_ENV, raising=False)
     name, why = auto_impl(DEVICE, torch.float32)
-    assert name in kernels.IMPLS and why
+    assert name in experts.IMPLS and why
     cpu_name, cpu_why = auto_impl("cpu", torch.float32)
     assert cpu_name == "grouped" and "cpu" in cpu_why
     inputs = make_case("topk", 17, 24, 40, 4, 2)
     calls = []
-    monkeypatch.setitem(kernels.IMPLS, "loop", lambda *a: calls.append("loop") or kernels.moe_ffn_loop(*a))
-    monkeypatch.setenv(kernels.IMPL_ENV, "loop")
-    assert auto_impl("cpu", torch.float32) == ("loop", f"forced by {kernels.IMPL_ENV}=loop")
+    monkeypatch.setitem(experts.IMPLS, "loop", lambda *a: calls.append("loop") or experts.moe_ffn_loop(*a))
+    monkeypatch.setenv(experts.IMPL_ENV, "loop")
+    assert auto_impl("cpu", torch.float32) == ("loop", f"forced by {experts.IMPL_ENV}=loop")
     moe_ffn(*inputs[:7])
     assert calls == ["loop"]
     with pytest.raises(ValueError, match="unknown expert kernel impl"):
@@ -214,7 +214,7 @@ def test_model_forced_through_each_path(monkeypatch):
         for path in ["loop", "grouped", "triton"]:
             if skip_reason(path, 32, cfg.expert_hidden):
                 continue
-            monkeypatch.setenv(kernels.IMPL_ENV, path)
+            monkeypatch.setenv(experts.IMPL_ENV, path)
             model.zero_grad(set_to_none=True)
             _, loss, _ = model(idx, idx)
             loss.backward()
@@ -225,23 +225,23 @@ def test_model_forced_through_each_path(monkeypatch):
 
 
 def test_import_never_imports_triton():
-    """`import kernels` (and the model) must work where triton is absent, and must not
+    """`import experts` (and the model) must work where triton is absent, and must not
     import it; with triton blocked, "auto" falls back and "triton" says why."""
     code = (
         "import sys\n"
-        "import kernels, model\n"
-        "assert 'triton' not in sys.modules, 'import kernels imported triton'\n"
+        "import experts, model\n"
+        "assert 'triton' not in sys.modules, 'import experts imported triton'\n"
         "sys.modules['triton'] = None\n"          # triton is now unimportable
         "import torch\n"
-        "ok, why = kernels.triton_status()\n"
+        "ok, why = experts.triton_status()\n"
         "assert not ok and 'not importable' in why, why\n"
-        "print(kernels.auto_impl('cpu', torch.float32))\n"
+        "print(experts.auto_impl('cpu', torch.float32))\n"
         "x = torch.randn(5, 8); w = torch.randn(2, 12, 8); w2 = torch.randn(2, 8, 12)\n"
         "tok = torch.arange(5); ex = torch.tensor([0, 1, 1, 0, 1]); g = torch.rand(5)\n"
-        "y = kernels.moe_ffn(x, tok, ex, g, w, w, w2, impl='auto')\n"
-        "torch.testing.assert_close(y, kernels.moe_ffn_loop(x, tok, ex, g, w, w, w2))\n"
+        "y = experts.moe_ffn(x, tok, ex, g, w, w, w2, impl='auto')\n"
+        "torch.testing.assert_close(y, experts.moe_ffn_loop(x, tok, ex, g, w, w, w2))\n"
         "try:\n"
-        "    kernels.moe_ffn(x, tok, ex, g, w, w, w2, impl='triton')\n"
+        "    experts.moe_ffn(x, tok, ex, g, w, w, w2, impl='triton')\n"
         "except RuntimeError as e:\n"
         "    assert 'triton' in str(e)\n"
         "else:\n"
@@ -306,14 +306,14 @@ def test_bench_hf_shape_preset_smoke():
         assert f_lo == f_hi == float(r[6]) and s_lo == s_hi == float(r[9]), r   # one round: range = ratio
 
 
-def test_kernels_imports_triton_lazily_and_kernels_triton_stands_alone():
-    """`import kernels` imports no triton (the fused path loads on first use), and
-    kernels_triton works from sorted inputs without importing kernels."""
-    code = ("import sys, kernels\n"
-            "assert 'triton' not in sys.modules and 'kernels_triton' not in sys.modules\n"
-            "del sys.modules['kernels']\n"
-            "import kernels_triton\n"
-            "assert 'kernels' not in sys.modules\n")
+def test_experts_imports_triton_lazily_and_experts_triton_stands_alone():
+    """`import experts` imports no triton (the fused path loads on first use), and
+    experts_triton works from sorted inputs without importing experts."""
+    code = ("import sys, experts\n"
+            "assert 'triton' not in sys.modules and 'experts_triton' not in sys.modules\n"
+            "del sys.modules['experts']\n"
+            "import experts_triton\n"
+            "assert 'experts' not in sys.modules\n")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, PYTHONPATH=ROOT))
     assert p.returncode == 0, p.stderr[-2000:]
@@ -329,10 +329,10 @@ def test_padding_rows_contribute_nothing_even_on_overflow():
     w1 = torch.full((E, h, d), 0.1, dtype=torch.float16)
     w1[1] = 30.0
     w3, w2 = w1.clone(), torch.full((E, d, h), 0.1, dtype=torch.float16)
-    assert not torch.isfinite(kernels.swiglu(x[0], w1[1], w3[1], w2[1])).all()
+    assert not torch.isfinite(experts.swiglu(x[0], w1[1], w3[1], w2[1])).all()
     tok, ex, g = torch.arange(4), torch.tensor([0, 0, 0, 1]), torch.ones(4)
     outs = []
-    for f in (kernels.moe_ffn_loop, lambda *a: kernels.moe_ffn_grouped(*a, gemm="padded")):
+    for f in (experts.moe_ffn_loop, lambda *a: experts.moe_ffn_grouped(*a, gemm="padded")):
         xx, ww = x.clone().requires_grad_(), [t.clone().requires_grad_() for t in (w1, w3, w2)]
         y = f(xx, tok, ex, g, *ww)
         y.float().sum().backward()

@@ -18,7 +18,7 @@ Every path has this signature and goes through autograd. The file reads in this 
   "loop"     the readable reference: one gather + SwiGLU + scatter-add per expert.
   "grouped"  sort by expert once, gather, grouped GEMMs (ExpertRows), scatter-add;
              a custom autograd.Function with a hand-written backward.
-  "triton"   fused kernels (kernels_triton.py, imported on first use only).
+  "triton"   fused kernels (experts_triton.py, imported on first use only).
   "auto"     auto_impl(device, dtype) picks; MOE_KERNEL_IMPL=loop|grouped|triton
              overrides it (tests force a path through a whole model with it).
 Then the dispatch (moe_ffn) and Lory's expert merge (merge_experts, merged_ffn).
@@ -242,7 +242,7 @@ def moe_ffn_grouped(x, token_idx, expert_idx, gates, w1, w3, w2, gemm="auto", ou
 
 
 # =============================================================================
-# "triton": the fused kernels of kernels_triton.py
+# "triton": the fused kernels of experts_triton.py
 
 def triton_status():
     """(usable, reason): can the Triton path run here? Never raises."""
@@ -258,14 +258,14 @@ def triton_status():
 
 
 def moe_ffn_triton(x, token_idx, expert_idx, gates, w1, w3, w2, out_dtype=None):
-    """Fused Triton path (kernels_triton.py). Raises RuntimeError if triton cannot
+    """Fused Triton path (experts_triton.py). Raises RuntimeError if triton cannot
     run here (use impl="auto" for a clean fallback)."""
     ok, why = triton_status()
     if not ok:
         raise RuntimeError(f"impl='triton' is unavailable: {why}")
-    import kernels_triton   # the one lazy import: `import kernels` never imports triton
+    import experts_triton   # the one lazy import: `import experts` never imports triton
     perm, tok_s, counts, ends = sort_by_expert(token_idx, expert_idx, w1.shape[0])
-    return kernels_triton.fused_moe(x, gates, w1, w3, w2, perm, tok_s, counts, ends, out_dtype or x.dtype)
+    return experts_triton.fused_moe(x, gates, w1, w3, w2, perm, tok_s, counts, ends, out_dtype or x.dtype)
 
 
 # =============================================================================

@@ -15,7 +15,7 @@ unmasked tail) gives errors of order 1, far above both bounds.
 import pytest
 import torch
 
-import kernels
+import experts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -54,10 +54,10 @@ def rel(a, b):
 
 
 PATHS = {
-    "grouped": lambda *a: kernels.moe_ffn(*a, impl="grouped"),          # grouped_mm on sm90+
-    "grouped_padded": lambda *a: kernels.moe_ffn_grouped(*a, gemm="padded"),
-    "grouped_slices": lambda *a: kernels.moe_ffn_grouped(*a, gemm="slices"),
-    "triton": lambda *a: kernels.moe_ffn(*a, impl="triton"),
+    "grouped": lambda *a: experts.moe_ffn(*a, impl="grouped"),          # grouped_mm on sm90+
+    "grouped_padded": lambda *a: experts.moe_ffn_grouped(*a, gemm="padded"),
+    "grouped_slices": lambda *a: experts.moe_ffn_grouped(*a, gemm="slices"),
+    "triton": lambda *a: experts.moe_ffn(*a, impl="triton"),
 }
 
 
@@ -66,11 +66,11 @@ PATHS = {
                                    (1000, 256, 512, 8, 2, 0.3)], ids=["E8k2", "E64k4", "dropped"])
 def test_bf16_against_fp32_reference(path, shape):
     T, d, h, E, k, drop = shape
-    if path == "triton" and not kernels.triton_status()[0]:
-        pytest.skip(kernels.triton_status()[1])
+    if path == "triton" and not experts.triton_status()[0]:
+        pytest.skip(experts.triton_status()[1])
     inputs = make_case(T, d, h, E, k, drop)
-    ref = run(kernels.moe_ffn_loop, *inputs, torch.float32)
-    loop_bf16 = run(kernels.moe_ffn_loop, *inputs, torch.bfloat16)
+    ref = run(experts.moe_ffn_loop, *inputs, torch.float32)
+    loop_bf16 = run(experts.moe_ffn_loop, *inputs, torch.bfloat16)
     out = run(PATHS[path], *inputs, torch.bfloat16)
     for name, o, r, lb in zip(NAMES, out, ref, loop_bf16):
         err, base = rel(o, r), rel(lb, r)
@@ -80,10 +80,10 @@ def test_bf16_against_fp32_reference(path, shape):
 
 def test_triton_fp16_and_autocast():
     """fp16 inputs, and bf16 autocast over fp32 master weights (what train.py does)."""
-    if not kernels.triton_status()[0]:
-        pytest.skip(kernels.triton_status()[1])
+    if not experts.triton_status()[0]:
+        pytest.skip(experts.triton_status()[1])
     inputs = make_case(500, 128, 256, 8, 2)
-    ref = run(kernels.moe_ffn_loop, *inputs, torch.float32)
+    ref = run(experts.moe_ffn_loop, *inputs, torch.float32)
     out = run(PATHS["triton"], *inputs, torch.float16)
     for name, o, r in zip(NAMES, out, ref):
         assert rel(o, r) < REL_TOL, name
@@ -96,5 +96,5 @@ def test_triton_fp16_and_autocast():
 
 
 def test_auto_on_gpu():
-    name, why = kernels.auto_impl(torch.device("cuda"), torch.bfloat16)
+    name, why = experts.auto_impl(torch.device("cuda"), torch.bfloat16)
     assert name in ("grouped", "triton") and why

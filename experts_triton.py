@@ -1,9 +1,9 @@
 """
 The fused Triton path of the expert computation, in the style of ScatterMoE (Tan et
-al. 2024, arXiv 2403.08245) and vLLM's fused_moe. kernels.py imports this module
-lazily, on first use of impl="triton", so that `import kernels` never imports triton.
+al. 2024, arXiv 2403.08245) and vLLM's fused_moe. experts.py imports this module
+lazily, on first use of impl="triton", so that `import experts` never imports triton.
 
-It receives the assignments already sorted by expert (kernels.sort_by_expert): perm
+It receives the assignments already sorted by expert (experts.sort_by_expert): perm
 (A,) the assignment index of each sorted position, tok_s (A,) its token row, counts
 (E,) and ends (E,) = cumsum(counts). Each program of the "row" kernels owns a block of
 BLOCK_M consecutive sorted assignments of ONE expert (blocks are padded per expert: an
