@@ -94,7 +94,7 @@ FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
 MAX_DIM = 2**31 - 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}   # header name -> dtype
-MAX_SHARD_SIZE = "50GB"   # transformers 5.24's save_pretrained default
+MAX_SHARD_SIZE = "50GB"   # save_pretrained's default in transformers 5 (a test compares it with the installed one)
 
 
 class ConvertError(Exception):
