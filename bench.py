@@ -11,6 +11,8 @@ Benchmark the expert kernels against the FLOP-matched dense SwiGLU FFN.
     python bench.py --hf --hf_shape=smollm-135m --threads=1   # at SmolLM-135M's width (8 layers),
                                           # batch 1 x 512; smollm-135m-full: all 30 layers
     python bench.py --hf=HF_DIR           # the same for a local HF Llama / Mixtral directory
+    python bench.py --hf --hf_control     # + transformers against a second copy of itself (A/A):
+                                          # the ratios that identical code gets on this machine
     python bench.py --compile-only=90     # no GPU needed: compile the Triton kernels for
                                           # sm_90, report registers / spills / pipelining
     python bench.py --expert_parallel     # EP=1/2/4 in spawned gloo processes: step time and
@@ -430,10 +432,11 @@ HF_SHAPES = {
 }
 
 
-def hf_bench_models(hf_dir, tmp, shape="toy"):
-    """[(name, project GPT, transformers model)] on the same weights: the HF model in
-    hf_dir (a random Llama of HF_SHAPES[shape] when None) and, for a dense one, its
-    upcycled 8x2 MoE exported to Mixtral. Both sides are loaded from the files convert.py wrote."""
+def hf_bench_models(hf_dir, tmp, shape="toy", control=False):
+    """[(name, project GPT, transformers model, control)] on the same weights: the HF model
+    in hf_dir (a random Llama of HF_SHAPES[shape] when None) and, for a dense one, its
+    upcycled 8x2 MoE exported to Mixtral. Both sides are loaded from the files convert.py
+    wrote. control: a second transformers model loaded from the same files (else None)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
     import convert
     from checkpoint import load_model
@@ -453,77 +456,110 @@ def hf_bench_models(hf_dir, tmp, shape="toy"):
     for ckpt, hf in pairs:
         ours = load_model(ckpt)[0]
         theirs = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
-        out.append((type(theirs).__name__, ours, theirs))
+        second = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32) if control else None
+        out.append((type(theirs).__name__, ours, theirs, second))
     return out
 
 
 def bench_hf(args, device):
     """Forward tokens/s (no grad) and training steps (forward, backward, AdamW) of this
     project's model and transformers' on the same weights, interleaved rounds, median.
-    Ratios are transformers' time / ours: > 1 means this project is faster."""
+    Ratios are transformers' time / ours: > 1 means this project is faster. With
+    --hf_control a second copy of the transformers model runs in the same rounds, and its
+    row (name(A/A)) gives the ratios of identical code: the benchmark's own noise."""
     B = args.model_batch
     with tempfile.TemporaryDirectory() as tmp:
-        models = hf_bench_models(None if args.hf == "random" else args.hf, tmp, args.hf_shape)
+        models = hf_bench_models(None if args.hf == "random" else args.hf, tmp, args.hf_shape, args.hf_control)
         print(f"machine: {machine(device)}")
         print(f"shape: {args.hf if args.hf != 'random' else args.hf_shape}; same weights in this project and in "
               f"transformers; batch {B} x T tokens, fp32; median of {args.repeats or 5} interleaved rounds; "
-              f"ratio = transformers time / ours")
-        print(f"{'model':<22} {'params':>8} {'T':>5} {'max|dlogit|':>12} {'fwd tok/s ours':>15} {'theirs':>10} "
-              f"{'ratio':>6} {'step ms ours':>13} {'theirs':>9} {'ratio':>6} {'fwd rounds':>11} {'step rounds':>11}")
-        for name, ours, theirs in models:
+              f"ratio = transformers time / ours; 95%: bootstrap interval of the ratio over the rounds")
+        print(f"{'model':<24} {'params':>8} {'T':>5} {'max|dlogit|':>12} {'fwd tok/s ours':>15} {'theirs':>10} "
+              f"{'ratio':>6} {'fwd 95%':>10} {'step ms ours':>13} {'theirs':>9} {'ratio':>6} {'step 95%':>10} "
+              f"{'fwd rounds':>11} {'step rounds':>11}")
+        for name, ours, theirs, control in models:
             T = min(args.model_block, ours.config.block_size)
             x = torch.randint(0, ours.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(args.seed))
             ours, theirs, x = ours.to(device), theirs.to(device), x.to(device)
+            sides = {"ours": ours} if control is None else {"ours": ours, "control": control.to(device)}
             with torch.no_grad():
-                diff = (ours.eval()(x)[0] - theirs.eval()(x).logits).abs().max().item()
-            paths = hf_bench_paths(ours, theirs, x)
+                logits = theirs.eval()(x).logits
+                diffs = {side: ((ours.eval()(x)[0] if side == "ours" else control.eval()(x).logits) - logits)
+                         .abs().max().item() for side in sides}
+            paths = hf_bench_paths(sides, theirs, x)
             run = timer(device)
             interleaved_rounds(paths, max(args.warmup or 1, 1), run)
             times = interleaved_rounds(paths, args.repeats or 5, run)
-            med = {k: statistics.median(t) for k, t in times.items()}
-            print(f"{name:<22} {ours.num_params() / 1e6:>7.2f}M {T:>5} {diff:>12.1e} "
-                  f"{B * T / med['fwd ours']:>15,.0f} {B * T / med['fwd theirs']:>10,.0f} "
-                  f"{med['fwd theirs'] / med['fwd ours']:>6.2f} {med['step ours'] * 1e3:>13.1f} "
-                  f"{med['step theirs'] * 1e3:>9.1f} {med['step theirs'] / med['step ours']:>6.2f} "
-                  f"{round_ratios(times, 'fwd'):>11} {round_ratios(times, 'step'):>11}", flush=True)
+            print(hf_row(name, ours.num_params(), B, T, diffs["ours"], times, "ours"), flush=True)
+            if control is not None:
+                print(hf_row(f"{name}(A/A)", control.num_parameters(), B, T, diffs["control"], times, "control"))
 
 
-def round_ratios(times, what):
-    """'lo-hi': the smallest and largest ratio theirs / ours within one round. Both sides
+def hf_row(label, params, B, T, diff, times, side):
+    """One line of bench_hf's table: `side` (ours, or the transformers control) against theirs."""
+    med = {k: statistics.median(t) for k, t in times.items()}
+    fwd, step = (med[f"{w} theirs"] / med[f"{w} {side}"] for w in ("fwd", "step"))
+    return (f"{label:<24} {params / 1e6:>7.2f}M {T:>5} {diff:>12.1e} "
+            f"{B * T / med[f'fwd {side}']:>15,.0f} {B * T / med['fwd theirs']:>10,.0f} {fwd:>6.2f} "
+            f"{ratio_interval(times, 'fwd', side):>10} {med[f'step {side}'] * 1e3:>13.1f} "
+            f"{med['step theirs'] * 1e3:>9.1f} {step:>6.2f} {ratio_interval(times, 'step', side):>10} "
+            f"{round_ratios(times, 'fwd', side):>11} {round_ratios(times, 'step', side):>11}")
+
+
+def round_ratios(times, what, side="ours"):
+    """'lo-hi': the smallest and largest ratio theirs / side within one round. Both sides
     of a round run within seconds of each other, so a slow spell of a shared machine moves
     a round's two times together; the spread shows what a single round can say."""
-    ratios = [t / o for o, t in zip(times[f"{what} ours"], times[f"{what} theirs"])]
+    ratios = [t / o for o, t in zip(times[f"{what} {side}"], times[f"{what} theirs"])]
     return f"{min(ratios):.2f}-{max(ratios):.2f}"
 
 
-def hf_bench_paths(ours, theirs, x):
-    """The four timed closures: forward (eval, no grad) and training step, both sides."""
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5)
-    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-5)
+def ratio_interval(times, what, side="ours", resamples=2000, seed=0):
+    """'lo-hi': a 95% bootstrap interval of the reported ratio, median(theirs) /
+    median(side), resampling whole rounds (a round's times stay paired). An interval
+    that contains 1.0 does not tell the two apart; one above 1.0 says `side` is faster."""
+    ours, theirs = times[f"{what} {side}"], times[f"{what} theirs"]
+    rng, rounds = random.Random(seed), range(len(ours))
+    ratios = []
+    for _ in range(resamples):
+        pick = [rng.choice(rounds) for _ in rounds]
+        ratios.append(statistics.median(theirs[i] for i in pick) / statistics.median(ours[i] for i in pick))
+    ratios.sort()
+    return f"{ratios[int(0.025 * resamples)]:.2f}-{ratios[int(0.975 * resamples) - 1]:.2f}"
 
+
+def hf_bench_paths(sides, theirs, x):
+    """The timed closures: forward (eval, no grad) and training step (forward, backward,
+    AdamW) of transformers' model and of every side: ours (the project's GPT) and, when
+    given, control (a second transformers model, timed exactly as theirs)."""
+    paths = {"fwd theirs": forward_path(theirs, x),
+             "step theirs": step_path(theirs, lambda: theirs(x, labels=x).loss)}   # transformers shifts labels
+    for side, model in sides.items():
+        paths[f"fwd {side}"] = forward_path(model, x)
+        loss = (lambda m=model: m(x[:, :-1], x[:, 1:])[1]) if side == "ours" else (lambda m=model: m(x, labels=x).loss)
+        paths[f"step {side}"] = step_path(model, loss)
+    return paths
+
+
+def forward_path(model, x):
+    """A forward of model on x in eval mode, without autograd."""
     @torch.no_grad()
-    def fwd_ours():
-        ours.eval()
-        ours(x)
+    def fwd():
+        model.eval()
+        model(x)
+    return fwd
 
-    @torch.no_grad()
-    def fwd_theirs():
-        theirs.eval()
-        theirs(x)
 
-    def step_ours():
-        ours.train()
-        _, loss, _ = ours(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
+def step_path(model, loss_of):
+    """One training step: loss_of() forward, backward, an AdamW update, gradients freed."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
-    def step_theirs():
-        theirs.train()
-        theirs(x, labels=x).loss.backward()   # transformers shifts the labels itself
-        opt_theirs.step()
-        opt_theirs.zero_grad(set_to_none=True)
-    return {"fwd ours": fwd_ours, "fwd theirs": fwd_theirs, "step ours": step_ours, "step theirs": step_theirs}
+    def step():
+        model.train()
+        loss_of().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
 def _ep_bench_rank(rank, world, port, ep_size, args, out_path):
@@ -639,6 +675,8 @@ def check_args(p, args):
             p.error(f"--impls: unknown {bad or 'empty list'}; valid: {', '.join(BENCH_IMPLS)}")
     if args.model_impl not in EXPERT_IMPLS:
         p.error(f"--model_impl={args.model_impl} must be one of {', '.join(EXPERT_IMPLS)}")
+    if args.hf_control and not args.hf:
+        p.error("--hf_control adds a row to --hf; pass --hf too")
     if args.hf and args.hf != "random" and not os.path.isfile(os.path.join(args.hf, "config.json")):
         p.error(f"--hf={args.hf} is not a Hugging Face model directory (no config.json)")
     if args.device != "auto" and device_problem(args.device):
@@ -659,6 +697,9 @@ def make_parser():
                    help="this project vs transformers on the same weights (see bench_hf); needs transformers")
     p.add_argument("--hf_shape", default="toy", choices=sorted(HF_SHAPES),
                    help="with --hf and no HF_DIR: the random Llama's shape and batch (see HF_SHAPES)")
+    p.add_argument("--hf_control", action="store_true",
+                   help="with --hf: also time a second copy of the transformers model in the same rounds "
+                        "(an A/A row: the ratios identical code gets, the benchmark's own noise)")
     p.add_argument("--model_batch", type=int, default=None, help="sequences per batch (--model: 8; --hf: the shape's)")
     p.add_argument("--model_block", type=int, default=None, help="tokens per sequence (--model: 256; --hf: the shape's)")
     p.add_argument("--model_experts", type=int, default=8)

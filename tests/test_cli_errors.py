@@ -26,6 +26,7 @@ def run(script, *args):
     ("bench.py", ["--model", "--model_experts=0"], "--model_experts=0"),
     ("bench.py", ["--compile-only=sm90"], "--compile-only='sm90'"),
     ("bench.py", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("bench.py", ["--hf_control"], "pass --hf too"),
     ("experiments.py", ["nope"], "unknown experiment 'nope'"),
     ("experiments.py", ["all", "--scale=tpu"], "invalid choice: 'tpu'"),
     ("experiments.py", ["all", "--data_dir=/no/such/dir"], "holds no prepared dataset"),

@@ -12,6 +12,7 @@ same tests run the compiled kernels on CUDA tensors.
 import math
 import os
 import subprocess
+import statistics
 import sys
 
 import pytest
@@ -290,20 +291,38 @@ def test_bench_script_smoke():
 
 def test_bench_hf_shape_preset_smoke():
     """bench.py --hf with a shape preset: the random Llama and its upcycled Mixtral run
-    in this project and in transformers on the same weights (logits agree), and both
-    rows print forward and training-step ratios."""
+    in this project and in transformers on the same weights (logits agree), and every
+    row prints forward and training-step ratios; --hf_control adds the A/A rows of a
+    second transformers copy, whose logits equal the first's exactly."""
     p = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--hf", "--hf_shape=toy", "--model_batch=1",
-                        "--model_block=16", "--repeats=1", "--warmup=0", "--threads=1"],
+                        "--model_block=16", "--repeats=1", "--warmup=0", "--threads=1", "--hf_control"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "shape: toy" in p.stdout, p.stdout
-    rows = {l.split()[0]: l.split() for l in p.stdout.splitlines() if l.split()[:1] in (["LlamaForCausalLM"],
-                                                                                      ["MixtralForCausalLM"])}
-    assert set(rows) == {"LlamaForCausalLM", "MixtralForCausalLM"}, p.stdout
-    for r in rows.values():   # name params T max|dlogit| fwd-ours fwd-theirs ratio step-ours step-theirs ratio
-        assert r[2] == "16" and float(r[3]) < 1e-4 and float(r[6]) > 0 and float(r[9]) > 0, r   # + 2 ranges
-        (f_lo, f_hi), (s_lo, s_hi) = (map(float, c.split("-")) for c in r[10:12])
-        assert f_lo == f_hi == float(r[6]) and s_lo == s_hi == float(r[9]), r   # one round: range = ratio
+    names = ["LlamaForCausalLM", "MixtralForCausalLM", "LlamaForCausalLM(A/A)", "MixtralForCausalLM(A/A)"]
+    rows = {l.split()[0]: l.split() for l in p.stdout.splitlines() if l.split()[:1] in [[n] for n in names]}
+    assert set(rows) == set(names), p.stdout
+    for name, r in rows.items():   # name params T max|dlogit| fwd: ours theirs ratio 95%, step: the same, 2 ranges
+        assert r[2] == "16" and float(r[3]) < 1e-4 and float(r[6]) > 0 and float(r[10]) > 0, r
+        assert float(r[3]) == 0 or "(A/A)" not in name, r           # the same code on the same files
+        (f_lo, f_hi), (s_lo, s_hi), (fr_lo, fr_hi), (sr_lo, sr_hi) = (map(float, c.split("-")) for c in
+                                                                        (r[7], r[11], r[12], r[13]))
+        # one round: the interval and the range are the ratio itself
+        assert f_lo == f_hi == fr_lo == fr_hi == float(r[6]) and s_lo == s_hi == sr_lo == sr_hi == float(r[10]), r
+
+
+def test_bench_ratio_interval_brackets_the_median_ratio():
+    """bench.ratio_interval: a bootstrap interval over paired rounds that contains the
+    reported median ratio, is a single point when every round agrees, and widens with
+    the spread of the rounds."""
+    import bench
+    flat = {"fwd ours": [1.0] * 9, "fwd theirs": [1.1] * 9}
+    assert bench.ratio_interval(flat, "fwd") == "1.10-1.10"
+    noisy = {"fwd ours": [1.0, 1.2, 0.9, 1.1, 1.0, 1.3, 0.8, 1.0, 1.05],
+             "fwd theirs": [1.1, 1.0, 1.0, 1.2, 0.9, 1.1, 1.0, 1.3, 1.0]}
+    lo, hi = map(float, bench.ratio_interval(noisy, "fwd").split("-"))
+    ratio = statistics.median(noisy["fwd theirs"]) / statistics.median(noisy["fwd ours"])
+    assert lo <= ratio <= hi and hi - lo > 0.05, (lo, ratio, hi)
 
 
 def test_experts_imports_triton_lazily_and_experts_triton_stands_alone():
