@@ -483,10 +483,9 @@ def bench_hf(args, device):
             ours, theirs, x = ours.to(device), theirs.to(device), x.to(device)
             sides = {"ours": ours} if control is None else {"ours": ours, "control": control.to(device)}
             with torch.no_grad():
-                logits = theirs.eval()(x).logits
-                diffs = {side: ((ours.eval()(x)[0] if side == "ours" else control.eval()(x).logits) - logits)
-                         .abs().max().item() for side in sides}
-            paths = hf_bench_paths(sides, theirs, x)
+                logits = bench_logits(theirs.eval(), x)
+                diffs = {side: (bench_logits(m.eval(), x) - logits).abs().max().item() for side, m in sides.items()}
+            paths = hf_bench_paths({"theirs": theirs, **sides}, x)
             run = timer(device)
             interleaved_rounds(paths, max(args.warmup or 1, 1), run)
             times = interleaved_rounds(paths, args.repeats or 5, run)
@@ -528,17 +527,28 @@ def ratio_interval(times, what, side="ours", resamples=2000, seed=0):
     return f"{ratios[int(0.025 * resamples)]:.2f}-{ratios[int(0.975 * resamples) - 1]:.2f}"
 
 
-def hf_bench_paths(sides, theirs, x):
-    """The timed closures: forward (eval, no grad) and training step (forward, backward,
-    AdamW) of transformers' model and of every side: ours (the project's GPT) and, when
-    given, control (a second transformers model, timed exactly as theirs)."""
-    paths = {"fwd theirs": forward_path(theirs, x),
-             "step theirs": step_path(theirs, lambda: theirs(x, labels=x).loss)}   # transformers shifts labels
+def hf_bench_paths(sides, x):
+    """The timed closures, "fwd SIDE" and "step SIDE": forward (eval, no grad) and
+    training step (forward, backward, AdamW) of every side: theirs (transformers), ours
+    (the project's GPT) and, when given, control (a second transformers model)."""
+    paths = {}
     for side, model in sides.items():
         paths[f"fwd {side}"] = forward_path(model, x)
-        loss = (lambda m=model: m(x[:, :-1], x[:, 1:])[1]) if side == "ours" else (lambda m=model: m(x, labels=x).loss)
-        paths[f"step {side}"] = step_path(model, loss)
+        paths[f"step {side}"] = step_path(model, lambda m=model: bench_loss(m, x))
     return paths
+
+
+def bench_logits(model, x):
+    """(B, T, V) logits of either kind of model: the project's GPT returns a tuple,
+    transformers an output object."""
+    out = model(x)
+    return out[0] if isinstance(model, GPT) else out.logits
+
+
+def bench_loss(model, x):
+    """Next-token loss on x: the project's GPT takes the shifted targets, transformers
+    shifts the labels itself."""
+    return model(x[:, :-1], x[:, 1:])[1] if isinstance(model, GPT) else model(x, labels=x).loss
 
 
 def forward_path(model, x):
